@@ -1,1 +1,27 @@
-//! placeholder
+//! Runtime for *domain kappa services* on NATS JetStream.
+//!
+//! A domain kappa service owns its state; only its compute changes that state, and every change
+//! is appended to a JetStream stream. This crate gives such a service its plumbing:
+//!
+//! - [`config`]: flags and environment shared by every service, and the seed's option choices;
+//! - [`nats`]: connecting, and declaring streams idempotently;
+//! - [`partition`]: the partitioned, ordered input reader and the processing driver
+//!   ([`partition::Processor`]): pull a batch, compute, publish, commit, ack;
+//! - [`observed`]: the seed's three options for *observed* state behind one trait;
+//! - [`working`]: the seed's three options for *working* state behind one trait;
+//! - [`dlq`]: the dead-letter stream, with a reason on every rejected input;
+//! - [`http`]: `/healthz` (readiness) and Prometheus `/metrics`, plus a service's own routes;
+//! - [`shutdown`]: SIGTERM/SIGINT handling and draining.
+
+pub mod config;
+pub mod dlq;
+pub mod error;
+pub mod http;
+pub mod nats;
+pub mod observed;
+pub mod partition;
+pub mod shutdown;
+pub mod telemetry;
+pub mod working;
+
+pub use error::RuntimeError;

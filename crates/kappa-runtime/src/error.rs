@@ -1,0 +1,34 @@
+//! The runtime's typed errors. Binaries report them with `anyhow`.
+
+/// Errors of the runtime library.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A configuration value is unusable; the message says which and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// NATS could not be reached or refused us.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// A JetStream API call failed.
+    #[error("jetstream: {0}")]
+    JetStream(String),
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The HTTP listener failed.
+    #[error("http: {0}")]
+    Http(String),
+    /// Another instance owns what we tried to change.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Stored state could not be decoded.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+impl RuntimeError {
+    /// Wraps any displayable JetStream error.
+    pub fn js(e: impl std::fmt::Display) -> Self {
+        Self::JetStream(e.to_string())
+    }
+}

@@ -1,0 +1,124 @@
+//! Connecting to NATS (one or several URLs, reconnecting, credentials from the environment) and
+//! declaring streams idempotently: services declare what they need at start, never assume it.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::RuntimeError;
+use crate::config::NatsArgs;
+
+/// A connected client, its JetStream context and a connection-state flag for readiness.
+#[derive(Clone)]
+pub struct Nats {
+    /// Core NATS client.
+    pub client: async_nats::Client,
+    /// JetStream context on it.
+    pub js: jetstream::Context,
+    connected: Arc<AtomicBool>,
+}
+
+impl Nats {
+    /// True while the client is connected (readiness).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Parses the comma-separated URL list, with a clear error for a bad entry.
+pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, RuntimeError> {
+    let list: Vec<&str> = urls.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if list.is_empty() {
+        return Err(RuntimeError::Config("NATS_URL is empty".into()));
+    }
+    list.into_iter()
+        .map(|u| {
+            let addr = async_nats::ServerAddr::from_str(u)
+                .map_err(|e| RuntimeError::Config(format!("NATS_URL '{u}' is not a NATS URL: {e}")))?;
+            match addr.scheme() {
+                "nats" | "tls" | "ws" | "wss" => Ok(addr),
+                other => Err(RuntimeError::Config(format!(
+                    "NATS_URL '{u}' has scheme '{other}'; expected nats://, tls://, ws:// or wss://"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Connects with the given name. Fails fast (within `nats_connect_timeout_secs`) when no server
+/// answers at start; once connected, the client reconnects forever.
+pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> {
+    let addrs = parse_urls(&args.nats_url)?;
+    let connected = Arc::new(AtomicBool::new(false));
+    let flag = connected.clone();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(args.nats_connect_timeout_secs.max(1)))
+        .event_callback(move |event| {
+            let flag = flag.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        flag.store(true, Ordering::Relaxed);
+                        tracing::info!("nats connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        flag.store(false, Ordering::Relaxed);
+                        tracing::warn!("nats disconnected");
+                    }
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            }
+        });
+    if let Some(path) = &args.nats_creds {
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            RuntimeError::Config(format!("NATS_CREDS '{}': {e}", path.display()))
+        })?;
+    }
+    if let (Some(user), Some(pass)) = (&args.nats_user, &args.nats_password) {
+        opts = opts.user_and_password(user.clone(), pass.clone());
+    }
+    if let Some(token) = &args.nats_token {
+        opts = opts.token(token.clone());
+    }
+    let timeout = Duration::from_secs(args.nats_connect_timeout_secs.max(1) + 1);
+    let client = tokio::time::timeout(timeout, opts.connect(addrs))
+        .await
+        .map_err(|_| RuntimeError::Nats(format!("no NATS server answered at {}", args.nats_url)))?
+        .map_err(|e| RuntimeError::Nats(format!("cannot connect to {}: {e}", args.nats_url)))?;
+    connected.store(true, Ordering::Relaxed);
+    let js = jetstream::new(client.clone());
+    Ok(Nats {
+        client,
+        js,
+        connected,
+    })
+}
+
+/// Declares a stream: creates it when missing, otherwise keeps the existing one (and logs when
+/// its subjects differ from what this service expects).
+pub async fn declare_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, RuntimeError> {
+    let name = config.name.clone();
+    let subjects = config.subjects.clone();
+    let mut s = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| RuntimeError::JetStream(format!("declare stream {name}: {e}")))?;
+    let info = s.info().await.map_err(RuntimeError::js)?;
+    if info.config.subjects != subjects {
+        tracing::warn!(stream = %name, existing = ?info.config.subjects, expected = ?subjects,
+            "stream exists with other subjects; keeping it");
+    }
+    Ok(s)
+}
+
+/// The stream sequence of a message delivered by a consumer, or 0 if it has no JetStream info.
+pub fn stream_seq(msg: &jetstream::Message) -> u64 {
+    msg.info().map(|i| i.stream_sequence).unwrap_or(0)
+}

@@ -1,0 +1,405 @@
+//! Partitioned, ordered input and the processing driver.
+//!
+//! An input stream is split into `P` partitions by the server itself: the stream's subject
+//! transform maps `<prefix>.<id>` to `<prefix>.<partition>.<id>` with `partition(P, 1)`, so
+//! producers keep publishing to `<prefix>.<id>` and every entity always lands in one partition.
+//!
+//! For each partition it owns, a service runs one [`Processor`] under [`run_partition`]:
+//! 1. `open` restores the partition's working state and returns its *position*: the last input
+//!    stream sequence whose effects are committed (kept atomically with the state);
+//! 2. the partition's durable consumer is (re)created to start right after that position, so
+//!    redeliveries after a crash can never arrive after newer inputs;
+//! 3. batches of whatever is ready are handed to `process`, which computes, publishes its state
+//!    changes (awaiting the publish acks), commits state and position, and only then the batch
+//!    is acked (ack policy `all`: one ack per batch);
+//! 4. a transient failure retries the same batch with backoff (the processor is idempotent by
+//!    input sequence); a fence stops the partition; SIGTERM finishes the batch in hand.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::RuntimeError;
+use crate::shutdown::CancellationToken;
+
+/// A stream partitioned by its last subject token.
+#[derive(Debug, Clone)]
+pub struct PartitionedStream {
+    /// Stream name, e.g. `READINGS`.
+    pub stream: String,
+    /// Subject prefix producers publish under, e.g. `thermo.readings`.
+    pub prefix: String,
+    /// Number of partitions, fixed when the stream is created.
+    pub partitions: u32,
+}
+
+impl PartitionedStream {
+    /// The stream's configuration: subjects `<prefix>.*`, stored as `<prefix>.<p>.<id>`.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{}.*", self.prefix)],
+            subject_transform: Some(stream::SubjectTransform {
+                source: format!("{}.*", self.prefix),
+                destination: format!(
+                    "{}.{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
+                    self.prefix, self.partitions
+                ),
+            }),
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Declares the stream and returns the number of partitions it really has (an existing
+    /// stream keeps the partition count it was created with).
+    pub async fn declare(&mut self, js: &jetstream::Context) -> Result<(), RuntimeError> {
+        let mut s = crate::nats::declare_stream(js, self.stream_config()).await?;
+        let info = s.info().await.map_err(RuntimeError::js)?;
+        if let Some(p) = info
+            .config
+            .subject_transform
+            .as_ref()
+            .and_then(|t| parse_partition_count(&t.destination))
+            && p != self.partitions
+        {
+            tracing::warn!(stream = %self.stream, configured = self.partitions, existing = p,
+                "stream exists with another partition count; using the stream's");
+            self.partitions = p;
+        }
+        Ok(())
+    }
+
+    /// Filter subject of partition `p`.
+    pub fn filter(&self, p: u32) -> String {
+        format!("{}.{p}.*", self.prefix)
+    }
+}
+
+fn parse_partition_count(dest: &str) -> Option<u32> {
+    let start = dest.find("partition(")? + "partition(".len();
+    let rest = &dest[start..];
+    rest[..rest.find(',')?].trim().parse().ok()
+}
+
+/// The entity id of a stored subject (its last token).
+pub fn entity_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+/// The original subject of a stored, partitioned subject `<prefix>.<p>.<id>`.
+pub fn original_subject(prefix: &str, stored: &str) -> String {
+    format!("{prefix}.{}", entity_of(stored))
+}
+
+/// One input message as a processor sees it.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Stored subject (`<prefix>.<partition>.<id>`).
+    pub subject: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Headers, if any.
+    pub headers: Option<HeaderMap>,
+    /// Stream sequence.
+    pub seq: u64,
+    /// When the stream stored it.
+    pub published: time::OffsetDateTime,
+}
+
+impl Input {
+    /// The entity id (last subject token).
+    pub fn entity(&self) -> &str {
+        entity_of(&self.subject)
+    }
+}
+
+/// Why a batch could not be processed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Infrastructure trouble (NATS, Redis): retry the same batch.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Another instance owns the partition now: stop processing it.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+impl From<RuntimeError> for ProcessError {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::Fenced(m) => Self::Fenced(m),
+            other => Self::Transient(other.to_string()),
+        }
+    }
+}
+
+/// A service's compute for one partition.
+pub trait Processor: Send + 'static {
+    /// Restores the partition's working state; returns its position (last applied input seq).
+    fn open(&mut self, partition: u32) -> impl Future<Output = Result<u64, ProcessError>> + Send;
+    /// Processes a batch in order. Must be idempotent by input sequence: a batch may be
+    /// handed in again after a transient failure.
+    fn process(&mut self, batch: &[Input]) -> impl Future<Output = Result<(), ProcessError>> + Send;
+    /// Called once when the partition stops (drain or handover): flush what must be flushed.
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What an instance reports about a partition it runs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PartitionStatus {
+    /// `recovering`, `running`, `stopped` or `fenced`.
+    pub state: &'static str,
+    /// Last input sequence whose effects are committed.
+    pub position: u64,
+    /// Inputs in the partition not yet delivered to us.
+    pub lag: u64,
+    /// Seconds the last recovery (`open`) took.
+    pub recovery_secs: f64,
+}
+
+/// Shared view of this instance's partitions (for `/healthz`).
+pub type PartitionBoard = Arc<RwLock<BTreeMap<u32, PartitionStatus>>>;
+
+/// Settings of the driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The partitioned input.
+    pub input: PartitionedStream,
+    /// Durable consumer names are `<consumer_prefix>-p<partition>`.
+    pub consumer_prefix: String,
+    /// Largest batch handed to a processor.
+    pub batch: usize,
+}
+
+fn set_status(board: &PartitionBoard, p: u32, f: impl FnOnce(&mut PartitionStatus)) {
+    if let Ok(mut b) = board.write() {
+        f(b.entry(p).or_default());
+    }
+}
+
+/// Runs `processor` on partition `partition` until `shutdown` (or a fence).
+pub async fn run_partition<P: Processor>(
+    js: jetstream::Context,
+    cfg: DriverConfig,
+    partition: u32,
+    mut processor: P,
+    shutdown: CancellationToken,
+    board: PartitionBoard,
+) -> Result<(), RuntimeError> {
+    let p_label = partition.to_string();
+    set_status(&board, partition, |s| s.state = "recovering");
+    let started = Instant::now();
+    let mut position = loop {
+        match processor.open(partition).await {
+            Ok(pos) => break pos,
+            Err(ProcessError::Fenced(m)) => {
+                set_status(&board, partition, |s| s.state = "fenced");
+                return Err(RuntimeError::Fenced(m));
+            }
+            Err(ProcessError::Transient(m)) => {
+                tracing::warn!(partition, error = %m, "opening partition failed; retrying");
+                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let recovery = started.elapsed().as_secs_f64();
+    metrics::gauge!("kappa_recovery_seconds", "partition" => p_label.clone()).set(recovery);
+    tracing::info!(partition, position, recovery_secs = recovery, "partition open");
+    set_status(&board, partition, |s| {
+        s.state = "running";
+        s.position = position;
+        s.recovery_secs = recovery;
+    });
+
+    'consumer: loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let consumer = match reset_consumer(&js, &cfg, partition, position).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "creating consumer failed; retrying");
+                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(cfg.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "pull failed; retrying");
+                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let mut chunks = messages.ready_chunks(cfg.batch);
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'consumer,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else {
+                tracing::warn!(partition, "pull stream ended; recreating consumer");
+                continue 'consumer;
+            };
+            let mut inputs = Vec::with_capacity(chunk.len());
+            let mut last_msg = None;
+            let mut lag = 0;
+            for m in chunk {
+                match m {
+                    Ok(msg) => {
+                        let Ok(info) = msg.info() else { continue };
+                        let seq = info.stream_sequence;
+                        lag = info.pending;
+                        let published = info.published;
+                        if seq > position {
+                            inputs.push(Input {
+                                subject: msg.subject.to_string(),
+                                payload: msg.payload.clone(),
+                                headers: msg.headers.clone(),
+                                seq,
+                                published,
+                            });
+                        }
+                        last_msg = Some(msg);
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition, error = %e, "pull error");
+                    }
+                }
+            }
+            let Some(last_msg) = last_msg else { continue };
+            if !inputs.is_empty() {
+                let t0 = Instant::now();
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match processor.process(&inputs).await {
+                        Ok(()) => break,
+                        Err(ProcessError::Fenced(m)) => {
+                            tracing::warn!(partition, reason = %m, "lost the partition; stopping it");
+                            set_status(&board, partition, |s| s.state = "fenced");
+                            processor.close().await;
+                            return Err(RuntimeError::Fenced(m));
+                        }
+                        Err(ProcessError::Transient(m)) => {
+                            metrics::counter!("kappa_batch_retries_total").increment(1);
+                            tracing::warn!(partition, error = %m, "batch failed; retrying");
+                            if sleep_or_cancel(backoff, &shutdown).await {
+                                break 'consumer;
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                let now = time::OffsetDateTime::now_utc();
+                let elapsed = t0.elapsed().as_secs_f64();
+                metrics::histogram!("kappa_batch_seconds").record(elapsed);
+                metrics::histogram!("kappa_batch_size").record(inputs.len() as f64);
+                metrics::counter!("kappa_processed_total").increment(inputs.len() as u64);
+                if let Some(first) = inputs.first() {
+                    let age = (now - first.published).as_seconds_f64().max(0.0);
+                    metrics::histogram!("kappa_input_age_seconds").record(age);
+                }
+                position = inputs.last().map_or(position, |i| i.seq);
+            }
+            if let Err(e) = last_msg.ack().await {
+                tracing::debug!(partition, error = %e, "ack failed (position is committed)");
+            }
+            metrics::gauge!("kappa_partition_lag", "partition" => p_label.clone()).set(lag as f64);
+            metrics::gauge!("kappa_partition_position", "partition" => p_label.clone())
+                .set(position as f64);
+            set_status(&board, partition, |s| {
+                s.position = position;
+                s.lag = lag;
+            });
+        }
+    }
+    processor.close().await;
+    set_status(&board, partition, |s| s.state = "stopped");
+    tracing::info!(partition, position, "partition stopped");
+    Ok(())
+}
+
+/// Deletes and recreates the partition's durable consumer so delivery starts right after
+/// `position`, whatever an earlier owner left pending.
+async fn reset_consumer(
+    js: &jetstream::Context,
+    cfg: &DriverConfig,
+    partition: u32,
+    position: u64,
+) -> Result<consumer::PullConsumer, RuntimeError> {
+    let stream = js
+        .get_stream_no_info(&cfg.input.stream)
+        .await
+        .map_err(RuntimeError::js)?;
+    let name = format!("{}-p{partition}", cfg.consumer_prefix);
+    // Missing is fine: the point is that no stale cursor survives.
+    let _ = stream.delete_consumer(&name).await;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("partition {partition} of {}", cfg.input.stream)),
+            filter_subject: cfg.input.filter(partition),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: position + 1,
+            },
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: i64::try_from(cfg.batch * 4).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| RuntimeError::JetStream(format!("create consumer {name}: {e}")))
+}
+
+/// Sleeps, returning true early if shutdown was requested.
+pub async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_config_maps_to_partitions() {
+        let s = PartitionedStream {
+            stream: "READINGS".into(),
+            prefix: "thermo.readings".into(),
+            partitions: 8,
+        };
+        let c = s.stream_config();
+        let t = c.subject_transform.expect("transform");
+        assert_eq!(t.destination, "thermo.readings.{{partition(8,1)}}.{{wildcard(1)}}");
+        assert_eq!(parse_partition_count(&t.destination), Some(8));
+        assert_eq!(s.filter(3), "thermo.readings.3.*");
+        assert_eq!(entity_of("thermo.readings.3.s-1"), "s-1");
+        assert_eq!(original_subject("thermo.readings", "thermo.readings.3.s-1"), "thermo.readings.s-1");
+    }
+}

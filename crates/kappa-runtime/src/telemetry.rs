@@ -1,0 +1,31 @@
+//! Logs (`tracing`, filtered by `RUST_LOG`, JSON with `LOG_FORMAT=json`) and the Prometheus
+//! recorder behind `/metrics`.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::RuntimeError;
+
+/// Installs the tracing subscriber. Safe to call once per process.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Installs the global Prometheus recorder with latency buckets suited to a streaming service.
+pub fn init_metrics() -> Result<PrometheusHandle, RuntimeError> {
+    PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 2.5, 5.0,
+        ])
+        .map_err(|e| RuntimeError::Config(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| RuntimeError::Config(format!("metrics recorder: {e}")))
+}

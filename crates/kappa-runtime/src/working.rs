@@ -1,0 +1,55 @@
+//! Working state: the state a service's compute reads and changes, per partition, as opaque
+//! values by key plus the partition's *position* (the last input sequence applied), always
+//! committed together so a replayed input is recognised and never doubles an effect.
+//!
+//! The seed's three options, one module each, chosen by `KAPPA_WORKING`:
+//! - [`local`]: process memory; periodic snapshots of changed keys to a JetStream stream, and
+//!   after a crash, snapshot + replay of the inputs after the snapshot's position;
+//! - [`remote`]: Redis over the network, one atomic Lua call per batch with a fencing epoch;
+//! - [`affinity`]: a Redis colocated with the instance (unix socket), snapshotting like `local`
+//!   so losing both the compute and its store still recovers from the streams.
+
+pub mod affinity;
+pub mod local;
+pub mod remote;
+pub mod snapshot;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::RuntimeError;
+
+/// One key's new value in a commit.
+pub type Write = (String, Bytes);
+
+/// The working-state store of one service instance.
+pub trait WorkingState: Send + Sync + 'static {
+    /// Takes partition `partition` over with fencing `epoch` (higher wins), restores it
+    /// (recovering from streams when needed) and returns its position.
+    fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>>;
+    /// Values of `keys` in `partition` (`None` for a key never written).
+    fn load<'a>(
+        &'a self,
+        partition: u32,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>>;
+    /// Atomically stores `writes` and moves the partition's position to `position`. Fails with
+    /// [`RuntimeError::Fenced`] if a newer epoch took the partition over.
+    fn commit(
+        &self,
+        partition: u32,
+        epoch: u64,
+        position: u64,
+        writes: Vec<Write>,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>>;
+    /// Flushes what must outlive the partition's handover (snapshots) and forgets it.
+    fn close(&self, partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>>;
+    /// Which option this is (`local`, `remote`, `affinity`).
+    fn kind(&self) -> &'static str;
+}
+
+/// Times a store call into `kappa_state_seconds{op, kind}`.
+pub(crate) fn observe(kind: &'static str, op: &'static str, started: std::time::Instant) {
+    metrics::histogram!("kappa_state_seconds", "kind" => kind, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,73 @@
+//! `affinity` working state: a Redis colocated with the instance (typically a sidecar reached
+//! over a unix socket), so a compute crash recovers from it without replaying anything. It is
+//! also snapshotted like `local`: if the colocated store was lost with the compute, `open`
+//! restores the partition from the stream snapshot and the driver replays after it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::remote::RedisState;
+use super::snapshot::Snapshotter;
+use super::{WorkingState, Write};
+use crate::RuntimeError;
+
+/// Colocated Redis with stream snapshots as fallback.
+pub struct AffinityState {
+    store: RedisState,
+    snapshots: Arc<Snapshotter>,
+}
+
+impl AffinityState {
+    /// `store` is the colocated Redis.
+    pub fn new(store: RedisState, snapshots: Arc<Snapshotter>) -> Self {
+        Self { store, snapshots }
+    }
+}
+
+impl WorkingState for AffinityState {
+    fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
+        Box::pin(async move {
+            if self.store.has_partition(partition).await? {
+                let pos = self.store.open(partition, epoch).await?;
+                tracing::info!(partition, position = pos, "affinity store kept the partition");
+                return Ok(pos);
+            }
+            let (position, entries) = self.snapshots.recover(partition).await?;
+            tracing::info!(partition, position, keys = entries.len(),
+                "affinity store lost the partition; restoring from stream snapshot");
+            self.store.restore(partition, epoch, position, entries).await?;
+            Ok(position)
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        partition: u32,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>> {
+        self.store.load(partition, keys)
+    }
+
+    fn commit(
+        &self,
+        partition: u32,
+        epoch: u64,
+        position: u64,
+        writes: Vec<Write>,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.snapshots.record(partition, position, &writes);
+            self.store.commit(partition, epoch, position, writes).await
+        })
+    }
+
+    fn close(&self, partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move { self.snapshots.flush(Some(partition)).await })
+    }
+
+    fn kind(&self) -> &'static str {
+        "affinity"
+    }
+}
