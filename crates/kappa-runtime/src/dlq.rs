@@ -63,11 +63,7 @@ impl DeadLetters {
         headers.insert("Kappa-Source-Seq", source_seq.to_string().as_str());
         headers.insert("Kappa-Service", self.service.as_str());
         if let Some(d) = detail {
-            let clean: String = d
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(200)
-                .collect();
+            let clean: String = d.chars().filter(|c| !c.is_control()).take(200).collect();
             headers.insert("Kappa-Detail", clean.as_str());
         }
         metrics::counter!("kappa_rejected_total", "reason" => reason.to_string()).increment(1);
@@ -75,7 +71,10 @@ impl DeadLetters {
         let msg = PublishMessage::build()
             .payload(payload)
             .headers(headers)
-            .message_id(format!("dlq:{}:{source_subject}:{source_seq}", self.service));
+            .message_id(format!(
+                "dlq:{}:{source_subject}:{source_seq}",
+                self.service
+            ));
         self.js
             .send_publish(self.subject.clone(), msg)
             .await

@@ -13,6 +13,7 @@
 //! - [`http`]: `/healthz` (readiness) and Prometheus `/metrics`, plus a service's own routes;
 //! - [`shutdown`]: SIGTERM/SIGINT handling and draining.
 
+pub mod app;
 pub mod config;
 pub mod dlq;
 pub mod error;

@@ -30,14 +30,19 @@ impl Nats {
 
 /// Parses the comma-separated URL list, with a clear error for a bad entry.
 pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, RuntimeError> {
-    let list: Vec<&str> = urls.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if list.is_empty() {
         return Err(RuntimeError::Config("NATS_URL is empty".into()));
     }
     list.into_iter()
         .map(|u| {
-            let addr = async_nats::ServerAddr::from_str(u)
-                .map_err(|e| RuntimeError::Config(format!("NATS_URL '{u}' is not a NATS URL: {e}")))?;
+            let addr = async_nats::ServerAddr::from_str(u).map_err(|e| {
+                RuntimeError::Config(format!("NATS_URL '{u}' is not a NATS URL: {e}"))
+            })?;
             match addr.scheme() {
                 "nats" | "tls" | "ws" | "wss" => Ok(addr),
                 other => Err(RuntimeError::Config(format!(
@@ -74,9 +79,10 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
             }
         });
     if let Some(path) = &args.nats_creds {
-        opts = opts.credentials_file(path).await.map_err(|e| {
-            RuntimeError::Config(format!("NATS_CREDS '{}': {e}", path.display()))
-        })?;
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| RuntimeError::Config(format!("NATS_CREDS '{}': {e}", path.display())))?;
     }
     if let (Some(user), Some(pass)) = (&args.nats_user, &args.nats_password) {
         opts = opts.user_and_password(user.clone(), pass.clone());

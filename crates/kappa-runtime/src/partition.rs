@@ -147,7 +147,8 @@ pub trait Processor: Send + 'static {
     fn open(&mut self, partition: u32) -> impl Future<Output = Result<u64, ProcessError>> + Send;
     /// Processes a batch in order. Must be idempotent by input sequence: a batch may be
     /// handed in again after a transient failure.
-    fn process(&mut self, batch: &[Input]) -> impl Future<Output = Result<(), ProcessError>> + Send;
+    fn process(&mut self, batch: &[Input])
+    -> impl Future<Output = Result<(), ProcessError>> + Send;
     /// Called once when the partition stops (drain or handover): flush what must be flushed.
     fn close(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -216,7 +217,12 @@ pub async fn run_partition<P: Processor>(
     };
     let recovery = started.elapsed().as_secs_f64();
     metrics::gauge!("kappa_recovery_seconds", "partition" => p_label.clone()).set(recovery);
-    tracing::info!(partition, position, recovery_secs = recovery, "partition open");
+    tracing::info!(
+        partition,
+        position,
+        recovery_secs = recovery,
+        "partition open"
+    );
     set_status(&board, partition, |s| {
         s.state = "running";
         s.position = position;
@@ -396,10 +402,16 @@ mod tests {
         };
         let c = s.stream_config();
         let t = c.subject_transform.expect("transform");
-        assert_eq!(t.destination, "thermo.readings.{{partition(8,1)}}.{{wildcard(1)}}");
+        assert_eq!(
+            t.destination,
+            "thermo.readings.{{partition(8,1)}}.{{wildcard(1)}}"
+        );
         assert_eq!(parse_partition_count(&t.destination), Some(8));
         assert_eq!(s.filter(3), "thermo.readings.3.*");
         assert_eq!(entity_of("thermo.readings.3.s-1"), "s-1");
-        assert_eq!(original_subject("thermo.readings", "thermo.readings.3.s-1"), "thermo.readings.s-1");
+        assert_eq!(
+            original_subject("thermo.readings", "thermo.readings.3.s-1"),
+            "thermo.readings.s-1"
+        );
     }
 }

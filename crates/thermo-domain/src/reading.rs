@@ -144,7 +144,10 @@ mod tests {
     #[test]
     fn rejects_each_kind_of_bad_input() {
         assert!(matches!(p("{not json"), Err(RejectReason::Malformed(_))));
-        assert!(matches!(p(r#"{"sensor_id":"s-1"}"#), Err(RejectReason::Malformed(_))));
+        assert!(matches!(
+            p(r#"{"sensor_id":"s-1"}"#),
+            Err(RejectReason::Malformed(_))
+        ));
         assert!(matches!(
             p(r#"{"sensor_id":"s-1","celsius":"hot","measured_at":"2026-11-24T17:00:00Z"}"#),
             Err(RejectReason::Malformed(_))
@@ -172,7 +175,10 @@ mod tests {
             p(r#"{"sensor_id":"s-2","celsius":1,"measured_at":"2026-11-24T17:00:00Z"}"#),
             Err(RejectReason::InvalidSensorId)
         );
-        let big = format!(r#"{{"sensor_id":"s-1","pad":"{}"}}"#, "x".repeat(MAX_PAYLOAD_BYTES));
+        let big = format!(
+            r#"{{"sensor_id":"s-1","pad":"{}"}}"#,
+            "x".repeat(MAX_PAYLOAD_BYTES)
+        );
         assert_eq!(p(&big), Err(RejectReason::Oversized));
     }
 

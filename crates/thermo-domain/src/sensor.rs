@@ -54,10 +54,7 @@ impl SensorUpsert {
         if !crate::valid_sensor_id(&self.sensor_id) {
             return Err("sensor_id must match [A-Za-z0-9_-]{1,64}".into());
         }
-        if self.site.is_empty()
-            || self.site.len() > 64
-            || !crate::valid_sensor_id(&self.site)
-        {
+        if self.site.is_empty() || self.site.len() > 64 || !crate::valid_sensor_id(&self.site) {
             return Err("site must match [A-Za-z0-9_-]{1,64}".into());
         }
         if !self.calibration_offset.is_finite()

@@ -263,7 +263,10 @@ mod tests {
         assert_eq!(d.window_end_ns, 200 * NS_PER_SEC);
         // In the middle: changes min/max only.
         let d = accepted(w.apply(s(150, 40.0, 4), 600));
-        assert_eq!((d.oldest, d.latest, d.max, d.samples), (10.0, 30.0, 40.0, 4));
+        assert_eq!(
+            (d.oldest, d.latest, d.max, d.samples),
+            (10.0, 30.0, 40.0, 4)
+        );
     }
 
     #[test]

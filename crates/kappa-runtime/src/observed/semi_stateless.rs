@@ -102,7 +102,9 @@ impl<V: Versioned + std::fmt::Debug> Cached<V> {
                 _ => return Ok(Arc::new(v)),
             }
         }
-        Ok(Arc::new(self.requester.fetch(key).await?.ok_or(Miss::NotFound)?))
+        Ok(Arc::new(
+            self.requester.fetch(key).await?.ok_or(Miss::NotFound)?,
+        ))
     }
 }
 
@@ -145,7 +147,11 @@ async fn follow<V: Versioned + std::fmt::Debug>(
                 let m = m.map_err(RuntimeError::js)?;
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
                 if last_seq != 0 && seq != last_seq + 1 {
-                    tracing::warn!(last_seq, seq, "gap in the change stream; clearing the cache");
+                    tracing::warn!(
+                        last_seq,
+                        seq,
+                        "gap in the change stream; clearing the cache"
+                    );
                     metrics::counter!("kappa_observed_gaps_total").increment(1);
                     cache.invalidate_all();
                 }

@@ -79,7 +79,9 @@ async fn tail<V: Versioned + std::fmt::Debug>(
                 .map_err(RuntimeError::js)?;
             let deliver = match inner.applied_seq.load(Ordering::Relaxed) {
                 0 => consumer::DeliverPolicy::LastPerSubject,
-                n => consumer::DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
+                n => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: n + 1,
+                },
             };
             let c = stream
                 .create_consumer(consumer::pull::OrderedConfig {
@@ -116,7 +118,9 @@ async fn tail<V: Versioned + std::fmt::Debug>(
                                 .set(map.len() as f64);
                         }
                     }
-                    Err(e) => tracing::warn!(subject = %m.subject, error = %e, "undecodable change"),
+                    Err(e) => {
+                        tracing::warn!(subject = %m.subject, error = %e, "undecodable change")
+                    }
                 }
                 inner.applied_seq.store(seq, Ordering::Relaxed);
                 if pending == 0 && !inner.ready.swap(true, Ordering::Relaxed) {

@@ -31,13 +31,23 @@ impl WorkingState for AffinityState {
         Box::pin(async move {
             if self.store.has_partition(partition).await? {
                 let pos = self.store.open(partition, epoch).await?;
-                tracing::info!(partition, position = pos, "affinity store kept the partition");
+                tracing::info!(
+                    partition,
+                    position = pos,
+                    "affinity store kept the partition"
+                );
                 return Ok(pos);
             }
             let (position, entries) = self.snapshots.recover(partition).await?;
-            tracing::info!(partition, position, keys = entries.len(),
-                "affinity store lost the partition; restoring from stream snapshot");
-            self.store.restore(partition, epoch, position, entries).await?;
+            tracing::info!(
+                partition,
+                position,
+                keys = entries.len(),
+                "affinity store lost the partition; restoring from stream snapshot"
+            );
+            self.store
+                .restore(partition, epoch, position, entries)
+                .await?;
             Ok(position)
         })
     }

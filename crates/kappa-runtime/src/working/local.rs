@@ -64,8 +64,13 @@ impl WorkingState for LocalState {
             }
             metrics::gauge!("kappa_recovered_keys", "partition" => partition.to_string())
                 .set(n as f64);
-            tracing::info!(partition, position, keys = n, secs = t.elapsed().as_secs_f64(),
-                "local state restored from snapshot");
+            tracing::info!(
+                partition,
+                position,
+                keys = n,
+                secs = t.elapsed().as_secs_f64(),
+                "local state restored from snapshot"
+            );
             Ok(position)
         })
     }

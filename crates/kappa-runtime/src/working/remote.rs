@@ -193,8 +193,10 @@ impl RedisState {
         pipe.atomic();
         pipe.del(self.data_key(partition));
         for chunk in entries.chunks(500) {
-            let items: Vec<(&str, &[u8])> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+            let items: Vec<(&str, &[u8])> = chunk
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect();
             pipe.hset_multiple(self.data_key(partition), &items);
         }
         pipe.hset_multiple(

@@ -143,12 +143,21 @@ impl Snapshotter {
             .await;
             if let Err(e) = result {
                 // Put the changes back so the next flush retries them.
-                self.record(p, snap.position, &snap.writes.into_iter().collect::<Vec<_>>());
+                self.record(
+                    p,
+                    snap.position,
+                    &snap.writes.into_iter().collect::<Vec<_>>(),
+                );
                 return Err(e);
             }
             metrics::histogram!("kappa_snapshot_seconds").record(t.elapsed().as_secs_f64());
             metrics::counter!("kappa_snapshot_entries_total").increment(n as u64);
-            tracing::debug!(partition = p, entries = n, position = snap.position, "snapshot flushed");
+            tracing::debug!(
+                partition = p,
+                entries = n,
+                position = snap.position,
+                "snapshot flushed"
+            );
         }
         Ok(())
     }
@@ -160,7 +169,10 @@ impl Snapshotter {
             .get_stream_no_info(STREAM)
             .await
             .map_err(RuntimeError::js)?;
-        let position = match stream.get_last_raw_message_by_subject(&self.marker(partition)).await {
+        let position = match stream
+            .get_last_raw_message_by_subject(&self.marker(partition))
+            .await
+        {
             Ok(m) => std::str::from_utf8(&m.payload)
                 .ok()
                 .and_then(|s| s.parse().ok())

@@ -1,0 +1,79 @@
+//! What every service does at start and stop, in one place: logs and metrics, the NATS
+//! connection, the dead-letter stream, the HTTP listener, SIGTERM, and the `healthcheck`
+//! subcommand that container health checks run.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::RuntimeError;
+use crate::config::NatsArgs;
+use crate::http::Health;
+use crate::nats::Nats;
+use crate::shutdown::CancellationToken;
+
+/// A started service: its connection, readiness, metrics and shutdown token.
+pub struct Service {
+    /// The service's name (NATS client name, DLQ subject, consumer prefix).
+    pub name: String,
+    /// NATS connection.
+    pub nats: Nats,
+    /// Readiness checks.
+    pub health: Health,
+    /// Prometheus handle behind `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Cancelled on SIGTERM/SIGINT.
+    pub shutdown: CancellationToken,
+}
+
+impl Service {
+    /// Initialises logs and metrics, connects to NATS and declares the dead-letter stream.
+    pub async fn start(name: &str, nats: &NatsArgs) -> Result<Self, RuntimeError> {
+        crate::telemetry::init_tracing();
+        let metrics = crate::telemetry::init_metrics()?;
+        let nats = crate::nats::connect(nats, name).await?;
+        crate::dlq::declare(&nats.js).await?;
+        let health = Health::new();
+        let n = nats.clone();
+        health.register(
+            "nats",
+            std::sync::Arc::new(move || (n.is_connected(), serde_json::json!(null))),
+        );
+        metrics::gauge!("kappa_up", "service" => name.to_string()).set(1.0);
+        Ok(Self {
+            name: name.to_string(),
+            nats,
+            health,
+            metrics,
+            shutdown: crate::shutdown::on_signal(),
+        })
+    }
+
+    /// Serves `/healthz`, `/metrics` and `extra` on `addr` until shutdown.
+    pub async fn serve_http(
+        &self,
+        addr: SocketAddr,
+        extra: Router,
+    ) -> Result<tokio::task::JoinHandle<()>, RuntimeError> {
+        let app = crate::http::router(self.health.clone(), self.metrics.clone()).merge(extra);
+        crate::http::serve(addr, app, self.shutdown.clone()).await
+    }
+
+    /// Flushes the NATS connection (pending publishes) before exit.
+    pub async fn drain(&self) {
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.nats.client.flush()).await;
+        tracing::info!(service = %self.name, "stopped");
+    }
+}
+
+/// Runs the `healthcheck` subcommand: exit 0 if `addr`'s `/healthz` answers 200.
+pub async fn healthcheck(addr: SocketAddr) -> ExitCode {
+    if crate::http::probe(addr).await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

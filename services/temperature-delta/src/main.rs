@@ -1,0 +1,38 @@
+//! temperature-delta binary: parse config, run until SIGTERM, drain, exit.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "temperature-delta",
+    about = "Per-sensor 10-minute temperature change: the reference domain kappa service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    cfg: temperature_delta::Config,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Exit 0 if this service's /healthz answers 200 (for container health checks).
+    Healthcheck,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::Healthcheck) = cli.cmd {
+        return kappa_runtime::app::healthcheck(cli.cfg.http_addr).await;
+    }
+    match temperature_delta::run(cli.cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("temperature-delta: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
