@@ -69,9 +69,16 @@ pub fn expected(
             out.insert(r.seq, reject("oversized"));
             continue;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) else {
-            out.insert(r.seq, reject("malformed"));
-            continue;
+        let v = match serde_json::from_slice::<serde_json::Value>(&r.payload) {
+            Ok(v) => v,
+            Err(e) if e.to_string().starts_with("number out of range") => {
+                out.insert(r.seq, reject("out_of_bounds"));
+                continue;
+            }
+            Err(_) => {
+                out.insert(r.seq, reject("malformed"));
+                continue;
+            }
         };
         let (Some(id), Some(c), Some(at)) = (
             v.get("sensor_id").and_then(|x| x.as_str()),

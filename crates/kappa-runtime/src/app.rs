@@ -77,3 +77,31 @@ pub async fn healthcheck(addr: SocketAddr) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+/// Parses the command line; a usage error is printed as one line on stderr with exit code 2
+/// (help and version print normally).
+pub fn parse_cli<C: clap::Parser>(service: &str) -> C {
+    match C::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("{service}: error: invalid configuration: {first}");
+            std::process::exit(2);
+        }
+    }
+}

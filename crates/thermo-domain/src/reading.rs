@@ -104,8 +104,14 @@ pub fn parse_reading(
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(RejectReason::Oversized);
     }
-    let reading: Reading =
-        serde_json::from_slice(payload).map_err(|e| RejectReason::Malformed(e.to_string()))?;
+    let reading: Reading = serde_json::from_slice(payload).map_err(|e| {
+        // JSON has no NaN or infinity: a number too large for f64 is the non-finite case.
+        if e.to_string().starts_with("number out of range") {
+            RejectReason::OutOfBounds
+        } else {
+            RejectReason::Malformed(e.to_string())
+        }
+    })?;
     if !valid_sensor_id(&reading.sensor_id) {
         return Err(RejectReason::InvalidSensorId);
     }
@@ -158,6 +164,10 @@ mod tests {
         ));
         assert_eq!(
             p(r#"{"sensor_id":"s-1","celsius":1e6,"measured_at":"2026-11-24T17:00:00Z"}"#),
+            Err(RejectReason::OutOfBounds)
+        );
+        assert_eq!(
+            p(r#"{"sensor_id":"s-1","celsius":1e999,"measured_at":"2026-11-24T17:00:00Z"}"#),
             Err(RejectReason::OutOfBounds)
         );
         assert_eq!(

@@ -1,0 +1,320 @@
+//! Crashes, bad input and bad configuration, with the real binaries and real servers.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::procs::{Proc, bin};
+use integration_tests::{
+    count, nats, publish_raw, read_stream, redis_client, register, servers, service_env,
+    verify_exactly_once, wait_drained, wait_until,
+};
+
+async fn metric(http: &str, name: &str) -> f64 {
+    let body = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+/// kill -9 temperature-delta mid-stream and restart it: exactly one delta per accepted
+/// reading, equal to the oracle. `lose_store` also wipes the affinity store.
+async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
+    let s = servers(test).await;
+    let affinity = format!("{}/1", s.redis_url);
+    let env = service_env(
+        &s,
+        &[
+            ("KAPPA_WORKING", working),
+            ("AFFINITY_REDIS_URL", &affinity),
+            ("KAPPA_SNAPSHOT_SECS", "1"),
+        ],
+    );
+    let (_c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    delta.wait_ready(Duration::from_secs(30)).await;
+    let mut thermo = Proc::start(
+        test,
+        "thermometer",
+        &env,
+        &[
+            "--sensors",
+            "50",
+            "--count",
+            "8000",
+            "--rate",
+            "2000",
+            "--event-step-ms",
+            "1000",
+            "--seed",
+            "11",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(&js, "DELTAS").await > 1500
+        })
+        .await,
+        "no progress before the crash"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    delta.kill9();
+    let before = count(&js, "DELTAS").await;
+    if lose_store {
+        let mut r = redis_client(&affinity).await;
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut r)
+            .await
+            .expect("flushdb");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    delta.wait_ready(Duration::from_secs(60)).await;
+    let health: serde_json::Value = reqwest::get(format!("http://{}/healthz", delta.http))
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    let recovery: f64 = health["checks"]["partitions"]["detail"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|p| p["recovery_secs"].as_f64())
+                .fold(0.0, f64::max)
+        })
+        .unwrap_or(0.0);
+    let status = thermo
+        .wait_exit(Duration::from_secs(60))
+        .expect("thermometer finished");
+    assert!(status.success());
+    assert!(
+        wait_drained(&js, Duration::from_secs(90)).await,
+        "did not drain:\n{}",
+        delta.log_text()
+    );
+    let replayed = metric(&delta.http, "kappa_replayed_inputs_total").await;
+    let v = verify_exactly_once(&js).await;
+    assert_eq!(v.readings, 8000);
+    assert_eq!(
+        v.deltas, 8000,
+        "every reading of this run is valid and in order"
+    );
+    eprintln!(
+        "[{test}] crashed at {before} deltas; recovery {recovery:.3}s; replayed {replayed} inputs; {} deltas, none missing, none doubled",
+        v.deltas
+    );
+    if working == "affinity" && !lose_store {
+        // The colocated store kept everything committed: only the batches in flight replay.
+        assert!(replayed <= 4.0 * 256.0, "replayed {replayed} inputs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_remote() {
+    crash_and_restart("crash_remote", "remote", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_local() {
+    crash_and_restart("crash_local", "local", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_affinity_store_kept() {
+    crash_and_restart("crash_affinity_store_kept", "affinity", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_affinity_store_lost() {
+    crash_and_restart("crash_affinity_store_lost", "affinity", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
+    let test = "bad_input";
+    let s = servers(test).await;
+    let env = service_env(&s, &[("KAPPA_PARTITIONS", "1")]);
+    let (c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    delta.wait_ready(Duration::from_secs(30)).await;
+    register(&c, "s-1", "lab", 0.0, 600).await;
+    let good =
+        |c: f64, t: &str| format!(r#"{{"sensor_id":"s-1","celsius":{c},"measured_at":"{t}"}}"#);
+    publish_raw(&js, "s-1", good(20.0, "2026-11-24T17:00:00Z")).await;
+    publish_raw(&js, "s-1", "{not json").await;
+    publish_raw(&js, "s-1", r#"{"sensor_id":"s-1"}"#).await;
+    publish_raw(
+        &js,
+        "s-1",
+        r#"{"sensor_id":"s-1","celsius":"hot","measured_at":"2026-11-24T17:00:01Z"}"#,
+    )
+    .await;
+    publish_raw(
+        &js,
+        "s-1",
+        r#"{"sensor_id":"s-1","celsius":1e999,"measured_at":"2026-11-24T17:00:01Z"}"#,
+    )
+    .await;
+    publish_raw(
+        &js,
+        "s-1",
+        r#"{"sensor_id":"s-1","celsius":5000,"measured_at":"2026-11-24T17:00:01Z"}"#,
+    )
+    .await;
+    publish_raw(
+        &js,
+        "bad!id",
+        r#"{"sensor_id":"bad!id","celsius":1,"measured_at":"2026-11-24T17:00:01Z"}"#,
+    )
+    .await;
+    publish_raw(
+        &js,
+        "s-404",
+        r#"{"sensor_id":"s-404","celsius":1,"measured_at":"2026-11-24T17:00:01Z"}"#,
+    )
+    .await;
+    publish_raw(&js, "s-1", good(19.0, "2026-11-24T16:40:00Z")).await;
+    publish_raw(
+        &js,
+        "s-1",
+        format!(
+            r#"{{"sensor_id":"s-1","celsius":1,"pad":"{}"}}"#,
+            "x".repeat(5000)
+        ),
+    )
+    .await;
+    publish_raw(&js, "s-1", good(23.5, "2026-11-24T17:05:00Z")).await;
+    assert!(
+        wait_drained(&js, Duration::from_secs(30)).await,
+        "did not drain:\n{}",
+        delta.log_text()
+    );
+    let v = verify_exactly_once(&js).await;
+    assert_eq!(v.deltas, 2, "{v:?}");
+    let want: Vec<(&str, usize)> = vec![
+        ("invalid_sensor_id", 1),
+        ("late", 1),
+        ("malformed", 3),
+        ("out_of_bounds", 2),
+        ("oversized", 1),
+        ("unknown_sensor", 1),
+    ];
+    let got: Vec<(&str, usize)> = v.rejected.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    assert_eq!(got, want);
+    let latest = &v.latest["s-1"];
+    assert_eq!(latest["delta_celsius"].as_f64(), Some(3.5));
+    assert!(
+        delta.child.try_wait().expect("wait").is_none(),
+        "the service must keep running"
+    );
+    assert!(
+        reqwest::get(format!("http://{}/healthz", delta.http))
+            .await
+            .expect("healthz")
+            .status()
+            .is_success()
+    );
+    assert_eq!(metric(&delta.http, "kappa_rejected_total").await, 9.0);
+    let dlq = read_stream(&js, "DLQ").await;
+    assert!(
+        dlq.iter()
+            .all(|m| m.subject == "kappa.dlq.temperature-delta")
+    );
+    assert!(
+        dlq.iter().any(|m| m.payload.as_ref() == b"{not json"),
+        "original payload kept"
+    );
+}
+
+fn run_expecting_failure(name: &str, env: &[(&str, &str)]) -> (i32, Vec<String>) {
+    let mut cmd = Command::new(bin(name));
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.env(
+        "HTTP_ADDR",
+        format!("127.0.0.1:{}", integration_tests::procs::free_port()),
+    );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_non_zero_with_one_line() {
+    let s = servers("bad_config").await;
+    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+        (
+            "temperature-delta",
+            vec![("NATS_URL", "http://nowhere:4222".into())],
+            "NATS_URL",
+        ),
+        (
+            "sensor-registry",
+            vec![("NATS_URL", "not a url".into())],
+            "NATS_URL",
+        ),
+        (
+            "temperature-delta",
+            vec![
+                ("NATS_URL", s.nats_url.clone()),
+                ("REDIS_URL", "redis://127.0.0.1:1".into()),
+            ],
+            "REDIS_URL",
+        ),
+        (
+            "temperature-delta",
+            vec![
+                ("NATS_URL", s.nats_url.clone()),
+                ("REDIS_URL", "mysql://x".into()),
+            ],
+            "REDIS_URL",
+        ),
+        (
+            "temperature-delta",
+            vec![("KAPPA_WORKING", "sometimes".into())],
+            "sometimes",
+        ),
+        (
+            "temperature-delta",
+            vec![("HTTP_ADDR", "eight-thousand".into())],
+            "eight-thousand",
+        ),
+        (
+            "thermometer",
+            vec![("NATS_URL", "nats://127.0.0.1:1".into())],
+            "127.0.0.1:1",
+        ),
+    ];
+    for (bin_name, env, mention) in cases {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (code, lines) = run_expecting_failure(bin_name, &env);
+        assert_ne!(code, 0, "{bin_name} {env:?} must fail");
+        assert_eq!(
+            lines.len(),
+            1,
+            "{bin_name} {env:?}: one line, got {lines:?}"
+        );
+        assert!(
+            lines[0].contains(mention),
+            "{bin_name}: '{}' should mention {mention}",
+            lines[0]
+        );
+        eprintln!("[bad_config] {bin_name}: {}", lines[0]);
+    }
+}
