@@ -1,0 +1,205 @@
+//! The observed-state options against a real registry: semi-stateless freshness and registry
+//! outage, stateful bootstrap of 10,000 sensors without any request-reply.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use integration_tests::procs::Proc;
+use integration_tests::{
+    count, nats, publish_raw, read_stream, register, servers, service_env, wait_until,
+};
+
+async fn metric(http: &str, name: &str) -> f64 {
+    let body = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+fn reading(id: &str, c: f64, at: &str) -> String {
+    format!(r#"{{"sensor_id":"{id}","celsius":{c},"measured_at":"{at}"}}"#)
+}
+
+async fn deltas(js: &async_nats::jetstream::Context) -> Vec<serde_json::Value> {
+    read_stream(js, "DELTAS")
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).expect("json"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semi_stateless_sees_a_registry_change_before_the_timeout() {
+    let test = "semi_fresh";
+    let s = servers(test).await;
+    let env = service_env(
+        &s,
+        &[
+            ("KAPPA_OBSERVED", "semi-stateless"),
+            ("KAPPA_CACHE_TTL_SECS", "300"),
+        ],
+    );
+    let (c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    delta.wait_ready(Duration::from_secs(30)).await;
+    register(&c, "s-1", "lab", 0.0, 600).await;
+    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&js, "DELTAS").await == 1
+        })
+        .await
+    );
+    let v2 = register(&c, "s-1", "lab", 5.0, 600).await;
+    assert_eq!(v2, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&js, "DELTAS").await == 2
+        })
+        .await
+    );
+    let d = deltas(&js).await;
+    assert_eq!(d[0]["reading_celsius"].as_f64(), Some(20.0));
+    assert_eq!(
+        d[1]["reading_celsius"].as_f64(),
+        Some(25.0),
+        "new offset applied: {}",
+        d[1]
+    );
+    assert_eq!(d[1]["sensor_version"].as_u64(), Some(2));
+    // One miss filled the cache; the change arrived by the stream, not by asking again.
+    assert_eq!(
+        metric(&delta.http, "kappa_observed_requests_total").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semi_stateless_keeps_working_from_cache_when_the_registry_stops() {
+    let test = "semi_outage";
+    let s = servers(test).await;
+    let env = service_env(
+        &s,
+        &[
+            ("KAPPA_OBSERVED", "semi-stateless"),
+            ("KAPPA_REGISTRY_TIMEOUT_MS", "300"),
+        ],
+    );
+    let (c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    delta.wait_ready(Duration::from_secs(30)).await;
+    register(&c, "s-1", "lab", 0.0, 600).await;
+    register(&c, "s-2", "lab", 0.0, 600).await;
+    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&js, "DELTAS").await == 1
+        })
+        .await
+    );
+    registry.kill9();
+    publish_raw(&js, "s-1", reading("s-1", 21.0, "2026-11-24T17:00:01Z")).await;
+    publish_raw(&js, "s-2", reading("s-2", 21.0, "2026-11-24T17:00:01Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&js, "DELTAS").await == 2 && count(&js, "DLQ").await == 1
+        })
+        .await,
+        "cached sensor must go on, the miss must be dead-lettered:\n{}",
+        delta.log_text()
+    );
+    let dlq = read_stream(&js, "DLQ").await;
+    assert_eq!(
+        dlq[0].header("Kappa-Reason").as_deref(),
+        Some("registry_unavailable")
+    );
+    assert!(dlq[0].subject.ends_with("temperature-delta"));
+    assert!(delta.child.try_wait().expect("wait").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
+    let test = "stateful_10k";
+    let s = servers(test).await;
+    let env = service_env(&s, &[("KAPPA_OBSERVED", "stateful")]);
+    let (c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let n = 10_000usize;
+    futures::stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let c = c.clone();
+            async move {
+                register(
+                    &c,
+                    &format!("b-{i:05}"),
+                    &format!("site-{}", i % 7),
+                    0.0,
+                    600,
+                )
+                .await;
+            }
+        })
+        .await;
+    assert_eq!(count(&js, "SENSORS").await, n as u64);
+    let t0 = std::time::Instant::now();
+    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
+    let url = format!("http://{}/healthz", delta.http);
+    let seen_not_ready = std::sync::atomic::AtomicU32::new(0);
+    let ready = wait_until(Duration::from_secs(60), || async {
+        let Ok(r) = reqwest::get(&url).await else {
+            return false;
+        };
+        let Ok(h) = r.json::<serde_json::Value>().await else {
+            return false;
+        };
+        let obs = &h["checks"]["observed"];
+        let held = obs["detail"]["held"].as_u64().unwrap_or(0);
+        if obs["ready"] == true {
+            assert_eq!(
+                held, n as u64,
+                "ready before the replica was complete: {obs}"
+            );
+            true
+        } else {
+            seen_not_ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            false
+        }
+    })
+    .await;
+    assert!(ready, "replica never became ready:\n{}", delta.log_text());
+    eprintln!(
+        "[{test}] ready with {n} sensors after {:.2}s ({} not-ready polls)",
+        t0.elapsed().as_secs_f64(),
+        seen_not_ready.into_inner()
+    );
+    delta.wait_ready(Duration::from_secs(30)).await;
+    for i in 0..200 {
+        let id = format!("b-{:05}", i * 37);
+        publish_raw(&js, &id, reading(&id, 20.0, "2026-11-24T17:00:00Z")).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&js, "DELTAS").await == 200
+        })
+        .await
+    );
+    assert_eq!(
+        metric(&delta.http, "kappa_observed_requests_total").await,
+        0.0,
+        "no request-reply"
+    );
+    assert_eq!(count(&js, "DLQ").await, 0);
+}
