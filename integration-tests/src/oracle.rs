@@ -60,7 +60,8 @@ pub fn expected(
     sensors: &HashMap<String, SensorInfo>,
 ) -> HashMap<u64, Expected> {
     // Per sensor: accepted (event ns, seq, calibrated value), and T.
-    let mut accepted: HashMap<String, (Vec<(i128, u64, f64)>, Option<i128>)> = HashMap::new();
+    type Accepted = (Vec<(i128, u64, f64)>, Option<i128>);
+    let mut accepted: HashMap<String, Accepted> = HashMap::new();
     let mut out = HashMap::new();
     for r in readings {
         let subject_id = r.subject.rsplit('.').next().unwrap_or_default();

@@ -258,7 +258,9 @@ fn run_expecting_failure(name: &str, env: &[(&str, &str)]) -> (i32, Vec<String>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_non_zero_with_one_line() {
     let s = servers("bad_config").await;
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    /// (binary, environment, what the error line must mention)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "temperature-delta",
             vec![("NATS_URL", "http://nowhere:4222".into())],

@@ -18,6 +18,7 @@ pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod http;
+pub mod lease;
 pub mod nats;
 pub mod observed;
 pub mod partition;

@@ -59,6 +59,8 @@ struct Slot {
     window: DeltaWindow,
     /// Source sequence of the last delta of this sensor already in `DELTAS`.
     published_upto: u64,
+    /// Stream sequence of that delta (0 if none): the next delta must follow it exactly.
+    last_out_seq: u64,
     dirty: bool,
 }
 
@@ -117,16 +119,22 @@ impl DeltaProcessor {
             async move {
                 let subject = format!("{}.*.{id}", subjects::DELTAS_PREFIX);
                 match deltas.direct_get_last_for_subject(subject).await {
-                    Ok(m) => Ok(serde_json::from_slice::<SourceSeq>(&m.payload)
-                        .map(|s| s.source_seq)
-                        .unwrap_or(0)),
-                    Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+                    Ok(m) => Ok((
+                        serde_json::from_slice::<SourceSeq>(&m.payload)
+                            .map(|s| s.source_seq)
+                            .unwrap_or(0),
+                        m.sequence,
+                    )),
+                    Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                        Ok((0, 0))
+                    }
                     Err(e) => Err(ProcessError::Transient(format!("last delta of {id}: {e}"))),
                 }
             }
         }))
         .await;
         for ((id, value), last) in ids.into_iter().zip(values).zip(lasts) {
+            let (published_upto, last_out_seq) = last?;
             let window = match value {
                 Some(bytes) => DeltaWindow::decode(&bytes).ok_or_else(|| {
                     ProcessError::Transient(format!("stored window of {id} is undecodable"))
@@ -137,7 +145,8 @@ impl DeltaProcessor {
                 id,
                 Slot {
                     window,
-                    published_upto: last?,
+                    published_upto,
+                    last_out_seq,
                     dirty: false,
                 },
             );
@@ -162,7 +171,8 @@ impl DeltaProcessor {
         // 2. Compute, publishing as we go (acks awaited below).
         let mut sensors: HashMap<String, Result<Option<Arc<ObservedSensor>>, ObservedError>> =
             HashMap::new();
-        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(batch.len());
+        let mut acks: Vec<PublishAckFuture> = Vec::new();
+        let mut outputs: Vec<(String, Bytes, u64)> = Vec::with_capacity(batch.len());
         let mut replayed = 0u64;
         for (input, parsed) in batch.iter().zip(parsed) {
             let reading = match parsed {
@@ -238,19 +248,7 @@ impl DeltaProcessor {
                     };
                     let body = serde_json::to_vec(&delta)
                         .map_err(|e| ProcessError::Transient(e.to_string()))?;
-                    let msg = PublishMessage::build()
-                        .payload(Bytes::from(body))
-                        .message_id(format!("delta:{}", input.seq))
-                        .header(SCHEMA_HEADER, DELTA_SCHEMA)
-                        .header("Kappa-Source-Seq", input.seq.to_string().as_str());
-                    let ack = self
-                        .shared
-                        .js
-                        .send_publish(subjects::delta(&reading.sensor_id), msg)
-                        .await
-                        .map_err(|e| ProcessError::Transient(format!("publish delta: {e}")))?;
-                    acks.push(ack);
-                    metrics::counter!("thermo_deltas_total").increment(1);
+                    outputs.push((reading.sensor_id.clone(), Bytes::from(body), input.seq));
                 }
             }
         }
@@ -259,6 +257,7 @@ impl DeltaProcessor {
         }
 
         // 3. Every effect is in a stream before the state moves.
+        self.publish_fenced(outputs).await?;
         // Acks come back in publish order; awaiting them in turn costs one wait in all.
         for ack in acks {
             ack.await
@@ -281,6 +280,70 @@ impl DeltaProcessor {
             if slot.dirty {
                 slot.dirty = false;
                 slot.published_upto = slot.published_upto.max(slot.window.last_seq());
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes deltas so that each one must directly follow the sensor's previous delta in
+    /// the stream (`Nats-Expected-Last-Subject-Sequence`): a stale owner can never append after
+    /// a newer one. Deltas of different sensors are pipelined; a sensor's next delta waits for
+    /// the previous one's ack (one wave per delta of the busiest sensor in the batch).
+    async fn publish_fenced(
+        &mut self,
+        outputs: Vec<(String, Bytes, u64)>,
+    ) -> Result<(), ProcessError> {
+        let mut waves: Vec<Vec<(String, Bytes, u64)>> = Vec::new();
+        let mut depth: HashMap<&str, usize> = HashMap::new();
+        let mut placed: Vec<usize> = Vec::with_capacity(outputs.len());
+        for (id, _, _) in &outputs {
+            let d = depth.entry(id.as_str()).or_insert(0);
+            placed.push(*d);
+            *d += 1;
+        }
+        drop(depth);
+        for (out, wave) in outputs.into_iter().zip(placed) {
+            if waves.len() <= wave {
+                waves.resize_with(wave + 1, Vec::new);
+            }
+            waves[wave].push(out);
+        }
+        for wave in waves {
+            let mut pending = Vec::with_capacity(wave.len());
+            for (id, body, seq) in wave {
+                let expected = self.slots.get(&id).map_or(0, |s| s.last_out_seq);
+                let msg = PublishMessage::build()
+                    .payload(body)
+                    .message_id(format!("delta:{seq}"))
+                    .expected_last_subject_sequence(expected)
+                    .header(SCHEMA_HEADER, DELTA_SCHEMA)
+                    .header("Kappa-Source-Seq", seq.to_string().as_str());
+                let ack = self
+                    .shared
+                    .js
+                    .send_publish(subjects::delta(&id), msg)
+                    .await
+                    .map_err(|e| ProcessError::Transient(format!("publish delta: {e}")))?;
+                pending.push((id, ack));
+            }
+            for (id, ack) in pending {
+                match ack.await {
+                    Ok(a) => {
+                        if let Some(slot) = self.slots.get_mut(&id) {
+                            slot.last_out_seq = a.sequence;
+                        }
+                        metrics::counter!("thermo_deltas_total").increment(1);
+                    }
+                    Err(e)
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                    {
+                        metrics::counter!("kappa_fenced_publishes_total").increment(1);
+                        return Err(ProcessError::Transient(format!(
+                            "delta of {id} does not follow the stream's last one (another writer?)"
+                        )));
+                    }
+                    Err(e) => return Err(ProcessError::Transient(format!("publish ack: {e}"))),
+                }
             }
         }
         Ok(())

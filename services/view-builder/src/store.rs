@@ -1,0 +1,644 @@
+//! The views in Redis: key layout, the atomic Lua scripts that change them, and the reads
+//! query-api uses. See the crate documentation for the layout.
+
+use redis::aio::ConnectionManager;
+use thermo_domain::Delta;
+
+use crate::view::{HistoryEntry, SensorMeta, SensorUpdate, SensorView, compose, rank_score};
+
+/// The key naming the generation queries read (absent = generation `0`).
+pub const ACTIVE_KEY: &str = "views:active";
+/// The key naming the generation a rebuild is filling (absent when none runs).
+pub const BUILDING_KEY: &str = "views:building";
+/// Counter handing out generation numbers to rebuilds.
+pub const NEXT_GEN_KEY: &str = "views:next-gen";
+
+/// The keys of one generation, `views:{<gen>}:...` (one hash tag per generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys of generation `gen`.
+    pub fn new(generation: &str) -> Self {
+        Self {
+            prefix: format!("views:{{{generation}}}:"),
+        }
+    }
+    /// `views:{g}:sensor:<id>`: hash `delta`, `seq`, `meta`, `mv`, `site`.
+    pub fn sensor(&self, id: &str) -> String {
+        format!("{}sensor:{id}", self.prefix)
+    }
+    /// `views:{g}:history:<id>`: list of history points, oldest first.
+    pub fn history(&self, id: &str) -> String {
+        format!("{}history:{id}", self.prefix)
+    }
+    /// `views:{g}:site:<site>`: sorted set of the site's sensors by `-|delta|`.
+    pub fn site(&self, site: &str) -> String {
+        format!("{}site:{site}", self.prefix)
+    }
+    /// `views:{g}:rank`: every sensor by `-|delta|`.
+    pub fn rank(&self) -> String {
+        format!("{}rank", self.prefix)
+    }
+    /// `views:{g}:top`: the first `top-n` of `rank`.
+    pub fn top(&self) -> String {
+        format!("{}top", self.prefix)
+    }
+    /// `views:{g}:sensors`: every sensor with a view (score 0, so ordered by id).
+    pub fn sensors(&self) -> String {
+        format!("{}sensors", self.prefix)
+    }
+    /// `views:{g}:sites`: every site with at least one sensor.
+    pub fn sites(&self) -> String {
+        format!("{}sites", self.prefix)
+    }
+    /// `views:{g}:positions`: partition -> last applied deltas-stream sequence.
+    pub fn positions(&self) -> String {
+        format!("{}positions", self.prefix)
+    }
+    /// `views:{g}:epochs`: partition -> fencing epoch of its writer.
+    pub fn epochs(&self) -> String {
+        format!("{}epochs", self.prefix)
+    }
+    /// A `SCAN MATCH` pattern covering the whole generation.
+    pub fn pattern(&self) -> String {
+        format!("{}*", self.prefix)
+    }
+}
+
+/// Resolves the generation inside a script: ARGV[1] ('' = the active one).
+const GEN_PRELUDE: &str = r"
+local gen = ARGV[1]
+if gen == '' then gen = redis.call('GET', 'views:active') or '0' end
+local P = 'views:{' .. gen .. '}:'
+";
+
+const OPEN: &str = r"
+local part = ARGV[2]
+local epoch = tonumber(ARGV[3])
+local cur = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
+if cur > epoch then return {'-1', gen} end
+redis.call('HSET', P .. 'epochs', part, ARGV[3])
+return {redis.call('HGET', P .. 'positions', part) or '0', gen}
+";
+
+/// One batch of one partition. ARGV: gen, partition, epoch, last seq, top-n, history length,
+/// number of sensors, then per sensor: id, seq, delta JSON, score, meta JSON, meta version,
+/// meta site, number of history points, then (seq, JSON) per point.
+const APPLY: &str = r"
+local part = ARGV[2]
+local epoch = tonumber(ARGV[3])
+local last = tonumber(ARGV[4])
+local top_n = tonumber(ARGV[5])
+local hlen = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
+local cur_epoch = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
+if cur_epoch > epoch then return {'-1', gen} end
+local pos = tonumber(redis.call('HGET', P .. 'positions', part) or '0')
+if last <= pos then return {'0', gen} end
+local out = {'1', gen}
+local i = 8
+for s = 1, n do
+  local id = ARGV[i]
+  local seq = tonumber(ARGV[i + 1])
+  local score = ARGV[i + 3]
+  local mv = tonumber(ARGV[i + 5])
+  local msite = ARGV[i + 6]
+  local nh = tonumber(ARGV[i + 7])
+  local base = i
+  i = i + 8
+  local hk = P .. 'history:' .. id
+  local pushed = false
+  for h = 1, nh do
+    if tonumber(ARGV[i]) > pos then
+      redis.call('RPUSH', hk, ARGV[i + 1])
+      pushed = true
+    end
+    i = i + 2
+  end
+  if pushed then redis.call('LTRIM', hk, -hlen, -1) end
+  local sk = P .. 'sensor:' .. id
+  local cur_seq = tonumber(redis.call('HGET', sk, 'seq') or '0')
+  if seq > cur_seq then
+    local cur_mv = tonumber(redis.call('HGET', sk, 'mv') or '-1')
+    local old_site = false
+    if cur_seq > 0 then old_site = redis.call('HGET', sk, 'site') end
+    if mv >= cur_mv then
+      redis.call('HSET', sk, 'meta', ARGV[base + 4], 'mv', ARGV[base + 5], 'site', msite)
+    end
+    local site = redis.call('HGET', sk, 'site')
+    redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1])
+    if old_site and old_site ~= site then
+      redis.call('ZREM', P .. 'site:' .. old_site, id)
+      if redis.call('ZCARD', P .. 'site:' .. old_site) == 0 then
+        redis.call('SREM', P .. 'sites', old_site)
+      end
+    end
+    redis.call('ZADD', P .. 'site:' .. site, score, id)
+    redis.call('SADD', P .. 'sites', site)
+    redis.call('ZADD', P .. 'rank', score, id)
+    redis.call('ZADD', P .. 'sensors', 0, id)
+    table.insert(out, id)
+    table.insert(out, redis.call('HGET', sk, 'meta'))
+  end
+end
+if top_n > 0 then
+  redis.call('ZRANGESTORE', P .. 'top', P .. 'rank', 0, top_n - 1)
+end
+redis.call('HSET', P .. 'positions', part, ARGV[4])
+redis.call('HSET', P .. 'epochs', part, ARGV[3])
+return out
+";
+
+/// A registry change. ARGV: id, meta JSON, meta version, meta site, generation ('' = the
+/// active one and the one being rebuilt). Returns 1 if the active view changed.
+const META: &str = r"
+local id = ARGV[1]
+local mv = tonumber(ARGV[3])
+local site = ARGV[4]
+local active = redis.call('GET', 'views:active') or '0'
+local gens
+if ARGV[5] ~= '' then
+  gens = {ARGV[5]}
+else
+  gens = {active}
+  local b = redis.call('GET', 'views:building')
+  if b and b ~= active then table.insert(gens, b) end
+end
+local changed = 0
+for _, gen in ipairs(gens) do
+  local P = 'views:{' .. gen .. '}:'
+  local sk = P .. 'sensor:' .. id
+  local cur_mv = tonumber(redis.call('HGET', sk, 'mv') or '-1')
+  if mv > cur_mv then
+    local has_view = redis.call('HEXISTS', sk, 'seq') == 1
+    local old_site = redis.call('HGET', sk, 'site')
+    redis.call('HSET', sk, 'meta', ARGV[2], 'mv', ARGV[3], 'site', site)
+    if has_view then
+      if old_site and old_site ~= site then
+        local score = redis.call('ZSCORE', P .. 'rank', id)
+        redis.call('ZREM', P .. 'site:' .. old_site, id)
+        if redis.call('ZCARD', P .. 'site:' .. old_site) == 0 then
+          redis.call('SREM', P .. 'sites', old_site)
+        end
+        if score then
+          redis.call('ZADD', P .. 'site:' .. site, score, id)
+          redis.call('SADD', P .. 'sites', site)
+        end
+      end
+      if gen == active then changed = 1 end
+    end
+  end
+end
+return changed
+";
+
+/// Swaps generation ARGV[1] in if it has caught up with the active one in every partition.
+/// Returns {'1', old} when swapped, {'0', old} when not yet.
+const SWAP: &str = r"
+local new = ARGV[1]
+local old = redis.call('GET', 'views:active') or '0'
+if old == new then return {'1', old} end
+local O = 'views:{' .. old .. '}:'
+local N = 'views:{' .. new .. '}:'
+local kv = redis.call('HGETALL', O .. 'positions')
+for j = 1, #kv, 2 do
+  local n = tonumber(redis.call('HGET', N .. 'positions', kv[j]) or '0')
+  if n < tonumber(kv[j + 1]) then return {'0', old} end
+end
+redis.call('SET', 'views:active', new)
+if redis.call('GET', 'views:building') == new then redis.call('DEL', 'views:building') end
+return {'1', old}
+";
+
+/// A consistent read of the active generation. ARGV: kind (`sensors`, `site`, `top`, `sensor`,
+/// `history`), argument (site or id), limit. Returns the highest applied position over the
+/// partitions, then per view: id, delta JSON, seq, meta JSON; for `history`: the position, the
+/// sensor's seq ('' if it has no view) and the points.
+const READ: &str = r"
+local gen = redis.call('GET', 'views:active') or '0'
+local P = 'views:{' .. gen .. '}:'
+local kind = ARGV[1]
+local arg = ARGV[2]
+local limit = tonumber(ARGV[3])
+local maxpos = 0
+for _, v in ipairs(redis.call('HVALS', P .. 'positions')) do
+  local x = tonumber(v)
+  if x > maxpos then maxpos = x end
+end
+local out = {tostring(maxpos)}
+if kind == 'history' then
+  local seq = redis.call('HGET', P .. 'sensor:' .. arg, 'seq')
+  if not seq then
+    table.insert(out, '')
+    return out
+  end
+  table.insert(out, seq)
+  for _, e in ipairs(redis.call('LRANGE', P .. 'history:' .. arg, 0, -1)) do
+    table.insert(out, e)
+  end
+  return out
+end
+local ids
+if kind == 'sensors' then
+  ids = redis.call('ZRANGE', P .. 'sensors', 0, -1)
+elseif kind == 'site' then
+  ids = redis.call('ZRANGE', P .. 'site:' .. arg, 0, -1)
+elseif kind == 'top' then
+  ids = redis.call('ZRANGE', P .. 'top', 0, limit - 1)
+else
+  ids = {arg}
+end
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', P .. 'sensor:' .. id, 'delta', 'seq', 'meta')
+  if h[1] and h[2] and h[3] then
+    table.insert(out, id)
+    table.insert(out, h[1])
+    table.insert(out, h[2])
+    table.insert(out, h[3])
+  end
+end
+return out
+";
+
+/// Which generation a write goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Whatever `views:active` names at the time of the write.
+    Active,
+    /// A given generation (a rebuild filling it).
+    Generation(String),
+}
+
+impl Target {
+    fn arg(&self) -> &str {
+        match self {
+            Self::Active => "",
+            Self::Generation(g) => g,
+        }
+    }
+}
+
+/// The result of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// A newer writer owns the partition.
+    Fenced,
+    /// The batch was applied already (a replay).
+    Skipped,
+    /// Applied; the changed sensors' views.
+    Changed(Vec<SensorView>),
+}
+
+/// A read of a list of views.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewList {
+    /// Highest deltas-stream sequence applied over the partitions.
+    pub view_seq: u64,
+    /// The views, in the list's order.
+    pub views: Vec<SensorView>,
+}
+
+/// A read of a sensor's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// The sensor's view sequence.
+    pub view_seq: u64,
+    /// Points, oldest first.
+    pub points: Vec<HistoryEntry>,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A script answered something unexpected.
+    #[error("unexpected answer from redis: {0}")]
+    Protocol(String),
+}
+
+/// The views' store.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    open: redis::Script,
+    apply: redis::Script,
+    meta: redis::Script,
+    swap: redis::Script,
+    read: redis::Script,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+fn parse_u64(s: &str) -> Result<u64, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Protocol(format!("not a number: {s}")))
+}
+
+impl Store {
+    /// The store on `conn`.
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            open: redis::Script::new(&format!("{GEN_PRELUDE}{OPEN}")),
+            apply: redis::Script::new(&format!("{GEN_PRELUDE}{APPLY}")),
+            meta: redis::Script::new(META),
+            swap: redis::Script::new(SWAP),
+            read: redis::Script::new(READ),
+        }
+    }
+
+    /// The connection (for health pings and rebuild housekeeping).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Takes `partition` over with `epoch`; returns its applied position, or `None` if a newer
+    /// epoch owns it.
+    pub async fn open(
+        &self,
+        target: &Target,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let r: Vec<String> = self
+            .open
+            .arg(target.arg())
+            .arg(partition)
+            .arg(epoch)
+            .invoke_async(&mut conn)
+            .await?;
+        let first = r
+            .first()
+            .ok_or_else(|| StoreError::Protocol("empty open answer".into()))?;
+        if first == "-1" {
+            return Ok(None);
+        }
+        parse_u64(first).map(Some)
+    }
+
+    /// Applies one batch of `partition` whose last input has sequence `last_seq`, atomically
+    /// with the partition's position; `metas[i]` is the registry's metadata of `updates[i]`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply(
+        &self,
+        target: &Target,
+        partition: u32,
+        epoch: u64,
+        last_seq: u64,
+        top_n: usize,
+        history_len: usize,
+        updates: &[SensorUpdate],
+        metas: &[Option<SensorMeta>],
+    ) -> Result<Applied, StoreError> {
+        let mut inv = self.apply.prepare_invoke();
+        inv.arg(target.arg())
+            .arg(partition)
+            .arg(epoch)
+            .arg(last_seq)
+            .arg(top_n)
+            .arg(history_len.max(1))
+            .arg(updates.len());
+        let mut deltas = std::collections::HashMap::new();
+        for (i, u) in updates.iter().enumerate() {
+            let meta = SensorMeta::newest(
+                SensorMeta::from_delta(&u.delta),
+                metas.get(i).cloned().flatten(),
+            );
+            let delta_json =
+                serde_json::to_string(&u.delta).map_err(|e| StoreError::Protocol(e.to_string()))?;
+            let meta_json =
+                serde_json::to_string(&meta).map_err(|e| StoreError::Protocol(e.to_string()))?;
+            inv.arg(&u.delta.sensor_id)
+                .arg(u.seq)
+                .arg(delta_json)
+                .arg(rank_score(u.delta.delta_celsius).to_string())
+                .arg(meta_json)
+                .arg(meta.version)
+                .arg(&meta.site)
+                .arg(u.history.len());
+            for (seq, point) in &u.history {
+                let json = serde_json::to_string(point)
+                    .map_err(|e| StoreError::Protocol(e.to_string()))?;
+                inv.arg(*seq).arg(json);
+            }
+            deltas.insert(u.delta.sensor_id.clone(), (&u.delta, u.seq));
+        }
+        let mut conn = self.conn.clone();
+        let r: Vec<String> = inv.invoke_async(&mut conn).await?;
+        match r.first().map(String::as_str) {
+            Some("-1") => return Ok(Applied::Fenced),
+            Some("0") => return Ok(Applied::Skipped),
+            Some("1") => {}
+            other => return Err(StoreError::Protocol(format!("apply answered {other:?}"))),
+        }
+        let mut views = Vec::new();
+        for pair in r[2..].chunks(2) {
+            let [id, meta] = pair else { continue };
+            let Some((delta, seq)) = deltas.get(id) else {
+                continue;
+            };
+            let meta: SensorMeta = serde_json::from_str(meta)
+                .map_err(|e| StoreError::Protocol(format!("stored meta of {id}: {e}")))?;
+            views.push(compose(delta, *seq, meta));
+        }
+        Ok(Applied::Changed(views))
+    }
+
+    /// Applies a registry change to the active generation (and to one being rebuilt); returns
+    /// the sensor's new view if the active generation's view changed.
+    pub async fn apply_meta(
+        &self,
+        sensor_id: &str,
+        meta: &SensorMeta,
+    ) -> Result<Option<SensorView>, StoreError> {
+        if self.meta_script(sensor_id, meta, "").await? {
+            return self.sensor(sensor_id).await;
+        }
+        Ok(None)
+    }
+
+    /// Applies a registry change to generation `generation` only (a rebuild's bootstrap).
+    pub async fn apply_meta_to(
+        &self,
+        generation: &str,
+        sensor_id: &str,
+        meta: &SensorMeta,
+    ) -> Result<(), StoreError> {
+        self.meta_script(sensor_id, meta, generation)
+            .await
+            .map(|_| ())
+    }
+
+    async fn meta_script(
+        &self,
+        sensor_id: &str,
+        meta: &SensorMeta,
+        generation: &str,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(meta).map_err(|e| StoreError::Protocol(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let changed: i64 = self
+            .meta
+            .arg(sensor_id)
+            .arg(json)
+            .arg(meta.version)
+            .arg(&meta.site)
+            .arg(generation)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Makes `generation` the active one if it has caught up; returns `(swapped, previous)`.
+    pub async fn swap(&self, generation: &str) -> Result<(bool, String), StoreError> {
+        let mut conn = self.conn.clone();
+        let r: Vec<String> = self.swap.arg(generation).invoke_async(&mut conn).await?;
+        match r.as_slice() {
+            [ok, old] => Ok((ok == "1", old.clone())),
+            other => Err(StoreError::Protocol(format!("swap answered {other:?}"))),
+        }
+    }
+
+    /// The active generation.
+    pub async fn active_generation(&self) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let g: Option<String> = redis::cmd("GET")
+            .arg(ACTIVE_KEY)
+            .query_async(&mut conn)
+            .await?;
+        Ok(g.unwrap_or_else(|| "0".into()))
+    }
+
+    async fn read_list(&self, kind: &str, arg: &str, limit: usize) -> Result<ViewList, StoreError> {
+        let mut conn = self.conn.clone();
+        let r: Vec<String> = self
+            .read
+            .arg(kind)
+            .arg(arg)
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await?;
+        let (head, rest) = r
+            .split_first()
+            .ok_or_else(|| StoreError::Protocol("empty read answer".into()))?;
+        let view_seq = parse_u64(head)?;
+        let mut views = Vec::with_capacity(rest.len() / 4);
+        for item in rest.chunks(4) {
+            let [id, delta, seq, meta] = item else {
+                continue;
+            };
+            let parsed = (
+                serde_json::from_str::<Delta>(delta),
+                parse_u64(seq),
+                serde_json::from_str::<SensorMeta>(meta),
+            );
+            match parsed {
+                (Ok(d), Ok(s), Ok(m)) => views.push(compose(&d, s, m)),
+                _ => tracing::warn!(sensor_id = %id, "undecodable view; skipped"),
+            }
+        }
+        Ok(ViewList { view_seq, views })
+    }
+
+    /// Every sensor's view, by id.
+    pub async fn sensors(&self) -> Result<ViewList, StoreError> {
+        self.read_list("sensors", "", 0).await
+    }
+
+    /// One sensor's view.
+    pub async fn sensor(&self, id: &str) -> Result<Option<SensorView>, StoreError> {
+        Ok(self.read_list("sensor", id, 1).await?.views.pop())
+    }
+
+    /// A site's sensors by |delta| descending (ties by id).
+    pub async fn site(&self, site: &str) -> Result<ViewList, StoreError> {
+        self.read_list("site", site, 0).await
+    }
+
+    /// The first `limit` sensors of the top-N.
+    pub async fn top(&self, limit: usize) -> Result<ViewList, StoreError> {
+        self.read_list("top", "", limit).await
+    }
+
+    /// A sensor's history, `None` if it has no view.
+    pub async fn history(&self, id: &str) -> Result<Option<History>, StoreError> {
+        let mut conn = self.conn.clone();
+        let r: Vec<String> = self
+            .read
+            .arg("history")
+            .arg(id)
+            .arg(0)
+            .invoke_async(&mut conn)
+            .await?;
+        let Some(seq) = r.get(1) else {
+            return Err(StoreError::Protocol("short history answer".into()));
+        };
+        if seq.is_empty() {
+            return Ok(None);
+        }
+        let points = r[2..]
+            .iter()
+            .filter_map(|e| serde_json::from_str::<HistoryEntry>(e).ok())
+            .collect();
+        Ok(Some(History {
+            view_seq: parse_u64(seq)?,
+            points,
+        }))
+    }
+
+    /// Deletes every key of `generation` (an old generation after a swap).
+    pub async fn drop_generation(&self, generation: &str) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let pattern = Keys::new(generation).pattern();
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                removed += keys.len() as u64;
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_a_hash_tag_per_generation() {
+        let k = Keys::new("3");
+        assert_eq!(k.sensor("s-1"), "views:{3}:sensor:s-1");
+        assert_eq!(k.history("s-1"), "views:{3}:history:s-1");
+        assert_eq!(k.site("lab"), "views:{3}:site:lab");
+        assert_eq!(k.rank(), "views:{3}:rank");
+        assert_eq!(k.top(), "views:{3}:top");
+        assert_eq!(k.positions(), "views:{3}:positions");
+        assert_eq!(k.pattern(), "views:{3}:*");
+    }
+}
