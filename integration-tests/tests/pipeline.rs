@@ -3,8 +3,130 @@
 
 use std::time::Duration;
 
+use integration_tests::oracle::SensorInfo;
 use integration_tests::procs::Proc;
-use integration_tests::{nats, servers, service_env, verify_exactly_once, wait_drained};
+use integration_tests::{
+    Verified, nats, registry_sensors, servers, service_env, verify_exactly_once, wait_drained,
+    wait_until,
+};
+
+async fn get(api: &Proc, path: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{}{path}", api.http))
+        .await
+        .expect("query api")
+        .json()
+        .await
+        .expect("json")
+}
+
+fn abs_delta(v: &serde_json::Value) -> f64 {
+    v["delta_celsius"].as_f64().unwrap_or(f64::NAN).abs()
+}
+
+/// The query API returns the oracle's latest delta per sensor, per site and top-N.
+async fn check_query_api(
+    api: &Proc,
+    v: &Verified,
+    sensors: &std::collections::HashMap<String, SensorInfo>,
+) {
+    // Wait for the views to catch up with the last delta of every sensor.
+    let caught_up = wait_until(Duration::from_secs(60), || async {
+        let all = get(api, "/v1/sensors").await;
+        let list = all["sensors"].as_array().cloned().unwrap_or_default();
+        list.len() == v.latest.len()
+            && list.iter().all(|s| {
+                let id = s["sensor_id"].as_str().unwrap_or_default();
+                v.latest
+                    .get(id)
+                    .is_some_and(|d| d["source_seq"] == s["source_seq"])
+            })
+    })
+    .await;
+    assert!(
+        caught_up,
+        "views did not catch up: {}",
+        get(api, "/v1/sensors").await
+    );
+    let fields = [
+        "delta_celsius",
+        "latest_celsius",
+        "oldest_celsius",
+        "min_celsius",
+        "max_celsius",
+        "samples",
+        "window_end",
+        "source_seq",
+    ];
+    for (id, d) in &v.latest {
+        let view = get(api, &format!("/v1/sensors/{id}")).await;
+        for f in fields {
+            assert_eq!(
+                view[f], d[f],
+                "{id}.{f}: view {view} vs oracle-checked delta {d}"
+            );
+        }
+        assert!(
+            view["view_seq"].as_u64().is_some_and(|s| s > 0),
+            "view_seq in {view}"
+        );
+        let h = get(api, &format!("/v1/sensors/{id}/history")).await;
+        let hist = h["history"].as_array().expect("history");
+        assert_eq!(
+            hist.last().map(|x| &x["source_seq"]),
+            Some(&d["source_seq"])
+        );
+    }
+    let mut sites: std::collections::BTreeMap<&str, Vec<&serde_json::Value>> = Default::default();
+    for (id, d) in &v.latest {
+        sites.entry(sensors[id].site.as_str()).or_default().push(d);
+    }
+    for (site, mut list) in sites {
+        list.sort_by(|a, b| {
+            abs_delta(b)
+                .total_cmp(&abs_delta(a))
+                .then(a["sensor_id"].as_str().cmp(&b["sensor_id"].as_str()))
+        });
+        let got = get(api, &format!("/v1/sites/{site}")).await;
+        let ids: Vec<&str> = got["sensors"]
+            .as_array()
+            .expect("site sensors")
+            .iter()
+            .filter_map(|x| x["sensor_id"].as_str())
+            .collect();
+        let want: Vec<&str> = list
+            .iter()
+            .filter_map(|x| x["sensor_id"].as_str())
+            .collect();
+        assert_eq!(ids, want, "site {site} ranking");
+    }
+    let mut all: Vec<&serde_json::Value> = v.latest.values().collect();
+    all.sort_by(|a, b| {
+        abs_delta(b)
+            .total_cmp(&abs_delta(a))
+            .then(a["sensor_id"].as_str().cmp(&b["sensor_id"].as_str()))
+    });
+    let top = get(api, "/v1/top?limit=5").await;
+    let ids: Vec<&str> = top["top"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .filter_map(|x| x["sensor_id"].as_str())
+        .collect();
+    let want: Vec<&str> = all
+        .iter()
+        .take(5)
+        .filter_map(|x| x["sensor_id"].as_str())
+        .collect();
+    assert_eq!(ids, want, "top 5");
+    let missing = reqwest::get(format!("http://{}/v1/sensors/nope", api.http))
+        .await
+        .expect("get");
+    assert_eq!(missing.status().as_u16(), 404);
+    let bad = reqwest::get(format!("http://{}/v1/top?limit=0", api.http))
+        .await
+        .expect("get");
+    assert_eq!(bad.status().as_u16(), 400);
+}
 
 async fn end_to_end(test: &str, observed: &str, working: &str) {
     let s = servers(test).await;
@@ -22,6 +144,10 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
     registry.wait_ready(Duration::from_secs(30)).await;
     let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
     delta.wait_ready(Duration::from_secs(30)).await;
+    let mut views = Proc::start(test, "view-builder", &env, &[]);
+    views.wait_ready(Duration::from_secs(30)).await;
+    let mut api = Proc::start(test, "query-api", &env, &[]);
+    api.wait_ready(Duration::from_secs(30)).await;
     let mut thermo = Proc::start(
         test,
         "thermometer",
@@ -70,6 +196,8 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
         "[{test}] {} readings -> {} deltas, rejected {:?}",
         v.readings, v.deltas, v.rejected
     );
+    check_query_api(&api, &v, &registry_sensors(&js).await).await;
+    eprintln!("[{test}] query API agrees with the oracle (sensors, sites, top)");
     assert!(
         delta
             .terminate(Duration::from_secs(15))
