@@ -52,6 +52,7 @@ fn docker_reachable() -> bool {
 
 /// Starts (or finds) NATS and Redis for a test, and says which backend it used.
 pub async fn servers(test: &str) -> Servers {
+    let _ = std::fs::remove_dir_all(procs::bin_dir().join("test-logs").join(test));
     if docker_reachable() {
         let nats = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
             .with_exposed_port(ContainerPort::Tcp(4222))
@@ -386,4 +387,26 @@ pub async fn verify_exactly_once(js: &jetstream::Context) -> Verified {
         );
     }
     v
+}
+
+/// Waits until the service at `http` reports `n` partitions running in `/healthz`, and returns
+/// its health JSON.
+pub async fn wait_partitions(http: &str, n: usize, timeout: Duration) -> Option<serde_json::Value> {
+    let url = format!("http://{http}/healthz");
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Ok(r) = reqwest::get(&url).await
+            && let Ok(h) = r.json::<serde_json::Value>().await
+        {
+            let running = h["checks"]["partitions"]["detail"]
+                .as_object()
+                .map(|m| m.values().filter(|p| p["state"] == "running").count())
+                .unwrap_or(0);
+            if running >= n {
+                return Some(h);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }

@@ -50,7 +50,7 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
             "--count",
             "8000",
             "--rate",
-            "2000",
+            "1000",
             "--event-step-ms",
             "1000",
             "--seed",
@@ -59,12 +59,11 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
     );
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            count(&js, "DELTAS").await > 1500
+            count(&js, "DELTAS").await > 3500
         })
         .await,
         "no progress before the crash"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     delta.kill9();
     let before = count(&js, "DELTAS").await;
     if lose_store {
@@ -77,12 +76,9 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
     delta.wait_ready(Duration::from_secs(60)).await;
-    let health: serde_json::Value = reqwest::get(format!("http://{}/healthz", delta.http))
+    let health = integration_tests::wait_partitions(&delta.http, 4, Duration::from_secs(30))
         .await
-        .expect("healthz")
-        .json()
-        .await
-        .expect("json");
+        .expect("partitions taken over after the crash");
     let recovery: f64 = health["checks"]["partitions"]["detail"]
         .as_object()
         .map(|m| {

@@ -149,6 +149,9 @@ pub trait Processor: Send + 'static {
     /// handed in again after a transient failure.
     fn process(&mut self, batch: &[Input])
     -> impl Future<Output = Result<(), ProcessError>> + Send;
+    /// Receives the fencing epoch of this ownership before `open` (lease revision; 0 when
+    /// partitions are assigned statically).
+    fn set_epoch(&mut self, _epoch: u64) {}
     /// Called once when the partition stops (drain or handover): flush what must be flushed.
     fn close(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -188,15 +191,31 @@ fn set_status(board: &PartitionBoard, p: u32, f: impl FnOnce(&mut PartitionStatu
     }
 }
 
-/// Runs `processor` on partition `partition` until `shutdown` (or a fence).
+/// Runs `processor` on partition `partition` until `shutdown` (or a fence), with a static
+/// assignment (epoch 0).
 pub async fn run_partition<P: Processor>(
     js: jetstream::Context,
     cfg: DriverConfig,
     partition: u32,
+    processor: P,
+    shutdown: CancellationToken,
+    board: PartitionBoard,
+) -> Result<(), RuntimeError> {
+    run_partition_at(js, cfg, partition, 0, processor, shutdown, board).await
+}
+
+/// Runs `processor` on partition `partition` under fencing `epoch` until `stop` (handover,
+/// lost lease, shutdown) or a fence.
+pub async fn run_partition_at<P: Processor>(
+    js: jetstream::Context,
+    cfg: DriverConfig,
+    partition: u32,
+    epoch: u64,
     mut processor: P,
     shutdown: CancellationToken,
     board: PartitionBoard,
 ) -> Result<(), RuntimeError> {
+    processor.set_epoch(epoch);
     let p_label = partition.to_string();
     set_status(&board, partition, |s| s.state = "recovering");
     let started = Instant::now();

@@ -4,6 +4,15 @@ use std::net::SocketAddr;
 
 use kappa_runtime::config::{NatsArgs, ObservedMode, WorkingMode};
 
+/// How an instance gets its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ownership {
+    /// Leases in a NATS KV bucket: instances share partitions fairly and take over on failure.
+    Leases,
+    /// Exactly the partitions in `--own-partitions` (one instance per partition, by hand).
+    Static,
+}
+
 /// Flags and environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -29,7 +38,13 @@ pub struct Config {
     /// Partitions of the readings stream (used when the stream is created).
     #[arg(long, env = "KAPPA_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
-    /// Partitions this instance runs: `all`, or a comma-separated list like `0,1,5`.
+    /// How partitions are shared between instances.
+    #[arg(long, env = "KAPPA_OWNERSHIP", value_enum, default_value_t = Ownership::Leases)]
+    pub ownership: Ownership,
+    /// Lease time-to-live in seconds: a crashed instance's partitions move after this.
+    #[arg(long, env = "KAPPA_LEASE_TTL_SECS", default_value_t = 6)]
+    pub lease_ttl_secs: u64,
+    /// With `--ownership static`: the partitions this instance runs, `all` or a list like `0,1,5`.
     #[arg(long, env = "KAPPA_OWN_PARTITIONS", default_value = "all")]
     pub own_partitions: String,
     /// Largest batch processed at once.

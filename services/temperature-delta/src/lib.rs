@@ -29,7 +29,7 @@ use thermo_domain::{
     Delta, DeltaWindow, RejectReason, Sample, WindowOutcome, parse_reading, streams, subjects,
 };
 
-pub use config::Config;
+pub use config::{Config, Ownership};
 
 /// Header naming the schema of a delta.
 pub const SCHEMA_HEADER: &str = "Kappa-Schema";
@@ -371,17 +371,13 @@ impl DeltaProcessor {
 }
 
 impl Processor for DeltaProcessor {
+    fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
     async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {
         self.partition = partition;
         self.slots.clear();
-        // A later opener fences an earlier one (see docs/scaling.md).
-        self.epoch = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-        )
-        .unwrap_or(0);
         Ok(self.shared.working.open(partition, self.epoch).await?)
     }
 
@@ -462,6 +458,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let board = kappa_runtime::partition::PartitionBoard::default();
     let owned: Vec<u32> = cfg.owned_partitions(readings.partitions);
+    let owned_set = std::sync::Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
     {
         let o = observed.clone();
         svc.health.register(
@@ -474,13 +471,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }),
         );
         let b = board.clone();
-        let n = owned.len();
+        let expected = match cfg.ownership {
+            Ownership::Static => Some(owned.len()),
+            Ownership::Leases => None,
+        };
         svc.health.register(
             "partitions",
             Arc::new(move || {
                 let b = b.read().map(|b| b.clone()).unwrap_or_default();
                 let running = b.values().filter(|s| s.state == "running").count();
-                (running == n, serde_json::to_value(&b).unwrap_or_default())
+                let ready = match expected {
+                    Some(n) => running == n,
+                    None => running == b.len(),
+                };
+                (ready, serde_json::to_value(&b).unwrap_or_default())
             }),
         );
         let kind = working.kind();
@@ -503,24 +507,60 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         consumer_prefix: "temperature-delta".into(),
         batch: cfg.batch,
     };
-    let tasks: Vec<_> = owned
-        .into_iter()
-        .map(|p| {
-            tokio::spawn(kappa_runtime::partition::run_partition(
-                js.clone(),
-                driver.clone(),
-                p,
-                DeltaProcessor::new(shared.clone(), p),
-                svc.shutdown.clone(),
-                board.clone(),
-            ))
-        })
-        .collect();
-    for t in join_all(tasks).await {
-        match t {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "partition ended"),
-            Err(e) => tracing::error!(error = %e, "partition task failed"),
+    match cfg.ownership {
+        Ownership::Static => {
+            let tasks: Vec<_> = owned
+                .into_iter()
+                .map(|p| {
+                    tokio::spawn(kappa_runtime::partition::run_partition(
+                        js.clone(),
+                        driver.clone(),
+                        p,
+                        DeltaProcessor::new(shared.clone(), p),
+                        svc.shutdown.clone(),
+                        board.clone(),
+                    ))
+                })
+                .collect();
+            for t in join_all(tasks).await {
+                match t {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "partition ended"),
+                    Err(e) => tracing::error!(error = %e, "partition task failed"),
+                }
+            }
+        }
+        Ownership::Leases => {
+            let lease = kappa_runtime::lease::LeaseConfig {
+                service: "temperature-delta".into(),
+                partitions: driver.input.partitions,
+                ttl: Duration::from_secs(cfg.lease_ttl_secs.max(1)),
+            };
+            let start = |g: kappa_runtime::lease::Grant| {
+                let (js, driver, shared, board) =
+                    (js.clone(), driver.clone(), shared.clone(), board.clone());
+                tokio::spawn(async move {
+                    let p = g.partition;
+                    let r = kappa_runtime::partition::run_partition_at(
+                        js,
+                        driver,
+                        p,
+                        g.epoch,
+                        DeltaProcessor::new(shared, p),
+                        g.stop,
+                        board.clone(),
+                    )
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(partition = p, error = %e, "partition ended");
+                    }
+                    if let Ok(mut b) = board.write() {
+                        b.remove(&p);
+                    }
+                })
+            };
+            kappa_runtime::lease::keep(js.clone(), lease, svc.shutdown.clone(), owned_set, start)
+                .await?;
         }
     }
     svc.shutdown.cancel();
