@@ -97,7 +97,7 @@ where
         cfg.service.to_uppercase().replace(['-', '.'], "_")
     );
     let store = js
-        .create_key_value(kv::Config {
+        .create_or_update_key_value(kv::Config {
             bucket: bucket.clone(),
             history: 1,
             max_age: cfg.ttl,

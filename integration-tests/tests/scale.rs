@@ -1,0 +1,252 @@
+//! Several temperature-delta instances sharing 12 partitions through leases: crash, zombie
+//! (SIGSTOP past its lease), scaling 1 -> 3 -> 1, balance. Every test ends with the
+//! exactly-once, in-order check against the oracle.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::procs::Proc;
+use integration_tests::{
+    count, nats, servers, service_env, verify_exactly_once, wait_drained, wait_until,
+};
+
+const PARTITIONS: usize = 12;
+
+async fn owned(p: &Proc) -> BTreeSet<u32> {
+    let Ok(r) = reqwest::get(format!("http://{}/healthz", p.http)).await else {
+        return BTreeSet::new();
+    };
+    let Ok(h) = r.json::<serde_json::Value>().await else {
+        return BTreeSet::new();
+    };
+    h["checks"]["partitions"]["detail"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v["state"] == "running")
+                .filter_map(|(k, _)| k.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the instances together own every partition exactly once; returns the time.
+async fn wait_full_coverage(instances: &[&Proc], timeout: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let mut all = Vec::new();
+        for p in instances {
+            all.extend(owned(p).await);
+        }
+        let set: BTreeSet<u32> = all.iter().copied().collect();
+        if all.len() == PARTITIONS && set.len() == PARTITIONS {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status();
+}
+
+struct Rig {
+    env: Vec<(&'static str, String)>,
+    js: async_nats::jetstream::Context,
+    _registry: Proc,
+    _servers: integration_tests::Servers,
+}
+
+async fn rig(test: &str) -> Rig {
+    let s = servers(test).await;
+    let env = service_env(
+        &s,
+        &[
+            ("KAPPA_PARTITIONS", "12"),
+            ("KAPPA_LEASE_TTL_SECS", "3"),
+            ("KAPPA_WORKING", "remote"),
+        ],
+    );
+    let (_c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    Rig {
+        env,
+        js,
+        _registry: registry,
+        _servers: s,
+    }
+}
+
+fn load(test: &str, rig: &Rig, count: &str, rate: &str) -> Proc {
+    Proc::start(
+        test,
+        "thermometer",
+        &rig.env,
+        &[
+            "--sensors",
+            "200",
+            "--count",
+            count,
+            "--rate",
+            rate,
+            "--event-step-ms",
+            "1000",
+            "--out-of-order",
+            "0.02",
+            "--seed",
+            "5",
+        ],
+    )
+}
+
+async fn finish(test: &str, rig: &Rig, mut thermo: Proc, expected: usize) {
+    let st = thermo
+        .wait_exit(Duration::from_secs(120))
+        .expect("thermometer finished");
+    assert!(st.success());
+    assert!(
+        wait_drained(&rig.js, Duration::from_secs(90)).await,
+        "{test}: did not drain"
+    );
+    let v = verify_exactly_once(&rig.js).await;
+    assert_eq!(v.readings, expected);
+    eprintln!(
+        "[{test}] {} readings -> {} deltas, {:?}: none missing, none doubled, in order",
+        v.readings, v.deltas, v.rejected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_kill_one() {
+    let test = "scale_kill";
+    let rig = rig(test).await;
+    let mut a = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let b = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let c = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let t = wait_full_coverage(&[&a, &b, &c], Duration::from_secs(30)).await;
+    assert!(t.is_some(), "partitions never covered");
+    for p in [&a, &b, &c] {
+        let n = owned(p).await.len();
+        assert!(n <= PARTITIONS.div_ceil(3) + 1, "unbalanced: {n}");
+    }
+    let thermo = load(test, &rig, "6000", "500");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(&rig.js, "DELTAS").await > 1500
+        })
+        .await
+    );
+    a.kill9();
+    let took = wait_full_coverage(&[&b, &c], Duration::from_secs(30)).await;
+    let took = took.expect("partitions of the dead instance were not taken over");
+    eprintln!(
+        "[{test}] partitions owned again {:.2}s after kill -9 (lease TTL 3s)",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(10));
+    finish(test, &rig, thermo, 6000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_instance_is_fenced() {
+    let test = "scale_zombie";
+    let rig = rig(test).await;
+    let a = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let b = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    assert!(
+        wait_full_coverage(&[&a, &b], Duration::from_secs(30))
+            .await
+            .is_some()
+    );
+    let had = owned(&a).await;
+    let thermo = load(test, &rig, "6000", "500");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(&rig.js, "DELTAS").await > 1500
+        })
+        .await
+    );
+    signal(&a, "-STOP");
+    // b takes everything over once a's leases expire.
+    let took = wait_until(Duration::from_secs(20), || async {
+        owned(&b).await.len() == PARTITIONS
+    })
+    .await;
+    assert!(took, "b did not take over from the paused instance");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&a, "-CONT");
+    // The zombie finds out and gives its old partitions up; the fair share is restored later.
+    let gave_up = wait_until(Duration::from_secs(20), || async {
+        let lost =
+            a.log_text().contains("lease lost") || a.log_text().contains("lost the partition");
+        lost
+    })
+    .await;
+    assert!(
+        gave_up,
+        "zombie did not notice it lost its partitions; had {had:?}:\n{}",
+        a.log_text()
+    );
+    assert!(
+        wait_full_coverage(&[&a, &b], Duration::from_secs(30))
+            .await
+            .is_some()
+    );
+    finish(test, &rig, thermo, 6000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_one_three_one_under_load() {
+    let test = "scale_131";
+    let rig = rig(test).await;
+    let a = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    assert!(
+        wait_full_coverage(&[&a], Duration::from_secs(30))
+            .await
+            .is_some()
+    );
+    let thermo = load(test, &rig, "8000", "500");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(&rig.js, "DELTAS").await > 1000
+        })
+        .await
+    );
+    let mut b = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let mut c = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let t = wait_until(Duration::from_secs(30), || async {
+        let (x, y, z) = (
+            owned(&a).await.len(),
+            owned(&b).await.len(),
+            owned(&c).await.len(),
+        );
+        x + y + z == PARTITIONS && x > 0 && y > 0 && z > 0
+    })
+    .await;
+    assert!(t, "3 instances did not share the partitions");
+    for p in [&a, &b, &c] {
+        let n = owned(p).await.len();
+        assert!(n <= PARTITIONS.div_ceil(3) + 1, "unbalanced: {n}");
+    }
+    let t0 = Instant::now();
+    assert!(
+        b.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    assert!(
+        c.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let back = wait_full_coverage(&[&a], Duration::from_secs(20)).await;
+    assert!(back.is_some(), "a did not take everything back");
+    eprintln!(
+        "[{test}] scale 3 -> 1 by SIGTERM: a owns all partitions {:.2}s after the first SIGTERM",
+        t0.elapsed().as_secs_f64()
+    );
+    finish(test, &rig, thermo, 8000).await;
+}
