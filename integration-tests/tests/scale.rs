@@ -182,9 +182,7 @@ async fn zombie_instance_is_fenced() {
     signal(&a, "-CONT");
     // The zombie finds out and gives its old partitions up; the fair share is restored later.
     let gave_up = wait_until(Duration::from_secs(20), || async {
-        let lost =
-            a.log_text().contains("lease lost") || a.log_text().contains("lost the partition");
-        lost
+        a.log_text().contains("lease lost") || a.log_text().contains("lost the partition")
     })
     .await;
     assert!(
@@ -249,4 +247,122 @@ async fn scale_one_three_one_under_load() {
         t0.elapsed().as_secs_f64()
     );
     finish(test, &rig, thermo, 8000).await;
+}
+
+async fn views_of(api: &Proc) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = reqwest::get(format!("http://{}/v1/sensors", api.http))
+        .await
+        .expect("api")
+        .json()
+        .await
+        .expect("json");
+    v["sensors"].as_array().cloned().unwrap_or_default()
+}
+
+/// Two view-builder instances sharing the partitions build the same views as one did, and a
+/// rebuild from deltas-stream sequence 1 gives the same views again, while queries keep
+/// answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_view_builders_and_a_rebuild_agree_with_one() {
+    let test = "views_scale";
+    let rig = rig(test).await;
+    let delta = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    assert!(
+        wait_full_coverage(&[&delta], Duration::from_secs(30))
+            .await
+            .is_some()
+    );
+    let thermo = load(test, &rig, "4000", "0");
+    let mut thermo = thermo;
+    assert!(
+        thermo
+            .wait_exit(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    );
+    assert!(wait_drained(&rig.js, Duration::from_secs(60)).await);
+    let deltas = count(&rig.js, "DELTAS").await;
+
+    // Two instances build the views in one Redis.
+    let vb1 = Proc::start(test, "view-builder", &rig.env, &[]);
+    let vb2 = Proc::start(test, "view-builder", &rig.env, &[]);
+    let mut api = Proc::start(test, "query-api", &rig.env, &[]);
+    api.wait_ready(Duration::from_secs(30)).await;
+    assert!(
+        wait_full_coverage(&[&vb1, &vb2], Duration::from_secs(30))
+            .await
+            .is_some()
+    );
+    let (n1, n2) = (owned(&vb1).await.len(), owned(&vb2).await.len());
+    assert!(n1 > 0 && n2 > 0, "both instances work: {n1} + {n2}");
+    let done = |want: u64| {
+        let api = &api;
+        async move {
+            let v: serde_json::Value = reqwest::get(format!("http://{}/v1/sensors", api.http))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["view_seq"].as_u64() == Some(want) && v["sensors"].as_array()?.len() == 200)
+                .then_some(())
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            done(deltas).await.is_some()
+        })
+        .await
+    );
+    let two = views_of(&api).await;
+    drop((vb1, vb2));
+
+    // A single instance on a fresh key space gives the same views.
+    let redis_db = format!(
+        "{}/2",
+        rig.env
+            .iter()
+            .find(|(k, _)| *k == "REDIS_URL")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    );
+    let mut env1 = rig.env.clone();
+    env1.retain(|(k, _)| *k != "REDIS_URL" && *k != "KAPPA_PARTITIONS");
+    env1.push(("REDIS_URL", redis_db));
+    env1.push(("KAPPA_PARTITIONS", "12".into()));
+    let _vb = Proc::start(test, "view-builder", &env1, &[]);
+    let mut api1 = Proc::start(test, "query-api", &env1, &[]);
+    api1.wait_ready(Duration::from_secs(30)).await;
+    let done1 = wait_until(Duration::from_secs(60), || async {
+        let v = views_of(&api1).await;
+        v.len() == 200 && v == two
+    })
+    .await;
+    assert!(done1, "one view-builder built other views than two did");
+
+    // Rebuild from sequence 1 while queries keep answering.
+    let mut rebuild = Proc::start(
+        test,
+        "view-builder",
+        &env1,
+        &["rebuild", "--grace-secs", "1"],
+    );
+    let mut answered = 0;
+    while rebuild.child.try_wait().expect("wait").is_none() {
+        let r = reqwest::get(format!("http://{}/v1/top?limit=3", api1.http))
+            .await
+            .expect("api");
+        assert!(r.status().is_success(), "query failed during rebuild");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = rebuild.wait_exit(Duration::from_secs(1)).expect("exited");
+    assert!(st.success(), "rebuild failed:\n{}", rebuild.log_text());
+    assert_eq!(
+        views_of(&api1).await,
+        two,
+        "rebuilt views differ from the live ones"
+    );
+    eprintln!(
+        "[{test}] 2 instances == 1 instance == rebuild ({deltas} deltas, {answered} queries answered during the rebuild)"
+    );
 }

@@ -89,6 +89,9 @@ pub struct Config {
     /// Largest batch applied at once.
     #[arg(long, env = "BATCH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
+    /// Lease time-to-live in seconds: a crashed instance's partitions move after this.
+    #[arg(long, env = "KAPPA_LEASE_TTL_SECS", default_value_t = 6)]
+    pub lease_ttl_secs: u64,
 }
 
 impl Config {
@@ -159,13 +162,6 @@ pub struct ViewProcessor {
     epoch: u64,
 }
 
-fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn transient(e: impl std::fmt::Display) -> ProcessError {
     ProcessError::Transient(e.to_string())
 }
@@ -194,10 +190,13 @@ impl ViewProcessor {
 }
 
 impl Processor for ViewProcessor {
+    fn set_epoch(&mut self, epoch: u64) {
+        // The lease revision: a later owner fences an earlier one.
+        self.epoch = epoch;
+    }
+
     async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {
         self.partition = partition;
-        // A later opener fences an earlier one.
-        self.epoch = now_millis();
         match self
             .shared
             .store
@@ -455,14 +454,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let board: PartitionBoard = PartitionBoard::default();
     {
         let b = board.clone();
-        let n = deltas.partitions;
         service.health.register(
             "partitions",
             Arc::new(move || match b.read() {
                 Ok(b) => {
                     let running = b.values().filter(|s| s.state == "running").count();
                     (
-                        running == n as usize,
+                        running == b.len(),
                         serde_json::to_value(&*b).unwrap_or_default(),
                     )
                 }
@@ -495,36 +493,46 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         batch: usize::try_from(cfg.batch).unwrap_or(256),
     };
     tracing::info!(partitions = deltas.partitions, observed = %cfg.observed, "view-builder running");
-    let mut tasks = Vec::new();
-    for p in 0..deltas.partitions {
-        let processor = ViewProcessor {
-            shared: shared.clone(),
-            partition: p,
-            epoch: 0,
-        };
-        tasks.push(tokio::spawn(kappa_runtime::partition::run_partition(
-            js.clone(),
-            driver.clone(),
-            p,
-            processor,
-            service.shutdown.clone(),
-            board.clone(),
-        )));
-    }
-    let mut failure = None;
-    for (p, t) in tasks.into_iter().enumerate() {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+    // Partitions are shared with other view-builder instances through leases.
+    let lease = kappa_runtime::lease::LeaseConfig {
+        service: SERVICE.into(),
+        partitions: deltas.partitions,
+        ttl: std::time::Duration::from_secs(cfg.lease_ttl_secs.max(1)),
+    };
+    let start = |g: kappa_runtime::lease::Grant| {
+        let (js, driver, shared, board) =
+            (js.clone(), driver.clone(), shared.clone(), board.clone());
+        tokio::spawn(async move {
+            let p = g.partition;
+            let processor = ViewProcessor {
+                shared,
+                partition: p,
+                epoch: g.epoch,
+            };
+            let r = kappa_runtime::partition::run_partition_at(
+                js,
+                driver,
+                p,
+                g.epoch,
+                processor,
+                g.stop,
+                board.clone(),
+            )
+            .await;
+            if let Err(e) = r {
                 tracing::warn!(partition = p, error = %e, "partition stopped");
-                failure = Some(format!("partition {p}: {e}"));
             }
-            Err(e) => {
-                tracing::error!(partition = p, error = %e, "partition task failed");
-                failure = Some(format!("partition {p}: {e}"));
+            if let Ok(mut b) = board.write() {
+                b.remove(&p);
             }
-        }
-    }
+        })
+    };
+    let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
+    let failure =
+        kappa_runtime::lease::keep(js.clone(), lease, service.shutdown.clone(), owned, start)
+            .await
+            .err()
+            .map(|e| e.to_string());
     let requested = service.shutdown.is_cancelled();
     service.shutdown.cancel();
     let _ = feed.await;
