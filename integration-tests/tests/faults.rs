@@ -24,7 +24,14 @@ async fn metric(http: &str, name: &str) -> f64 {
 
 /// kill -9 temperature-delta mid-stream and restart it: exactly one delta per accepted
 /// reading, equal to the oracle. `lose_store` also wipes the affinity store.
-async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
+async fn crash_and_restart(
+    test: &str,
+    working: &str,
+    lose_store: bool,
+    sensors: u32,
+    readings: u64,
+) {
+    let (sensors_s, readings_s) = (sensors.to_string(), readings.to_string());
     let s = servers(test).await;
     let affinity = format!("{}/1", s.redis_url);
     let env = service_env(
@@ -46,11 +53,11 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
         &env,
         &[
             "--sensors",
-            "50",
+            &sensors_s,
             "--count",
-            "8000",
+            &readings_s,
             "--rate",
-            "1000",
+            "3000",
             "--event-step-ms",
             "1000",
             "--seed",
@@ -58,8 +65,8 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
         ],
     );
     assert!(
-        wait_until(Duration::from_secs(30), || async {
-            count(&js, "DELTAS").await > 3500
+        wait_until(Duration::from_secs(120), || async {
+            count(&js, "DELTAS").await > readings / 2
         })
         .await,
         "no progress before the crash"
@@ -98,13 +105,13 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
     );
     let replayed = metric(&delta.http, "kappa_replayed_inputs_total").await;
     let v = verify_exactly_once(&js).await;
-    assert_eq!(v.readings, 8000);
+    assert_eq!(v.readings as u64, readings);
     assert_eq!(
-        v.deltas, 8000,
+        v.deltas as u64, readings,
         "every reading of this run is valid and in order"
     );
     eprintln!(
-        "[{test}] crashed at {before} deltas; recovery {recovery:.3}s; replayed {replayed} inputs; {} deltas, none missing, none doubled",
+        "[{test}] {sensors} sensors: crashed at {before} deltas; recovery {recovery:.3}s; replayed {replayed} inputs; {} deltas, none missing, none doubled",
         v.deltas
     );
     if working == "affinity" && !lose_store {
@@ -115,22 +122,22 @@ async fn crash_and_restart(test: &str, working: &str, lose_store: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_remote() {
-    crash_and_restart("crash_remote", "remote", false).await;
+    crash_and_restart("crash_remote", "remote", false, 50, 12_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_local() {
-    crash_and_restart("crash_local", "local", false).await;
+    crash_and_restart("crash_local", "local", false, 10_000, 30_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_affinity_store_kept() {
-    crash_and_restart("crash_affinity_store_kept", "affinity", false).await;
+    crash_and_restart("crash_affinity_store_kept", "affinity", false, 50, 12_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_affinity_store_lost() {
-    crash_and_restart("crash_affinity_store_lost", "affinity", true).await;
+    crash_and_restart("crash_affinity_store_lost", "affinity", true, 50, 12_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

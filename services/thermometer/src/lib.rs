@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use thermo_domain::{Reading, SensorUpsert, UpsertReply, subjects};
@@ -293,20 +294,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
     to_register.sort();
     to_register.dedup_by(|a, b| a.0 == b.0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (id, site) in &to_register {
-        register(
-            &svc.nats.client,
-            &SensorUpsert {
-                sensor_id: id.clone(),
-                site: site.clone(),
-                calibration_offset: 0.0,
-                window_secs: cfg.window_secs,
-                expected_version: None,
-            },
-            deadline,
-        )
+    // Registered a few at a time: the registry applies them one by one anyway.
+    let client = svc.nats.client.clone();
+    let window_secs = cfg.window_secs;
+    futures::stream::iter(to_register.iter().cloned())
+        .map(|(id, site)| {
+            let client = client.clone();
+            async move {
+                register(
+                    &client,
+                    &SensorUpsert {
+                        sensor_id: id,
+                        site,
+                        calibration_offset: 0.0,
+                        window_secs,
+                        expected_version: None,
+                    },
+                    deadline,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<u64>>()
         .await?;
-    }
     tracing::info!(sensors = to_register.len(), "sensors registered");
 
     let run_id = format!("{:x}", start.unix_timestamp_nanos());
