@@ -410,3 +410,17 @@ pub async fn wait_partitions(http: &str, n: usize, timeout: Duration) -> Option<
     }
     None
 }
+
+/// Sum of a Prometheus metric's samples (all label sets) at a service's `/metrics`.
+pub async fn metric(http: &str, name: &str) -> f64 {
+    let body = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}

@@ -5,22 +5,9 @@ use std::time::Duration;
 
 use integration_tests::procs::{Proc, bin};
 use integration_tests::{
-    count, nats, publish_raw, read_stream, redis_client, register, servers, service_env,
+    count, metric, nats, publish_raw, read_stream, redis_client, register, servers, service_env,
     verify_exactly_once, wait_drained, wait_until,
 };
-
-async fn metric(http: &str, name: &str) -> f64 {
-    let body = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
 
 /// kill -9 temperature-delta mid-stream and restart it: exactly one delta per accepted
 /// reading, equal to the oracle. `lose_store` also wipes the affinity store.

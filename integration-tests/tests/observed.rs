@@ -6,21 +6,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use integration_tests::procs::Proc;
 use integration_tests::{
-    count, nats, publish_raw, read_stream, register, servers, service_env, wait_until,
+    count, metric, nats, publish_raw, read_stream, register, servers, service_env, wait_until,
 };
-
-async fn metric(http: &str, name: &str) -> f64 {
-    let body = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
 
 fn reading(id: &str, c: f64, at: &str) -> String {
     format!(r#"{{"sensor_id":"{id}","celsius":{c},"measured_at":"{at}"}}"#)
