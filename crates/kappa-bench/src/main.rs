@@ -1,0 +1,820 @@
+//! kappa-bench: measures raw NATS/Redis baselines and the reference DAG's services in one run,
+//! prints Markdown tables and writes them to `docs/BENCHMARKS.md` and `docs/benchmarks.json`
+//! (`smoke`: tiny counts, written to `target/bench-smoke/`). No figure is asserted: targets are
+//! reported as met or missed.
+//!
+//! ```sh
+//! cargo build --release --bins && cargo run --release -p kappa-bench -- all
+//! ```
+
+mod baseline;
+mod infra;
+mod report;
+mod services;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::baseline::{Lat, Sink};
+use crate::report::{Report, Target, fmt_lat, fmt_rate, ratio};
+use crate::services::{Ctx, TdCase, TdResult};
+
+#[derive(Parser)]
+#[command(
+    name = "kappa-bench",
+    about = "Benchmarks of Kappa Services (tables, no assertions)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+    /// Use the servers at NATS_URL / REDIS_URL (and AFFINITY_REDIS_URL if set) instead of
+    /// starting nats-server and redis-server. Their streams and keys are wiped.
+    #[arg(long, global = true)]
+    reuse: bool,
+    /// Directory for BENCHMARKS.md and benchmarks.json (default: docs/ for `all`,
+    /// target/bench-smoke/ for `smoke`).
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// Readings per throughput run (default: 100000 for `all`, 2000 for `smoke`).
+    #[arg(long, global = true)]
+    readings: Option<u64>,
+    /// Where the service binaries are (default: the directory of this executable).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every measurement at full size.
+    All,
+    /// Tiny counts, to keep the harness working (CI).
+    Smoke,
+}
+
+struct Plan {
+    name: &'static str,
+    n: u64,
+    sensors: u64,
+    big: u64,
+    window_sensors: u64,
+    growth: bool,
+    hop_rate: f64,
+    hop_secs: f64,
+    pings: u64,
+    http_secs: f64,
+    e2e_secs: f64,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kappa-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn short(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    let line = s.lines().next().unwrap_or("error").to_string();
+    line.chars().take(160).collect()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let plan = match cli.mode {
+        Mode::All => Plan {
+            name: "all",
+            n: cli.readings.unwrap_or(100_000),
+            sensors: 1_000,
+            big: 10_000,
+            window_sensors: 100,
+            growth: true,
+            hop_rate: 1_000.0,
+            hop_secs: 5.0,
+            pings: 10_000,
+            http_secs: 5.0,
+            e2e_secs: 10.0,
+        },
+        Mode::Smoke => Plan {
+            name: "smoke",
+            n: cli.readings.unwrap_or(2_000),
+            sensors: 100,
+            big: 100,
+            window_sensors: 20,
+            growth: false,
+            hop_rate: 500.0,
+            hop_secs: 1.0,
+            pings: 500,
+            http_secs: 0.5,
+            e2e_secs: 1.0,
+        },
+    };
+    let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
+        Mode::All => root.join("docs"),
+        Mode::Smoke => root.join("target/bench-smoke"),
+    });
+    let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(PathBuf::from))
+            .unwrap_or_else(|| root.join("target/release"))
+    });
+    let tmp = root.join(format!("target/bench-tmp/{}", std::process::id()));
+    let started = Instant::now();
+    let command = format!(
+        "cargo run --release -p kappa-bench -- {}{}{}",
+        plan.name,
+        if cli.reuse { " --reuse" } else { "" },
+        cli.readings
+            .map(|n| format!(" --readings {n}"))
+            .unwrap_or_default()
+    );
+    eprintln!(
+        "kappa-bench {}: N={} readings per run, servers in {}",
+        plan.name,
+        plan.n,
+        tmp.display()
+    );
+
+    let servers = infra::Servers::start(&tmp, cli.reuse).await?;
+    let mut ctx = Ctx::new(servers, bin_dir.clone()).await?;
+    let mut rep = Report::new(plan.name, &command, plan.n);
+
+    // ---------------------------------------------------------------- baselines
+    eprintln!("[1/7] baselines");
+    ctx.servers.wipe(&ctx.js).await?;
+    // Warm-up (stream creation, first disk writes), then the measured run.
+    let _ = baseline::raw_publish(&ctx.js, plan.n.min(5_000), plan.sensors).await;
+    let _ = ctx.js.delete_stream("BENCH_READINGS").await;
+    let b_pub = baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await;
+    let b_relay = baseline::relay(
+        &ctx.js,
+        &baseline::bench_readings(),
+        Sink::Stream(baseline::bench_deltas()),
+        plan.n,
+    )
+    .await;
+    let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
+    let b_redis = baseline::relay(
+        &ctx.js,
+        &baseline::bench_deltas(),
+        Sink::Redis(redis_conn.clone()),
+        plan.n,
+    )
+    .await;
+    let b_hop = baseline::one_hop(&ctx.js, plan.hop_rate, plan.hop_secs).await;
+    let mut rc = redis_conn.clone();
+    let b_ping = baseline::redis_ping(&mut rc, plan.pings).await;
+    let mut uc = ctx.servers.redis(&ctx.servers.affinity_url).await?;
+    let b_ping_unix = baseline::redis_ping(&mut uc, plan.pings).await;
+    let ok = |r: &anyhow::Result<f64>| r.as_ref().ok().copied();
+    let (b_pub_v, b_relay_v, b_redis_v) = (ok(&b_pub), ok(&b_relay), ok(&b_redis));
+    {
+        let rate_row = |name: &str, what: &str, r: &anyhow::Result<f64>| {
+            vec![
+                name.to_string(),
+                what.to_string(),
+                match r {
+                    Ok(v) => fmt_rate(*v),
+                    Err(e) => format!("not measured: {}", short(e)),
+                },
+            ]
+        };
+        let lat_row = |name: &str, what: &str, r: &anyhow::Result<Lat>| {
+            vec![
+                name.to_string(),
+                what.to_string(),
+                match r {
+                    Ok(l) => fmt_lat(l),
+                    Err(e) => format!("not measured: {}", short(e)),
+                },
+            ]
+        };
+        rep.table(
+            "Baselines (raw clients, in process)",
+            "Same streams settings as the services (`PartitionedStream` configs: 8 partitions, subject transform, 120 s duplicate window), messages of the same shape and size. Relays run one pull consumer per partition, batch 256, ack policy `all`, exactly like the runtime driver, with none of the service logic.",
+            &["#", "baseline", "figure"],
+            vec![
+                rate_row("1", "JetStream async publish, 1024 acks in flight, `Nats-Msg-Id` set (msgs/s)", &b_pub),
+                rate_row("2", "relay: pull batch -> publish each to a 2nd stream -> await the batch's acks -> ack (msgs/s)", &b_relay),
+                rate_row("3", "relay: pull batch -> one Redis pipeline (HSET per msg + position) -> ack (msgs/s)", &b_redis),
+                lat_row("4", &format!("one hop publish -> pull consumer at {} msgs/s (open loop)", plan.hop_rate), &b_hop),
+                lat_row("5", "Redis PING round trip, TCP 127.0.0.1", &b_ping),
+                lat_row("5b", "Redis PING round trip, unix socket (colocated)", &b_ping_unix),
+            ],
+        );
+        rep.json("baselines", json!({
+            "raw_publish_per_s": b_pub_v, "relay_publish_per_s": b_relay_v, "relay_redis_per_s": b_redis_v,
+            "one_hop": b_hop.as_ref().ok(), "one_hop_rate": plan.hop_rate,
+            "redis_ping_tcp": b_ping.as_ref().ok(), "redis_ping_unix": b_ping_unix.as_ref().ok(),
+        }));
+    }
+
+    // ---------------------------------------------------------------- registry
+    if let Err(e) = ctx.start_registry().await {
+        rep.note(&format!(
+            "sensor-registry could not start, so no service was measured: {}",
+            short(&e)
+        ));
+        rep.write(&out)?;
+        return Err(e);
+    }
+
+    // ---------------------------------------------------------------- working state
+    eprintln!(
+        "[2/7] temperature-delta per working-state option ({} sensors)",
+        plan.sensors
+    );
+    let mut results: Vec<(TdCase, anyhow::Result<TdResult>)> = Vec::new();
+    let run_td = async |ctx: &Ctx, c: TdCase| {
+        eprintln!(
+            "  temperature-delta working={} observed={} sensors={} window={}s step={}ms{}",
+            c.working,
+            c.observed,
+            c.sensors,
+            c.window_secs,
+            c.event_step_ms,
+            if c.recovery { " +kill -9" } else { "" }
+        );
+        let r = services::temperature_delta(ctx, &c).await.map(|(r, p)| {
+            if let Some(mut p) = p {
+                p.terminate(Duration::from_secs(10));
+            }
+            r
+        });
+        match &r {
+            Ok(r) => eprintln!(
+                "    {:.0} readings/s, ready {:.2}s, rss {} KiB{}",
+                r.rate,
+                r.ready_secs,
+                r.rss_kib,
+                r.recovery
+                    .as_ref()
+                    .map(|x| format!(
+                        ", recovery ready {:.2}s caught up {:.2}s",
+                        x.ready_secs, x.caught_up_secs
+                    ))
+                    .unwrap_or_default()
+            ),
+            Err(e) => eprintln!("    failed: {e:#}"),
+        }
+        (c, r)
+    };
+    let case = |working, observed, sensors, recovery| TdCase {
+        working,
+        observed,
+        sensors,
+        readings: plan.n,
+        window_secs: 600,
+        event_step_ms: 0,
+        recovery,
+        // Recovery runs pin partitions (`static`) so that a restart measures the working
+        // state's recovery, not the lease expiry; lease failover is measured separately.
+        ownership: if recovery { "static" } else { "leases" },
+    };
+    for w in ["local", "remote", "affinity"] {
+        results.push(run_td(&ctx, case(w, "semi-stateless", plan.sensors, false)).await);
+    }
+    eprintln!("[3/7] {} sensors, kill -9 recovery", plan.big);
+    for w in ["local", "remote", "affinity"] {
+        results.push(run_td(&ctx, case(w, "semi-stateless", plan.big, true)).await);
+    }
+    let mut window_rows: Vec<(TdCase, anyhow::Result<TdResult>)> = Vec::new();
+    if plan.growth {
+        eprintln!("[4/7] window length (event step 1000 ms)");
+        for w in ["local", "remote"] {
+            for win in [60u32, 600] {
+                let mut c = case(w, "semi-stateless", plan.window_sensors, false);
+                c.window_secs = win;
+                c.event_step_ms = 1000;
+                window_rows.push(run_td(&ctx, c).await);
+            }
+        }
+    }
+    eprintln!(
+        "[5/7] observed-state options ({} sensors, working=local)",
+        plan.big
+    );
+    let mut observed_rows: Vec<(TdCase, anyhow::Result<TdResult>)> = Vec::new();
+    for o in ["stateful", "stateless"] {
+        observed_rows.push(run_td(&ctx, case("local", o, plan.big, false)).await);
+    }
+    let sensor_bytes = ctx.sensor_json_bytes(plan.big).await;
+
+    // `find(w, false)`: the run at `plan.sensors`; `find(w, true)`: the kill -9 run at `plan.big`.
+    let find = |w: &str, recovery: bool| {
+        results
+            .iter()
+            .find(|(c, _)| {
+                c.working == w && c.recovery == recovery && c.observed == "semi-stateless"
+            })
+            .and_then(|(_, r)| r.as_ref().ok())
+    };
+    let thermo_rates: Vec<f64> = results
+        .iter()
+        .filter(|(c, _)| c.sensors == plan.sensors)
+        .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.prefill_rate))
+        .collect();
+    let thermo = median(thermo_rates.clone());
+
+    // ---------------------------------------------------------------- DAG: view-builder, query-api, e2e
+    eprintln!("[6/7] view-builder, query-api, end to end");
+    let vb_ok = ctx.has_bin("view-builder");
+    let qa_ok = ctx.has_bin("query-api");
+    let mut dag = json!({});
+    let mut vb_rate: Option<f64> = None;
+    let mut td_dag_rate: Option<f64> = None;
+    let mut qa_rows: Vec<Vec<String>> = Vec::new();
+    let mut e2e_rows: Vec<Vec<String>> = Vec::new();
+    let mut e2e_50: Option<(Lat, Lat)> = None;
+    let mut dag_note = String::new();
+    if !vb_ok {
+        dag_note = "view-builder binary missing: not measured".into();
+    } else {
+        let r: anyhow::Result<()> = async {
+            let c = case("remote", "semi-stateless", plan.sensors, false);
+            let (tdr, td_proc) = services::temperature_delta(&ctx, &c).await?;
+            let td_proc = td_proc.ok_or_else(|| anyhow::anyhow!("no td"))?;
+            td_dag_rate = Some(tdr.rate);
+            let n_deltas = infra::count(&ctx.js, "DELTAS").await;
+            let (rate, vb_ready, vb_proc) = services::view_builder(&ctx, n_deltas).await?;
+            eprintln!("    view-builder {rate:.0} deltas/s (ready {vb_ready:.2}s)");
+            vb_rate = Some(rate);
+            dag["view_builder"] = json!({"deltas": n_deltas, "per_s": rate, "ready_secs": vb_ready, "rss_kib": vb_proc.rss_kib()});
+            if !qa_ok {
+                dag_note = "query-api binary missing: query-api and end-to-end not measured".into();
+                return Ok(());
+            }
+            let mut qa = ctx.spawn("query-api", &[], &[])?;
+            infra::wait_ready(&ctx.http, &mut qa, Instant::now(), Duration::from_secs(60)).await?;
+            // Query API load: hot key, cold keys, top-10; and the constant-body baseline.
+            let conc = 16;
+            let hot_path = "/v1/sensors/s-0001".to_string();
+            let body = infra::get(&ctx.http, &qa.http, &hot_path).await.map(|(_, b)| b).unwrap_or_default();
+            let (base_addr, base_task) = services::constant_server(body.clone()).await?;
+            let base = services::http_load(&ctx.http, &base_addr, Arc::new(vec![hot_path.clone()]), conc, u64::MAX, plan.http_secs).await?;
+            base_task.abort();
+            let hot = services::http_load(&ctx.http, &qa.http, Arc::new(vec![hot_path.clone()]), conc, u64::MAX, plan.http_secs).await?;
+            let cold_paths: Vec<String> = (2..=plan.sensors).map(|i| format!("/v1/sensors/s-{i:04}")).collect();
+            let cold = services::http_load(&ctx.http, &qa.http, Arc::new(cold_paths.clone()), conc, cold_paths.len() as u64, plan.http_secs * 4.0).await?;
+            let top = services::http_load(&ctx.http, &qa.http, Arc::new(vec!["/v1/top?limit=10".to_string()]), conc, u64::MAX, plan.http_secs).await?;
+            let row = |name: &str, r: &(f64, u64, Lat)| vec![
+                name.to_string(), fmt_rate(r.0), ratio(Some(r.0), Some(base.0)), fmt_lat(&r.2), r.1.to_string(),
+            ];
+            qa_rows.push(vec!["raw axum, constant body (baseline)".into(), fmt_rate(base.0), "1.00".into(), fmt_lat(&base.2), base.1.to_string()]);
+            qa_rows.push(row("query-api `/v1/sensors/{id}`, hot key (one sensor)", &hot));
+            qa_rows.push(row(&format!("query-api `/v1/sensors/{{id}}`, cold keys ({} sensors, each once)", cold_paths.len()), &cold));
+            qa_rows.push(row("query-api `/v1/top?limit=10`", &top));
+            dag["query_api"] = json!({"concurrency": conc, "baseline": {"per_s": base.0, "lat": base.2},
+                "hot": {"per_s": hot.0, "errors": hot.1, "lat": hot.2}, "cold": {"per_s": cold.0, "errors": cold.1, "lat": cold.2},
+                "top": {"per_s": top.0, "errors": top.1, "lat": top.2}, "body_bytes": body.len()});
+            // End to end at 50% and 80% of the pipeline's measured max throughput.
+            let max = tdr.rate.min(rate);
+            let mut e2e_json = Vec::new();
+            for load in [0.1, 0.5, 0.8] {
+                let r = (max * load).max(1.0);
+                let hop = baseline::one_hop(&ctx.js, r, plan.e2e_secs.min(5.0)).await;
+                let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors).await;
+                match (&e, &hop) {
+                    (Ok((l, seen, total)), Ok(h)) => {
+                        eprintln!("    e2e at {r:.0}/s: p99 {:.2} ms ({seen}/{total} seen); one hop p99 {:.2} ms", l.p99_ms, h.p99_ms);
+                        e2e_rows.push(vec![format!("{:.0}% ({r:.0} readings/s)", load * 100.0), fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9))]);
+                        if load == 0.5 { e2e_50 = Some((*l, *h)); }
+                    }
+                    _ => {
+                        let err = e.as_ref().err().or(hop.as_ref().err()).map(short).unwrap_or_default();
+                        e2e_rows.push(vec![format!("{:.0}% ({r:.0} readings/s)", load * 100.0), format!("not measured: {err}"), String::new(), String::new(), String::new()]);
+                    }
+                }
+                e2e_json.push(json!({"load": load, "rate": r, "e2e": e.as_ref().ok().map(|x| x.0), "seen": e.as_ref().ok().map(|x| x.1),
+                    "sent": e.as_ref().ok().map(|x| x.2), "one_hop": hop.as_ref().ok()}));
+            }
+            dag["e2e"] = json!({"max_rate": max, "runs": e2e_json});
+            let mut td_proc = td_proc;
+            let mut vb_proc = vb_proc;
+            qa.terminate(Duration::from_secs(10));
+            vb_proc.terminate(Duration::from_secs(10));
+            td_proc.terminate(Duration::from_secs(10));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            eprintln!("    DAG section failed: {e:#}");
+            dag_note = format!("not measured: {}", short(&e));
+        }
+    }
+
+    // ---------------------------------------------------------------- report
+    eprintln!("[7/7] report");
+    let mut targets: Vec<Target> = Vec::new();
+    let tr = |name: &str, v: Option<f64>, base: Option<f64>, min: f64| Target {
+        name: name.to_string(),
+        value: match (v, base) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+            _ => None,
+        },
+        shown: ratio(v, base),
+        goal: format!(">= {min:.2}"),
+        met: match (v, base) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b >= min),
+            _ => None,
+        },
+    };
+    let td = |w: &str| find(w, false).map(|r| r.rate);
+    targets.push(tr("thermometer / raw publish", thermo, b_pub_v, 0.85));
+    targets.push(tr(
+        "temperature-delta local / publish relay",
+        td("local"),
+        b_relay_v,
+        0.80,
+    ));
+    targets.push(tr(
+        "temperature-delta remote / publish relay",
+        td("remote"),
+        b_relay_v,
+        0.60,
+    ));
+    targets.push(tr("view-builder / Redis relay", vb_rate, b_redis_v, 0.75));
+    match e2e_50 {
+        Some((l, h)) => {
+            targets.push(Target {
+                name: "e2e p99 at 50% load <= 4x one-hop p99".into(),
+                value: Some(l.p99_ms / h.p99_ms.max(1e-9)),
+                shown: format!(
+                    "{:.2} ms vs {:.2} ms ({:.1}x)",
+                    l.p99_ms,
+                    h.p99_ms,
+                    l.p99_ms / h.p99_ms.max(1e-9)
+                ),
+                goal: "<= 4x".into(),
+                met: Some(l.p99_ms <= 4.0 * h.p99_ms),
+            });
+            targets.push(Target {
+                name: "e2e p99 at 50% load < 20 ms".into(),
+                value: Some(l.p99_ms),
+                shown: format!("{:.2} ms", l.p99_ms),
+                goal: "< 20 ms".into(),
+                met: Some(l.p99_ms < 20.0),
+            });
+        }
+        None => targets.push(Target {
+            name: "e2e p99 at 50% load".into(),
+            value: None,
+            shown: "not measured".into(),
+            goal: "<= 4x one hop, < 20 ms".into(),
+            met: None,
+        }),
+    }
+    let local_rec = find("local", true).and_then(|r| r.recovery.clone());
+    targets.push(Target {
+        name: format!(
+            "local recovery of {} sensors (kill -9, restart -> caught up, static ownership)",
+            plan.big
+        ),
+        value: local_rec.as_ref().map(|r| r.caught_up_secs),
+        shown: local_rec
+            .as_ref()
+            .map(|r| format!("{:.2} s", r.caught_up_secs))
+            .unwrap_or_else(|| "not measured".into()),
+        goal: "< 5 s".into(),
+        met: local_rec.as_ref().map(|r| r.caught_up_secs < 5.0),
+    });
+    let lf = local_rec.as_ref().and_then(|r| r.lease_failover_secs);
+    targets.push(Target {
+        name: format!(
+            "local failover of {} sensors with default leases (TTL 6 s), restart -> caught up",
+            plan.big
+        ),
+        value: lf,
+        shown: lf
+            .map(|x| format!("{x:.2} s"))
+            .unwrap_or_else(|| "not measured".into()),
+        goal: "< 5 s".into(),
+        met: lf.map(|x| x < 5.0),
+    });
+
+    // Headline: every service figure against its baseline.
+    let mut head = vec![vec![
+        "thermometer (`--rate 0`)".to_string(),
+        thermo
+            .map(fmt_rate)
+            .unwrap_or_else(|| "not measured".into()),
+        "raw publish (1)".into(),
+        b_pub_v.map(fmt_rate).unwrap_or_default(),
+        ratio(thermo, b_pub_v),
+    ]];
+    for w in ["local", "remote", "affinity"] {
+        head.push(vec![
+            format!("temperature-delta `{w}` ({} sensors)", plan.sensors),
+            td(w).map(fmt_rate).unwrap_or_else(|| "not measured".into()),
+            "publish relay (2)".into(),
+            b_relay_v.map(fmt_rate).unwrap_or_default(),
+            ratio(td(w), b_relay_v),
+        ]);
+    }
+    head.push(vec![
+        "view-builder".into(),
+        vb_rate.map(fmt_rate).unwrap_or_else(|| {
+            if dag_note.is_empty() {
+                "not measured".into()
+            } else {
+                dag_note.clone()
+            }
+        }),
+        "Redis relay (3)".into(),
+        b_redis_v.map(fmt_rate).unwrap_or_default(),
+        ratio(vb_rate, b_redis_v),
+    ]);
+    rep.table(
+        "Headline: services against their baselines",
+        &format!("Throughput in messages/s over N = {} messages each; the ratio is service / baseline, both measured in this run. temperature-delta runs with `KAPPA_OBSERVED=semi-stateless`, 8 partitions, batch 256, after `thermometer --rate 0` pre-filled READINGS; timing starts when its `/healthz` answers 200 and stops when DELTAS+DLQ hold N messages. The thermometer figure is the median of its {} pre-fill runs with {} sensors.", plan.n, thermo_rates.len(), plan.sensors),
+        &["service", "figure", "baseline", "baseline figure", "ratio"],
+        head,
+    );
+    rep.targets(&targets);
+
+    // Working state per option.
+    let mut wrows = Vec::new();
+    for (c, r) in results.iter() {
+        let row = match r {
+            Ok(r) => vec![
+                format!("`{}`", c.working),
+                c.sensors.to_string(),
+                fmt_rate(r.rate),
+                ratio(Some(r.rate), b_relay_v),
+                format!("{:.1}", r.rss_kib as f64 / 1024.0),
+                r.recovery
+                    .as_ref()
+                    .map(|x| format!("{:.2}", x.ready_secs))
+                    .unwrap_or_else(|| "-".into()),
+                r.recovery
+                    .as_ref()
+                    .map(|x| format!("{:.3}", x.recovery_secs_max))
+                    .unwrap_or_else(|| "-".into()),
+                r.recovery
+                    .as_ref()
+                    .map(|x| format!("{:.2}", x.caught_up_secs))
+                    .unwrap_or_else(|| "-".into()),
+                r.recovery
+                    .as_ref()
+                    .and_then(|x| x.lease_failover_secs)
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                format!("{:.0} x {:.0}", r.batches, r.mean_batch),
+                format!("{:.2}", r.mean_batch_ms),
+                format!("{:.1}", r.store_calls_per_batch),
+                r.dead_letters.to_string(),
+            ],
+            Err(e) => vec![
+                format!("`{}`", c.working),
+                c.sensors.to_string(),
+                format!("not measured: {}", short(e)),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        };
+        wrows.push(row);
+    }
+    rep.table(
+        "Working state: temperature-delta per option",
+        &format!("N = {} readings per run. RSS is temperature-delta's VmRSS after draining. Recovery: after draining, `kill -9`, restart; *ready* = spawn -> `/healthz` 200, *open* = the runtime's `recovery_secs` (max over partitions: restoring the working state), *caught up* = spawn -> every partition's position at its last reading (snapshot + replay for `local`; the snapshot interval is 5 s, so up to 5 s of input is replayed). The kill -9 runs pin all partitions to the instance (`KAPPA_OWNERSHIP=static`), so the restart measures the working state's recovery alone; *failover with leases* is the same restart under the default lease ownership (`KAPPA_LEASE_TTL_SECS=6`): the new instance waits for the dead one's membership and leases to expire, then recovers. Batches, time per batch (`kappa_batch_seconds`) and store round trips per batch (`kappa_state_seconds` count: HMGET loads + Lua commits; 0 for `local`, whose store is memory) come from the service's `/metrics`; the batch time is spent on 8 partitions concurrently.", plan.n),
+        &["working", "sensors", "readings/s", "vs relay (2)", "RSS MiB", "restart ready s", "open s (max)", "caught up s", "failover with leases s", "batches x mean size", "ms per batch", "store round trips per batch", "DLQ"],
+        wrows,
+    );
+    if plan.growth {
+        let mut g = Vec::new();
+        for w in ["local", "remote", "affinity"] {
+            let a = find(w, false).map(|r| r.rate);
+            let b = find(w, true).map(|r| r.rate);
+            g.push(vec![
+                format!("`{w}`"),
+                a.map(fmt_rate).unwrap_or_default(),
+                b.map(fmt_rate).unwrap_or_default(),
+                ratio(b, a),
+            ]);
+        }
+        rep.table("Growth: sensors", "Same N readings spread over more sensors (fewer readings per sensor per batch, more keys loaded per batch).", &["working", &format!("{} sensors", plan.sensors), &format!("{} sensors", plan.big), "ratio"], g);
+        let mut wr = Vec::new();
+        for (c, r) in &window_rows {
+            wr.push(match r {
+                Ok(r) => vec![
+                    format!("`{}`", c.working),
+                    c.window_secs.to_string(),
+                    fmt_rate(r.rate),
+                    ratio(Some(r.rate), b_relay_v),
+                    format!("{:.1}", r.rss_kib as f64 / 1024.0),
+                ],
+                Err(e) => vec![
+                    format!("`{}`", c.working),
+                    c.window_secs.to_string(),
+                    format!("not measured: {}", short(e)),
+                    String::new(),
+                    String::new(),
+                ],
+            });
+        }
+        rep.table("Growth: window length", &format!("{} sensors, `--event-step-ms 1000`, N = {} readings, so each sensor gets {} readings 1 s apart: a 60 s window holds at most 60 samples, a 600 s window up to {}. Every changed window is written back whole on each commit.", plan.window_sensors, plan.n, plan.n / plan.window_sensors, (plan.n / plan.window_sensors).min(600)), &["working", "window s", "readings/s", "vs relay (2)", "RSS MiB"], wr);
+    }
+
+    // Observed state per option.
+    let mut orows = Vec::new();
+    let semi = find("local", true).cloned();
+    let mut obs_all: Vec<(&str, Option<TdResult>, Option<String>)> = Vec::new();
+    for (c, r) in &observed_rows {
+        obs_all.push((
+            c.observed,
+            r.as_ref().ok().cloned(),
+            r.as_ref().err().map(short),
+        ));
+    }
+    obs_all.push(("semi-stateless", semi, None));
+    for (o, r, err) in &obs_all {
+        orows.push(match r {
+            Some(r) => vec![
+                format!("`{o}`"),
+                fmt_rate(r.rate),
+                ratio(Some(r.rate), b_relay_v),
+                format!("{:.0}", r.observed_req_per_s),
+                format!("{:.0}", r.observed_requests),
+                if r.observed_requests > 0.0 {
+                    format!("{:.3}", r.observed_req_mean_ms)
+                } else {
+                    "0 (in memory)".into()
+                },
+                format!("{:.1}", r.rss_kib as f64 / 1024.0),
+                format!("{:.2}", r.ready_secs),
+                format!("{:.0}", r.observed_held),
+                format!("{:.0}", r.observed_held * sensor_bytes / 1024.0),
+            ],
+            None => vec![
+                format!("`{o}`"),
+                format!("not measured: {}", err.clone().unwrap_or_default()),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        });
+    }
+    rep.table(
+        "Observed state: the registry as temperature-delta sees it",
+        &format!("{} sensors registered, N = {} readings, `KAPPA_WORKING=local` (so the lookup cost is not hidden behind Redis). Registry req/s = `kappa_observed_requests_total` / processing time; lookup latency = mean of `kappa_observed_request_seconds`; ready = spawn -> `/healthz` 200 of a fresh instance with every sensor registered (elasticity: a stateful replica must bootstrap all of them first); held = `checks.observed.detail.held`; duplicated KiB = held x {:.0} B (mean size of a sensor as `registry.get` returns it).", plan.big, plan.n, sensor_bytes),
+        &["observed", "readings/s", "vs relay (2)", "registry req/s", "requests", "lookup ms (mean)", "RSS MiB", "ready s", "held", "duplicated KiB"],
+        orows,
+    );
+
+    if !qa_rows.is_empty() {
+        rep.table("Query API", "Closed loop, 16 concurrent keep-alive clients (reqwest) in this process. The baseline is an in-process axum server answering the hot key's real body as a constant. Latency columns are per request.", &["target", "requests/s", "vs baseline", "latency", "non-2xx"], qa_rows);
+    }
+    if !e2e_rows.is_empty() {
+        rep.table(
+            "End to end: reading published -> visible at the query API",
+            &format!("Open loop at a fixed rate for {} s over {} sensors round robin, at 10%, 50% and 80% of the pipeline's max throughput measured above (min of temperature-delta `remote` and view-builder in this section). A reading counts as visible when the query API's live feed (`GET /v1/live`, SSE) shows its sensor's view with `source_seq` >= the reading's READINGS sequence. Latency is measured from each reading's *intended* send time (not the actual one), which corrects for coordinated omission. The one-hop baseline (4) is measured at the same rate just before.", plan.e2e_secs, plan.sensors),
+            &["load", "e2e latency", "seen/sent", "one hop (4) at same rate", "p99 e2e / one hop"],
+            e2e_rows,
+        );
+    }
+    if !dag_note.is_empty() {
+        rep.note(&format!(
+            "view-builder / query-api / end to end: {dag_note}"
+        ));
+    }
+
+    // Seed trade-off table, measured.
+    let obs = |o: &str| obs_all.iter().find(|x| x.0 == o).and_then(|x| x.1.clone());
+    let mut seed_obs = Vec::new();
+    for o in ["stateful", "stateless", "semi-stateless"] {
+        seed_obs.push(match obs(o) {
+            Some(r) => vec![
+                format!("`{o}`"),
+                format!("{:.2} s ready", r.ready_secs),
+                format!(
+                    "{:.0} KiB ({:.0} entries)",
+                    r.observed_held * sensor_bytes / 1024.0,
+                    r.observed_held
+                ),
+                format!(
+                    "{} readings/s; {} ms/lookup",
+                    fmt_rate(r.rate),
+                    if r.observed_requests > 0.0 {
+                        format!("{:.3}", r.observed_req_mean_ms)
+                    } else {
+                        "0".into()
+                    }
+                ),
+                format!(
+                    "{:.0} MiB RSS, {:.0} registry req/s",
+                    r.rss_kib as f64 / 1024.0,
+                    r.observed_req_per_s
+                ),
+            ],
+            None => vec![
+                format!("`{o}`"),
+                "not measured".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        });
+    }
+    rep.table(
+        "Seed trade-off table, measured: observed state",
+        &format!("The seed marks these with X / XX / XXX; here are the figures from this run ({} sensors).", plan.big),
+        &["option", "elasticity", "duplication", "latency", "resources"],
+        seed_obs,
+    );
+    let mut seed_work = Vec::new();
+    for w in ["local", "remote", "affinity"] {
+        let a = find(w, false);
+        let b = find(w, true);
+        seed_work.push(vec![
+            format!("`{w}`"),
+            a.map(|r| {
+                format!(
+                    "{} readings/s ({})",
+                    fmt_rate(r.rate),
+                    ratio(Some(r.rate), b_relay_v)
+                )
+            })
+            .unwrap_or_else(|| "not measured".into()),
+            a.map(|r| format!("{:.2} ms/reading", 1000.0 / r.rate.max(1e-9)))
+                .unwrap_or_default(),
+            b.map(|r| format!("{:.0} MiB RSS", r.rss_kib as f64 / 1024.0))
+                .unwrap_or_default(),
+            b.and_then(|r| r.recovery.as_ref())
+                .map(|x| {
+                    format!(
+                        "{:.2} s (open {:.3} s)",
+                        x.caught_up_secs, x.recovery_secs_max
+                    )
+                })
+                .unwrap_or_else(|| "not measured".into()),
+        ]);
+    }
+    rep.table(
+        "Seed trade-off table, measured: working state",
+        &format!("Throughput at {} sensors (ratio to relay 2); latency = processing time per reading at that throughput (1 / rate, 8 partitions in parallel); memory and recovery (kill -9 -> caught up) at {} sensors.", plan.sensors, plan.big),
+        &["option", "per-reading throughput", "latency", "memory", "recovery"],
+        seed_work,
+    );
+
+    rep.json("plan", json!({"mode": plan.name, "readings": plan.n, "sensors": plan.sensors, "big": plan.big, "window_sensors": plan.window_sensors}));
+    rep.json(
+        "thermometer",
+        json!({"median_per_s": thermo, "runs": thermo_rates}),
+    );
+    rep.json("temperature_delta", json!(results.iter().map(|(c, r)| json!({"case": c, "result": r.as_ref().ok(), "error": r.as_ref().err().map(short)})).collect::<Vec<_>>()));
+    rep.json("window", json!(window_rows.iter().map(|(c, r)| json!({"case": c, "result": r.as_ref().ok(), "error": r.as_ref().err().map(short)})).collect::<Vec<_>>()));
+    rep.json("observed", json!(observed_rows.iter().map(|(c, r)| json!({"case": c, "result": r.as_ref().ok(), "error": r.as_ref().err().map(short)})).collect::<Vec<_>>()));
+    rep.json("sensor_json_bytes", json!(sensor_bytes));
+    rep.json("dag", dag);
+    rep.json("targets", json!(targets));
+    rep.json("total_secs", json!(started.elapsed().as_secs_f64()));
+    rep.finish(started.elapsed());
+    print!("{}", rep.markdown());
+    rep.write(&out)?;
+    eprintln!(
+        "wrote {} and {}",
+        out.join("BENCHMARKS.md").display(),
+        out.join("benchmarks.json").display()
+    );
+    drop(ctx);
+    let _ = std::fs::remove_dir_all(tmp.join("js"));
+    Ok(())
+}

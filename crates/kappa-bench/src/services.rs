@@ -1,0 +1,653 @@
+//! The reference DAG's real release binaries as child processes, driven and timed from outside
+//! (stream counts, `/healthz`, `/metrics`, `/proc`).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+
+use crate::baseline::{Lat, histogram, lat};
+use crate::infra::{Proc, Servers, count, free_port, get, metric_sum, metrics, wait_ready};
+
+pub struct Ctx {
+    pub servers: Servers,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub http: reqwest::Client,
+    pub bin_dir: PathBuf,
+    pub logs: PathBuf,
+    log_n: AtomicUsize,
+    pub registry: Option<Proc>,
+}
+
+impl Ctx {
+    pub async fn new(servers: Servers, bin_dir: PathBuf) -> anyhow::Result<Ctx> {
+        let (client, js) = servers.nats().await?;
+        let logs = servers.dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        Ok(Ctx {
+            servers,
+            client,
+            js,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()?,
+            bin_dir,
+            logs,
+            log_n: AtomicUsize::new(0),
+            registry: None,
+        })
+    }
+
+    pub fn has_bin(&self, name: &str) -> bool {
+        self.bin_dir.join(name).exists()
+    }
+
+    /// Starts service `name` with the common environment plus `env`.
+    pub fn spawn(
+        &self,
+        name: &str,
+        env: &[(&str, String)],
+        args: &[String],
+    ) -> anyhow::Result<Proc> {
+        let exe = self.bin_dir.join(name);
+        if !exe.exists() {
+            bail!(
+                "{} is missing: run `cargo build --release --bins` first",
+                exe.display()
+            );
+        }
+        let n = self.log_n.fetch_add(1, Ordering::Relaxed);
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let mut all: Vec<(String, String)> = vec![
+            ("NATS_URL".into(), self.servers.nats_url.clone()),
+            ("REDIS_URL".into(), self.servers.redis_url.clone()),
+            ("HTTP_ADDR".into(), http.clone()),
+            ("KAPPA_PARTITIONS".into(), "8".into()),
+            ("RUST_LOG".into(), "info,async_nats=warn".into()),
+        ];
+        for (k, v) in env {
+            all.push(((*k).to_string(), v.clone()));
+        }
+        Proc::spawn(
+            name,
+            &exe,
+            args,
+            &all,
+            self.logs.join(format!("{n:03}-{name}.log")),
+            http,
+        )
+    }
+
+    /// Starts the sensor registry once (it keeps the SENSORS stream across scenarios).
+    pub async fn start_registry(&mut self) -> anyhow::Result<()> {
+        let mut p = self.spawn("sensor-registry", &[], &[])?;
+        wait_ready(&self.http, &mut p, Instant::now(), Duration::from_secs(60)).await?;
+        self.registry = Some(p);
+        Ok(())
+    }
+
+    /// Runs the thermometer to completion; returns its reported readings/s.
+    pub async fn thermometer(&self, n: u64, sensors: u64, extra: &[&str]) -> anyhow::Result<f64> {
+        let mut args: Vec<String> = vec![
+            "--count".into(),
+            n.to_string(),
+            "--rate".into(),
+            "0".into(),
+            "--sensors".into(),
+            sensors.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_string()));
+        let mut p = self.spawn("thermometer", &[], &args)?;
+        let ok = p.wait_exit(Duration::from_secs(900)).await?;
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        if !ok {
+            bail!("thermometer failed:\n{}", p.log_tail(20));
+        }
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("thermometer: published"))
+            .context("thermometer printed no summary")?;
+        // "... in X.XXs (R/s)"
+        let rate = line
+            .rsplit('(')
+            .next()
+            .and_then(|s| {
+                s.trim_end_matches(')')
+                    .trim_end_matches("/s")
+                    .parse::<f64>()
+                    .ok()
+            })
+            .context("unparsable thermometer summary")?;
+        Ok(rate)
+    }
+
+    /// Partition -> last sequence of `prefix.<p>.*` in `stream`.
+    pub async fn partition_lasts(&self, stream: &str, prefix: &str) -> anyhow::Result<Vec<u64>> {
+        let s = self.js.get_stream_no_info(stream).await?;
+        let mut out = Vec::new();
+        for p in 0..crate::baseline::PARTITIONS {
+            let last = match s
+                .direct_get_last_for_subject(format!("{prefix}.{p}.*"))
+                .await
+            {
+                Ok(m) => m.sequence,
+                Err(_) => 0,
+            };
+            out.push(last);
+        }
+        Ok(out)
+    }
+
+    pub async fn healthz(&self, p: &Proc) -> Option<(u16, serde_json::Value)> {
+        let (code, body) = get(&self.http, &p.http, "/healthz").await?;
+        Some((code, serde_json::from_str(&body).ok()?))
+    }
+
+    /// Average size of a sensor as the registry answers `registry.get.<id>` (sampled).
+    pub async fn sensor_json_bytes(&self, sensors: u64) -> f64 {
+        let sample = sensors.min(200);
+        let mut total = 0usize;
+        let mut n = 0usize;
+        for i in 0..sample {
+            let id = format!("s-{:04}", i * sensors / sample + 1);
+            if let Ok(Ok(m)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client
+                    .request(thermo_domain::subjects::registry_get(&id), Bytes::new()),
+            )
+            .await
+            {
+                total += m.payload.len();
+                n += 1;
+            }
+        }
+        if n == 0 { 0.0 } else { total as f64 / n as f64 }
+    }
+}
+
+/// One temperature-delta measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TdCase {
+    pub working: &'static str,
+    pub observed: &'static str,
+    pub sensors: u64,
+    pub readings: u64,
+    pub window_secs: u32,
+    pub event_step_ms: u64,
+    pub recovery: bool,
+    /// `KAPPA_OWNERSHIP`: `leases` (the default) or `static`.
+    pub ownership: &'static str,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Recovery {
+    /// Restart (spawn) -> `/healthz` 200.
+    pub ready_secs: f64,
+    /// Max over partitions of the runtime's own `recovery_secs` (opening the working state).
+    pub recovery_secs_max: f64,
+    /// Restart -> every partition's position at the last reading (replay done).
+    pub caught_up_secs: f64,
+    /// With the default lease ownership: a fresh instance killed -9 and restarted at once;
+    /// restart -> caught up (the dead instance's leases must expire first).
+    pub lease_failover_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TdResult {
+    pub prefill_rate: f64,
+    /// Spawn -> `/healthz` 200 (elasticity: a fresh instance becoming ready).
+    pub ready_secs: f64,
+    /// Readings processed after ready / time to drain.
+    pub secs: f64,
+    pub rate: f64,
+    pub dead_letters: u64,
+    pub rss_kib: u64,
+    pub observed_requests: f64,
+    pub observed_req_per_s: f64,
+    pub observed_req_mean_ms: f64,
+    pub observed_held: f64,
+    /// Batches processed (`kappa_batch_seconds_count`).
+    pub batches: f64,
+    /// Mean readings per batch.
+    pub mean_batch: f64,
+    /// Mean time in `process` per batch, ms.
+    pub mean_batch_ms: f64,
+    /// Working-state store calls (`kappa_state_seconds_count`: Redis round trips) per batch.
+    pub store_calls_per_batch: f64,
+    pub recovery: Option<Recovery>,
+}
+
+fn td_env(ctx: &Ctx, c: &TdCase) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAPPA_WORKING", c.working.to_string()),
+        ("KAPPA_OBSERVED", c.observed.to_string()),
+        ("AFFINITY_REDIS_URL", ctx.servers.affinity_url.clone()),
+        ("KAPPA_OWNERSHIP", c.ownership.to_string()),
+    ]
+}
+
+/// Polls `/healthz` until every partition's position reaches `lasts`; returns the max
+/// `recovery_secs` over partitions.
+async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let Some((_, h)) = ctx.healthz(q).await else {
+            bail!("temperature-delta stopped answering after restart")
+        };
+        let parts = h
+            .pointer("/checks/partitions/detail")
+            .cloned()
+            .unwrap_or_default();
+        let caught = (0..crate::baseline::PARTITIONS).all(|p| {
+            parts
+                .get(p.to_string())
+                .and_then(|s| s.get("position"))
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|pos| pos >= lasts[p as usize])
+        });
+        if caught {
+            return Ok((0..crate::baseline::PARTITIONS)
+                .filter_map(|p| parts.get(p.to_string())?.get("recovery_secs")?.as_f64())
+                .fold(0.0, f64::max));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "temperature-delta did not catch up after restart; log:\n{}",
+                q.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Pre-fills READINGS with the thermometer, then times temperature-delta draining it.
+pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResult, Option<Proc>)> {
+    ctx.servers.wipe(&ctx.js).await?;
+    let mut extra: Vec<String> = vec!["--window-secs".into(), c.window_secs.to_string()];
+    if c.event_step_ms > 0 {
+        extra.push("--event-step-ms".into());
+        extra.push(c.event_step_ms.to_string());
+    }
+    let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let prefill_rate = ctx.thermometer(c.readings, c.sensors, &extra_ref).await?;
+    let n = count(&ctx.js, "READINGS").await;
+    if n < c.readings {
+        bail!("READINGS holds {n} of {}", c.readings);
+    }
+    let spawned = Instant::now();
+    let mut p = ctx.spawn("temperature-delta", &td_env(ctx, c), &[])?;
+    let ready = wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(300)).await?;
+    let t_ready = Instant::now();
+    let done_at = |js: jetstream::Context| async move {
+        count(&js, "DELTAS").await + count(&js, "DLQ").await
+    };
+    let m0 = done_at(ctx.js.clone()).await.min(n);
+    let deadline = t_ready + Duration::from_secs(900);
+    loop {
+        let d = done_at(ctx.js.clone()).await;
+        if d >= n {
+            break;
+        }
+        if Instant::now() > deadline || !p.alive() {
+            bail!(
+                "temperature-delta drained {d} of {n}; log:\n{}",
+                p.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t_ready.elapsed().as_secs_f64();
+    let m = metrics(&ctx.http, &p.http).await;
+    let requests = metric_sum(&m, "kappa_observed_requests_total");
+    let req_sum = metric_sum(&m, "kappa_observed_request_seconds_sum");
+    let req_n = metric_sum(&m, "kappa_observed_request_seconds_count");
+    let held = ctx
+        .healthz(&p)
+        .await
+        .and_then(|(_, v)| v.pointer("/checks/observed/detail/held")?.as_f64())
+        .unwrap_or_else(|| metric_sum(&m, "kappa_observed_held"));
+    let mut r = TdResult {
+        prefill_rate,
+        ready_secs: ready.as_secs_f64(),
+        secs,
+        rate: (n - m0) as f64 / secs.max(1e-9),
+        dead_letters: count(&ctx.js, "DLQ").await,
+        rss_kib: p.rss_kib().unwrap_or(0),
+        observed_requests: requests,
+        // Lookups happen while processing: requests over the processing time.
+        observed_req_per_s: requests / secs.max(1e-9),
+        observed_req_mean_ms: if req_n > 0.0 {
+            req_sum / req_n * 1000.0
+        } else {
+            0.0
+        },
+        observed_held: held,
+        batches: metric_sum(&m, "kappa_batch_seconds_count"),
+        mean_batch: metric_sum(&m, "kappa_batch_size_sum")
+            / metric_sum(&m, "kappa_batch_size_count").max(1.0),
+        mean_batch_ms: metric_sum(&m, "kappa_batch_seconds_sum") * 1000.0
+            / metric_sum(&m, "kappa_batch_seconds_count").max(1.0),
+        store_calls_per_batch: metric_sum(&m, "kappa_state_seconds_count")
+            / metric_sum(&m, "kappa_batch_seconds_count").max(1.0),
+        recovery: None,
+    };
+    if c.recovery {
+        p.kill9();
+        let lasts = ctx
+            .partition_lasts("READINGS", thermo_domain::subjects::READINGS_PREFIX)
+            .await?;
+        let spawned = Instant::now();
+        let mut q = ctx.spawn("temperature-delta", &td_env(ctx, c), &[])?;
+        let ready = wait_ready(&ctx.http, &mut q, spawned, Duration::from_secs(300)).await?;
+        let mut rec = Recovery {
+            ready_secs: ready.as_secs_f64(),
+            ..Default::default()
+        };
+        rec.recovery_secs_max = wait_caught_up(ctx, &q, &lasts).await?;
+        rec.caught_up_secs = spawned.elapsed().as_secs_f64();
+        if c.ownership == "static" {
+            // Failover with the default leases: start a lease-owning instance, let it take
+            // every partition, kill -9 it, restart, and time until caught up again.
+            q.terminate(Duration::from_secs(10));
+            let mut lc = c.clone();
+            lc.ownership = "leases";
+            let mut a = ctx.spawn("temperature-delta", &td_env(ctx, &lc), &[])?;
+            wait_ready(&ctx.http, &mut a, Instant::now(), Duration::from_secs(120)).await?;
+            wait_caught_up(ctx, &a, &lasts).await?;
+            a.kill9();
+            let spawned = Instant::now();
+            let mut b = ctx.spawn("temperature-delta", &td_env(ctx, &lc), &[])?;
+            wait_ready(&ctx.http, &mut b, spawned, Duration::from_secs(120)).await?;
+            wait_caught_up(ctx, &b, &lasts).await?;
+            rec.lease_failover_secs = Some(spawned.elapsed().as_secs_f64());
+            q = b;
+        }
+        let after = count(&ctx.js, "DELTAS").await + count(&ctx.js, "DLQ").await;
+        if after != n {
+            eprintln!("  note: after the restart DELTAS+DLQ hold {after}, expected {n}");
+        }
+        r.recovery = Some(rec);
+        p = q;
+    }
+    Ok((r, Some(p)))
+}
+
+/// Times view-builder applying every delta already in DELTAS (`kappa_processed_total`).
+pub async fn view_builder(ctx: &Ctx, n: u64) -> anyhow::Result<(f64, f64, Proc)> {
+    let spawned = Instant::now();
+    let mut p = ctx.spawn(
+        "view-builder",
+        &[("KAPPA_OBSERVED", "semi-stateless".into())],
+        &[],
+    )?;
+    // Poll from spawn: the first poll that sees progress starts the clock (the service may
+    // work through a small backlog before its /healthz is polled as ready).
+    let processed = |m: &str| metric_sum(m, "kappa_processed_total") as u64;
+    let mut ready: Option<f64> = None;
+    let mut first: Option<(Instant, u64)> = None;
+    let deadline = spawned + Duration::from_secs(900);
+    let done = loop {
+        if ready.is_none() && matches!(get(&ctx.http, &p.http, "/healthz").await, Some((200, _))) {
+            ready = Some(spawned.elapsed().as_secs_f64());
+        }
+        let d = processed(&metrics(&ctx.http, &p.http).await);
+        if d > 0 && first.is_none() {
+            first = Some((Instant::now(), d));
+        }
+        if d >= n {
+            break Instant::now();
+        }
+        if Instant::now() > deadline || !p.alive() {
+            bail!("view-builder applied {d} of {n}; log:\n{}", p.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let rate = match first {
+        Some((t, m)) if m < n && done > t => (n - m) as f64 / (done - t).as_secs_f64(),
+        _ => n as f64 / (done - spawned).as_secs_f64().max(1e-9),
+    };
+    let ready = match ready {
+        Some(r) => r,
+        None => wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(120))
+            .await?
+            .as_secs_f64(),
+    };
+    Ok((rate, ready, p))
+}
+
+/// Closed-loop HTTP load: `concurrency` workers GET `paths` round robin until `max` requests or
+/// `secs` elapsed. Returns (requests/s, non-2xx count, latency).
+pub async fn http_load(
+    http: &reqwest::Client,
+    addr: &str,
+    paths: Arc<Vec<String>>,
+    concurrency: usize,
+    max: u64,
+    secs: f64,
+) -> anyhow::Result<(f64, u64, Lat)> {
+    let next = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, paths, next, bad) = (http.clone(), paths.clone(), next.clone(), bad.clone());
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let mut h = histogram();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= max || Instant::now() >= end {
+                        break;
+                    }
+                    let path = &paths[(i % paths.len() as u64) as usize];
+                    let t = Instant::now();
+                    let ok = match http.get(format!("http://{addr}{path}")).send().await {
+                        Ok(r) => {
+                            let s = r.status().is_success();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => false,
+                    };
+                    let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                    if !ok {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                h
+            })
+        })
+        .collect();
+    let mut all = histogram();
+    for w in workers {
+        all.add(w.await?).ok();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((
+        all.len() as f64 / secs,
+        bad.load(Ordering::Relaxed),
+        lat(&all),
+    ))
+}
+
+/// An in-process axum server answering every GET with `body` (the HTTP baseline).
+pub async fn constant_server(
+    body: String,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?.to_string();
+    let body = Arc::new(body);
+    let app = axum::Router::new().fallback(move || {
+        let b = body.clone();
+        async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                b.as_str().to_string(),
+            )
+        }
+    });
+    let h = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    Ok((addr, h))
+}
+
+#[derive(Default)]
+struct E2eState {
+    /// sensor -> readings published and not yet seen: (readings seq, intended send µs).
+    pending: HashMap<String, VecDeque<(u64, u64)>>,
+    /// sensor -> (largest source_seq seen at the query API, when in µs).
+    seen: HashMap<String, (u64, u64)>,
+    hist: Option<hdrhistogram::Histogram<u64>>,
+    recorded: u64,
+}
+
+impl E2eState {
+    fn record(&mut self, v: u64) {
+        if let Some(h) = self.hist.as_mut() {
+            let _ = h.record(v.max(1));
+        }
+        self.recorded += 1;
+    }
+}
+
+/// Open-loop end-to-end latency: readings published at `rate`/s for `secs` (sensors round
+/// robin) until the query API's live feed (`/v1/live`, SSE) shows a view whose `source_seq`
+/// covers the reading. Latency counts from each reading's *intended* send time.
+pub async fn e2e(
+    ctx: &Ctx,
+    qa_addr: &str,
+    rate: f64,
+    secs: f64,
+    sensors: u64,
+) -> anyhow::Result<(Lat, u64, u64)> {
+    let base = Instant::now();
+    let state = Arc::new(Mutex::new(E2eState {
+        hist: Some(histogram()),
+        ..Default::default()
+    }));
+    // Live feed listener.
+    let resp = ctx
+        .http
+        .get(format!("http://{qa_addr}/v1/live"))
+        .send()
+        .await
+        .context("GET /v1/live")?;
+    if !resp.status().is_success() {
+        bail!("GET /v1/live answered {}", resp.status());
+    }
+    let st = state.clone();
+    let listener = tokio::spawn(async move {
+        let mut resp = resp;
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let now = base.elapsed().as_micros() as u64;
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(i) = buf.find('\n') {
+                let line: String = buf.drain(..=i).collect();
+                let Some(data) = line.trim_end().strip_prefix("data:") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
+                    continue;
+                };
+                let (Some(id), Some(seq)) = (
+                    v.get("sensor_id").and_then(|s| s.as_str()),
+                    v.get("source_seq").and_then(serde_json::Value::as_u64),
+                ) else {
+                    continue;
+                };
+                let Ok(mut s) = st.lock() else { return };
+                let e = s.seen.entry(id.to_string()).or_insert((0, now));
+                if seq > e.0 {
+                    *e = (seq, now);
+                }
+                let mut lats = Vec::new();
+                if let Some(q) = s.pending.get_mut(id) {
+                    while q.front().is_some_and(|(rs, _)| *rs <= seq) {
+                        if let Some((_, intended)) = q.pop_front() {
+                            lats.push(now.saturating_sub(intended));
+                        }
+                    }
+                }
+                for l in lats {
+                    s.record(l);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let total = (rate * secs).max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now() + Duration::from_millis(20);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, u64, PublishAckFuture)>(1 << 17);
+    let st = state.clone();
+    let acker = tokio::spawn(async move {
+        let mut failed = 0u64;
+        while let Some((id, intended, a)) = rx.recv().await {
+            let Ok(ack) = a.await else {
+                failed += 1;
+                continue;
+            };
+            let Ok(mut s) = st.lock() else { break };
+            match s.seen.get(&id) {
+                Some((seen_seq, at)) if *seen_seq >= ack.sequence => {
+                    let l = at.saturating_sub(intended);
+                    s.record(l);
+                }
+                _ => s
+                    .pending
+                    .entry(id)
+                    .or_default()
+                    .push_back((ack.sequence, intended)),
+            }
+        }
+        failed
+    });
+    let run = format!(
+        "{:x}",
+        base.elapsed().as_nanos() ^ u128::from(std::process::id())
+    );
+    for i in 0..total {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let intended = (due - base).as_micros() as u64;
+        let id = format!("s-{:04}", i % sensors + 1);
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let body = format!(
+            r#"{{"sensor_id":"{id}","celsius":{:.3},"measured_at":"{now}"}}"#,
+            20.0 + (i % 100) as f64 / 10.0
+        );
+        let msg = PublishMessage::build()
+            .payload(Bytes::from(body))
+            .message_id(format!("e2e:{run}:{i}"));
+        let a = ctx
+            .js
+            .send_publish(thermo_domain::subjects::reading(&id), msg)
+            .await?;
+        let _ = tx.send((id, intended, a)).await;
+    }
+    drop(tx);
+    let failed = acker.await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if state.lock().map(|s| s.recorded).unwrap_or(0) + failed >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    listener.abort();
+    let s = state.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+    let h = s.hist.as_ref().context("histogram")?;
+    Ok((lat(h), s.recorded, total))
+}
