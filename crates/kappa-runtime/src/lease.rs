@@ -4,8 +4,9 @@
 //! - `m.<instance>`: membership heartbeats, re-put every tick; a dead instance's key expires;
 //! - `p.<partition>`: the partition's lease, created with `create` (only if absent) and renewed
 //!   with `update` against the last revision (compare-and-set), so exactly one instance holds
-//!   it at a time. The KV revision at acquisition is the partition's *epoch*: it only grows,
-//!   and the working-state store refuses commits of an older epoch (fencing).
+//!   it at a time. The partition's *epoch* is the bucket's creation time (high 32 bits) plus
+//!   the KV revision at acquisition: it only grows, even across a re-created bucket, and the
+//!   working-state store refuses commits of an older epoch (fencing).
 //!
 //! Every instance computes the same fair assignment from the sorted live members (partition
 //! `p` goes to member `p mod n`), takes the partitions assigned to it once they are free, and
@@ -71,6 +72,37 @@ pub fn instance_id() -> String {
     format!("{clean}-{}-{nanos:x}", std::process::id())
 }
 
+/// The live members: subjects `m.*` of the bucket (one stream-info request, no consumer),
+/// minus those whose last operation was a delete.
+async fn list_members(
+    js: &jetstream::Context,
+    bucket: &str,
+    store: &kv::Store,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let Ok(stream) = js.get_stream_no_info(format!("KV_{bucket}")).await else {
+        return out;
+    };
+    let prefix = format!("$KV.{bucket}.m.");
+    let Ok(subjects) = stream.info_with_subjects(format!("{prefix}>")).await else {
+        tracing::warn!("listing members failed");
+        return out;
+    };
+    let names: Vec<String> = subjects
+        .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
+        .collect()
+        .await;
+    for subject in names {
+        let Some(member) = subject.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Ok(Some(_)) = store.get(format!("m.{member}")).await {
+            out.insert(member.to_string());
+        }
+    }
+    out
+}
+
 /// Which partitions `me` should own, given the live members.
 pub fn fair_share(members: &BTreeSet<String>, me: &str, partitions: u32) -> BTreeSet<u32> {
     let Some(idx) = members.iter().position(|m| m == me) else {
@@ -105,38 +137,54 @@ where
         })
         .await
         .map_err(|e| RuntimeError::JetStream(format!("lease bucket {bucket}: {e}")))?;
+    // Epochs must keep growing even if the bucket is deleted and created again (its revisions
+    // restart at 1): the bucket's creation time is the high half, the revision the low half.
+    let created = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(RuntimeError::js)?
+        .info()
+        .await
+        .map_err(RuntimeError::js)?
+        .created
+        .unix_timestamp();
+    let epoch_base = u64::try_from(created).unwrap_or(0) << 32;
     let me = instance_id();
     let member_key = format!("m.{me}");
     let mut watch = store.watch_all().await.map_err(RuntimeError::js)?;
     let tick = (cfg.ttl / 4).max(Duration::from_millis(200));
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut next_tick = tokio::time::Instant::now();
     tracing::info!(instance = %me, bucket = %bucket, ttl_secs = cfg.ttl.as_secs_f64(), "joining");
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        if let Err(e) = store.put(&member_key, Bytes::from_static(b"alive")).await {
-            tracing::warn!(error = %e, "membership heartbeat failed");
+        // Heartbeat and renewals run on the tick only; a wake-up by the watch just re-plans.
+        let due = tokio::time::Instant::now() >= next_tick;
+        if due {
+            next_tick = tokio::time::Instant::now() + tick;
+            if let Err(e) = store.put(&member_key, Bytes::from_static(b"alive")).await {
+                tracing::warn!(error = %e, "membership heartbeat failed");
+            }
         }
-        let members: BTreeSet<String> = match store.keys().await {
-            Ok(keys) => {
-                keys.filter_map(|k| async move { k.ok() })
-                    .filter_map(|k| async move { k.strip_prefix("m.").map(String::from) })
-                    .collect()
-                    .await
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "listing members failed");
-                BTreeSet::new()
-            }
-        };
+        let members = list_members(&js, &bucket, &store).await;
         let desired = fair_share(&members, &me, cfg.partitions);
+        known.clone_from(&members);
 
         // Renew what we hold; stop what we lost or must hand over.
         let mut to_release = Vec::new();
         for (&p, h) in held.iter_mut() {
             if h.task.is_finished() {
-                to_release.push((p, false));
+                // Stopped by itself (shutdown, fence): free the lease for the others.
+                to_release.push((p, true));
+                continue;
+            }
+            if !due {
+                if !desired.contains(&p) {
+                    to_release.push((p, true));
+                }
                 continue;
             }
             match store
@@ -182,10 +230,14 @@ where
                 let stop = shutdown.child_token();
                 let task = start(Grant {
                     partition: p,
-                    epoch: rev,
+                    epoch: epoch_base + rev,
                     stop: stop.clone(),
                 });
-                tracing::info!(partition = p, epoch = rev, "partition acquired");
+                tracing::info!(
+                    partition = p,
+                    epoch = epoch_base + rev,
+                    "partition acquired"
+                );
                 metrics::counter!("kappa_leases_acquired_total").increment(1);
                 held.insert(
                     p,
@@ -203,13 +255,32 @@ where
         metrics::gauge!("kappa_partitions_owned").set(held.len() as f64);
         metrics::gauge!("kappa_members").set(members.len() as f64);
 
-        // Wait for the next tick, a change in the bucket, or shutdown.
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(tick) => {}
-            _ = watch.next() => {
-                // Let a burst of changes settle.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        // Wait for the next tick, a change that matters (a member joined or left, a lease was
+        // released), or shutdown. Heartbeats and renewals of known keys do not wake us.
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next_tick) => break,
+                e = watch.next() => {
+                    let Some(Ok(e)) = e else {
+                        // The watch broke: re-plan on ticks until it is recreated below.
+                        tokio::time::sleep_until(next_tick).await;
+                        if let Ok(w) = store.watch_all().await {
+                            watch = w;
+                        }
+                        break;
+                    };
+                    let gone = !matches!(e.operation, kv::Operation::Put);
+                    let relevant = match e.key.strip_prefix("m.") {
+                        Some(m) => gone || !known.contains(m),
+                        None => gone && e.key.starts_with("p."),
+                    };
+                    if relevant {
+                        // Let a burst of changes settle.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        break;
+                    }
+                }
             }
         }
     }

@@ -160,13 +160,16 @@ impl DeltaProcessor {
             .iter()
             .map(|i| parse_reading(&i.payload, Some(i.entity())))
             .collect();
-        let mut missing: Vec<String> = Vec::new();
-        for r in parsed.iter().flatten() {
-            if !self.slots.contains_key(&r.sensor_id) && !missing.contains(&r.sensor_id) {
-                missing.push(r.sensor_id.clone());
-            }
-        }
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<String> = parsed
+            .iter()
+            .flatten()
+            .filter(|r| !self.slots.contains_key(&r.sensor_id) && seen.insert(&r.sensor_id))
+            .map(|r| r.sensor_id.clone())
+            .collect();
         self.load_slots(missing).await?;
+        // Sensors whose window this batch changed, in first-touch order.
+        let mut touched: Vec<String> = Vec::new();
 
         // 2. Compute, publishing as we go (acks awaited below).
         let mut sensors: HashMap<String, Result<Option<Arc<ObservedSensor>>, ObservedError>> =
@@ -216,11 +219,15 @@ impl DeltaProcessor {
             match slot.window.apply(sample, sensor.window_secs) {
                 WindowOutcome::AlreadyApplied => replayed += 1,
                 WindowOutcome::Late => {
-                    slot.dirty = true;
+                    if !std::mem::replace(&mut slot.dirty, true) {
+                        touched.push(reading.sensor_id.clone());
+                    }
                     acks.push(self.reject(input, &RejectReason::Late).await?);
                 }
                 WindowOutcome::Accepted(stats) => {
-                    slot.dirty = true;
+                    if !std::mem::replace(&mut slot.dirty, true) {
+                        touched.push(reading.sensor_id.clone());
+                    }
                     if input.seq <= slot.published_upto {
                         // Published before a crash: the state catches up, the stream has it.
                         replayed += 1;
@@ -265,19 +272,20 @@ impl DeltaProcessor {
         }
 
         // 4. Commit changed windows with the position.
-        let mut writes = Vec::new();
-        for (id, slot) in self.slots.iter_mut() {
-            if slot.dirty {
-                writes.push((id.clone(), Bytes::from(slot.window.encode())));
-            }
-        }
+        let writes: Vec<_> = touched
+            .iter()
+            .filter_map(|id| {
+                let slot = self.slots.get(id)?;
+                Some((id.clone(), Bytes::from(slot.window.encode())))
+            })
+            .collect();
         let position = batch.last().map_or(0, |i| i.seq);
         self.shared
             .working
             .commit(self.partition, self.epoch, position, writes)
             .await?;
-        for slot in self.slots.values_mut() {
-            if slot.dirty {
+        for id in &touched {
+            if let Some(slot) = self.slots.get_mut(id) {
                 slot.dirty = false;
                 slot.published_upto = slot.published_upto.max(slot.window.last_seq());
             }
