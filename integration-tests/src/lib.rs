@@ -5,7 +5,8 @@
 //!
 //! Backend choice: `KAPPA_TEST_BACKEND=docker|env` forces one; by default Docker is used when
 //! its socket answers. With Docker, a container that cannot start fails the test: there is no
-//! silent fallback. With `env`, tests run one at a time and wipe the servers' streams and keys.
+//! silent fallback. With `env`, tests wipe the servers' streams and keys. Either way DAG tests
+//! run one at a time.
 
 pub mod oracle;
 pub mod procs;
@@ -53,6 +54,8 @@ fn docker_reachable() -> bool {
 /// Starts (or finds) NATS and Redis for a test, and says which backend it used.
 pub async fn servers(test: &str) -> Servers {
     let _ = std::fs::remove_dir_all(procs::bin_dir().join("test-logs").join(test));
+    // One DAG test at a time: each runs several services, and 2 cores are plenty for one.
+    let guard = ENV_LOCK.lock().await;
     if docker_reachable() {
         let nats = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
             .with_exposed_port(ContainerPort::Tcp(4222))
@@ -81,7 +84,7 @@ pub async fn servers(test: &str) -> Servers {
             backend: "docker",
             _nats: Some(nats),
             _redis: Some(redis),
-            _guard: None,
+            _guard: Some(guard),
         };
         eprintln!(
             "[{test}] backend: testcontainers ({}:{} at {}, {}:{} at {})",
@@ -89,7 +92,6 @@ pub async fn servers(test: &str) -> Servers {
         );
         s
     } else {
-        let guard = ENV_LOCK.lock().await;
         let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
         let redis_url =
             std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
