@@ -28,6 +28,9 @@ use futures::StreamExt;
 use crate::RuntimeError;
 use crate::shutdown::CancellationToken;
 
+/// How long a partition may see no delivery before it checks its consumer for a stall.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
 /// A stream partitioned by its last subject token.
 #[derive(Debug, Clone)]
 pub struct PartitionedStream {
@@ -252,7 +255,7 @@ pub async fn run_partition_at<P: Processor>(
         if shutdown.is_cancelled() {
             break;
         }
-        let consumer = match reset_consumer(&js, &cfg, partition, position).await {
+        let mut consumer = match reset_consumer(&js, &cfg, partition, position).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(partition, error = %e, "creating consumer failed; retrying");
@@ -284,7 +287,22 @@ pub async fn run_partition_at<P: Processor>(
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'consumer,
-                c = chunks.next() => c,
+                c = tokio::time::timeout(IDLE_CHECK, chunks.next()) => match c {
+                    Ok(c) => c,
+                    Err(_) => {
+                        // Nothing delivered for a while: make sure that is because there is
+                        // nothing to deliver, not a pull that went astray.
+                        match consumer.info().await {
+                            Ok(info) if info.num_pending > 0 => {
+                                tracing::warn!(partition, pending = info.num_pending,
+                                    "no delivery although inputs are pending; recreating consumer");
+                                metrics::counter!("kappa_consumer_recreated_total").increment(1);
+                                continue 'consumer;
+                            }
+                            _ => continue,
+                        }
+                    }
+                },
             };
             let Some(chunk) = chunk else {
                 tracing::warn!(partition, "pull stream ended; recreating consumer");
