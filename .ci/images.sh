@@ -89,7 +89,10 @@ host_debian_mirror() {
 build_debian() {
   command -v debootstrap >/dev/null || {
     log "installing debootstrap (apt)"
-    as_root apt-get install -y --no-install-recommends debootstrap >/dev/null
+    as_root apt-get install -y --no-install-recommends debootstrap >/dev/null 2>&1 || {
+      as_root apt-get update -qq >/dev/null
+      as_root apt-get install -y --no-install-recommends debootstrap >/dev/null
+    }
   }
   local mirror security rootfs t0=$SECONDS
   mirror="${DEBIAN_MIRROR:-$(host_debian_mirror)}"
