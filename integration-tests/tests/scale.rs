@@ -48,6 +48,19 @@ async fn wait_full_coverage(instances: &[&Proc], timeout: Duration) -> Option<Du
     None
 }
 
+/// Waits until the instances own every partition and none more than ceil(P/N)+1.
+async fn wait_balanced(instances: &[&Proc]) -> bool {
+    let cap = PARTITIONS.div_ceil(instances.len()) + 1;
+    wait_until(Duration::from_secs(30), || async {
+        let mut counts = Vec::with_capacity(instances.len());
+        for p in instances {
+            counts.push(owned(p).await.len());
+        }
+        counts.iter().sum::<usize>() == PARTITIONS && counts.iter().all(|n| *n <= cap)
+    })
+    .await
+}
+
 fn signal(p: &Proc, sig: &str) {
     let _ = Command::new("kill")
         .args([sig, &p.child.id().to_string()])
@@ -129,16 +142,7 @@ async fn three_instances_kill_one() {
     let b = Proc::start(test, "temperature-delta", &rig.env, &[]);
     let c = Proc::start(test, "temperature-delta", &rig.env, &[]);
     // Instances join one after the other; the assignment settles to a fair share.
-    let balanced = wait_until(Duration::from_secs(30), || async {
-        let counts = [
-            owned(&a).await.len(),
-            owned(&b).await.len(),
-            owned(&c).await.len(),
-        ];
-        counts.iter().sum::<usize>() == PARTITIONS
-            && counts.iter().all(|n| *n <= PARTITIONS.div_ceil(3) + 1)
-    })
-    .await;
+    let balanced = wait_balanced(&[&a, &b, &c]).await;
     assert!(
         balanced,
         "3 instances never settled on a fair share of {PARTITIONS} partitions"
@@ -241,16 +245,7 @@ async fn scale_one_three_one_under_load() {
     })
     .await;
     assert!(t, "3 instances did not share the partitions");
-    let balanced = wait_until(Duration::from_secs(30), || async {
-        let counts = [
-            owned(&a).await.len(),
-            owned(&b).await.len(),
-            owned(&c).await.len(),
-        ];
-        counts.iter().sum::<usize>() == PARTITIONS
-            && counts.iter().all(|n| *n <= PARTITIONS.div_ceil(3) + 1)
-    })
-    .await;
+    let balanced = wait_balanced(&[&a, &b, &c]).await;
     assert!(balanced, "3 instances never settled on a fair share");
     let t0 = Instant::now();
     assert!(
