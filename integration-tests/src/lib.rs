@@ -51,6 +51,13 @@ fn docker_reachable() -> bool {
     std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok()
 }
 
+/// Writes a line straight to stderr, past the test harness's output capture, so the backend
+/// each test used shows in CI logs even when the test passes.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Starts (or finds) NATS and Redis for a test, and says which backend it used.
 pub async fn servers(test: &str) -> Servers {
     let _ = std::fs::remove_dir_all(procs::bin_dir().join("test-logs").join(test));
@@ -86,17 +93,19 @@ pub async fn servers(test: &str) -> Servers {
             _redis: Some(redis),
             _guard: Some(guard),
         };
-        eprintln!(
+        say(format!(
             "[{test}] backend: testcontainers ({}:{} at {}, {}:{} at {})",
             NATS_IMAGE.0, NATS_IMAGE.1, s.nats_url, REDIS_IMAGE.0, REDIS_IMAGE.1, s.redis_url
-        );
+        ));
         s
     } else {
         let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
         let redis_url =
             std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         wipe(&nats_url, &redis_url).await;
-        eprintln!("[{test}] backend: env (NATS_URL={nats_url}, REDIS_URL={redis_url})");
+        say(format!(
+            "[{test}] backend: env (NATS_URL={nats_url}, REDIS_URL={redis_url})"
+        ));
         Servers {
             nats_url,
             redis_url,
