@@ -10,6 +10,7 @@
 
 pub mod oracle;
 pub mod procs;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 

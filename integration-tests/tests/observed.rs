@@ -1,10 +1,12 @@
-//! The observed-state options against a real registry: semi-stateless freshness and registry
-//! outage, stateful bootstrap of 10,000 sensors without any request-reply.
+//! The observed-state options against a real registry: semi-stateless freshness, refresh after
+//! a gap in the change stream, and registry outage; stateful bootstrap of 10,000 sensors
+//! without any request-reply.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use integration_tests::procs::Proc;
+use integration_tests::proxy::CuttableLink;
 use integration_tests::{
     count, metric, nats, publish_raw, read_stream, register, servers, service_env, wait_until,
 };
@@ -69,6 +71,85 @@ async fn semi_stateless_sees_a_registry_change_before_the_timeout() {
         metric(&delta.http, "kappa_observed_requests_total").await,
         1.0
     );
+}
+
+/// A forced gap: temperature-delta's link to NATS is cut while the registry changes a cached
+/// sensor, so the change can never reach its cache by the change stream in time. Once the link
+/// heals, the reconnection must have cleared the cache: the next reading is computed with the
+/// new offset, fetched again from the registry, although the cache's time-out is 300 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
+    let test = "semi_gap";
+    let s = servers(test).await;
+    let upstream = s.nats_url.trim_start_matches("nats://").to_string();
+    let link = CuttableLink::start(&upstream).await;
+    let env = service_env(
+        &s,
+        &[
+            ("KAPPA_OBSERVED", "semi-stateless"),
+            ("KAPPA_CACHE_TTL_SECS", "300"),
+        ],
+    );
+    let (c, js) = nats(&s.nats_url).await;
+    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
+    registry.wait_ready(Duration::from_secs(30)).await;
+    let mut delta_env = env.clone();
+    delta_env.retain(|(k, _)| *k != "NATS_URL");
+    delta_env.push(("NATS_URL", format!("nats://{}", link.addr)));
+    let mut delta = Proc::start(test, "temperature-delta", &delta_env, &[]);
+    delta.wait_ready(Duration::from_secs(30)).await;
+    register(&c, "s-1", "lab", 0.0, 600).await;
+    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&js, "DELTAS").await == 1
+        })
+        .await
+    );
+    assert_eq!(
+        metric(&delta.http, "kappa_observed_requests_total").await,
+        1.0,
+        "s-1 cached by one request"
+    );
+
+    link.cut();
+    let v2 = register(&c, "s-1", "lab", 5.0, 600).await;
+    assert_eq!(v2, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.heal();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            metric(&delta.http, "kappa_observed_gaps_total").await >= 1.0
+        })
+        .await,
+        "the reconnection was not taken as a gap:\n{}",
+        delta.log_text()
+    );
+    delta.wait_ready(Duration::from_secs(30)).await;
+
+    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&js, "DELTAS").await == 2
+        })
+        .await,
+        "no delta after the gap:\n{}",
+        delta.log_text()
+    );
+    let d = deltas(&js).await;
+    assert_eq!(
+        d[1]["reading_celsius"].as_f64(),
+        Some(25.0),
+        "stale offset used after the gap: {}",
+        d[1]
+    );
+    assert_eq!(d[1]["sensor_version"].as_u64(), Some(2));
+    // The stale entry was dropped and fetched again, not left to the 300 s time-out.
+    assert!(
+        metric(&delta.http, "kappa_observed_requests_total").await >= 2.0,
+        "the entry was not fetched again"
+    );
+    assert_eq!(count(&js, "DLQ").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,12 +19,20 @@ pub struct Nats {
     /// JetStream context on it.
     pub js: jetstream::Context,
     connected: Arc<AtomicBool>,
+    reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Nats {
     /// True while the client is connected (readiness).
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Counts reconnections after a lost connection. A follower of a change stream watches it:
+    /// whatever was published while the connection was down may never reach it, so a
+    /// reconnection is a gap.
+    pub fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reconnects.clone()
     }
 }
 
@@ -59,19 +67,30 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
     let addrs = parse_urls(&args.nats_url)?;
     let connected = Arc::new(AtomicBool::new(false));
     let flag = connected.clone();
+    let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+    let was_lost = Arc::new(AtomicBool::new(false));
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(args.nats_connect_timeout_secs.max(1)))
         .event_callback(move |event| {
             let flag = flag.clone();
+            let was_lost = was_lost.clone();
+            let reconnected = reconnected.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         flag.store(true, Ordering::Relaxed);
-                        tracing::info!("nats connected");
+                        if was_lost.swap(false, Ordering::Relaxed) {
+                            reconnected.send_modify(|n| *n += 1);
+                            metrics::counter!("kappa_nats_reconnects_total").increment(1);
+                            tracing::info!("nats reconnected");
+                        } else {
+                            tracing::info!("nats connected");
+                        }
                     }
                     async_nats::Event::Disconnected => {
                         flag.store(false, Ordering::Relaxed);
+                        was_lost.store(true, Ordering::Relaxed);
                         tracing::warn!("nats disconnected");
                     }
                     other => tracing::debug!(event = %other, "nats event"),
@@ -101,6 +120,7 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
         client,
         js,
         connected,
+        reconnects,
     })
 }
 

@@ -1,8 +1,8 @@
 //! `semi-stateless` observed state: a moka cache bounded in size and time. A miss asks the
 //! owner by request-reply (concurrent misses for one key share one request); the owner's change
 //! stream updates cached entries at once, so a change shows before the time-out. A gap in the
-//! change stream (a sequence jump or a broken subscription) clears the cache, since an update
-//! may have been missed.
+//! change stream (a sequence jump, a broken subscription or a reconnection to NATS) clears the
+//! cache, since an update may have been missed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,13 +132,28 @@ async fn follow<V: Versioned + std::fmt::Debug>(
                 .await
                 .map_err(RuntimeError::js)?;
             let mut msgs = c.messages().await.map_err(RuntimeError::js)?;
+            let mut reconnects = nats.reconnects();
+            reconnects.borrow_and_update();
             // Anything cached before this subscription may have missed updates.
             cache.invalidate_all();
             subscribed.store(true, Ordering::Relaxed);
             let mut last_seq = 0u64;
+            let mut watching = true;
             loop {
                 let m = tokio::select! {
                     _ = shutdown.cancelled() => return Ok::<(), RuntimeError>(()),
+                    changed = reconnects.changed(), if watching => {
+                        watching = changed.is_ok();
+                        if watching {
+                            // Changes published while the connection was down may never
+                            // arrive here: what is cached may be stale.
+                            tracing::warn!("reconnected to NATS; clearing the cache");
+                            metrics::counter!("kappa_observed_gaps_total", "cause" => "reconnect")
+                                .increment(1);
+                            cache.invalidate_all();
+                        }
+                        continue;
+                    }
                     m = msgs.next() => m,
                 };
                 let Some(m) = m else {
@@ -152,7 +167,8 @@ async fn follow<V: Versioned + std::fmt::Debug>(
                         seq,
                         "gap in the change stream; clearing the cache"
                     );
-                    metrics::counter!("kappa_observed_gaps_total").increment(1);
+                    metrics::counter!("kappa_observed_gaps_total", "cause" => "sequence")
+                        .increment(1);
                     cache.invalidate_all();
                 }
                 last_seq = seq;
@@ -183,6 +199,8 @@ async fn follow<V: Versioned + std::fmt::Debug>(
         match result {
             Ok(()) => return,
             Err(e) => {
+                metrics::counter!("kappa_observed_gaps_total", "cause" => "subscription")
+                    .increment(1);
                 tracing::warn!(error = %e, "change-stream subscription lost; cache cleared");
                 if crate::partition::sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
                     return;
