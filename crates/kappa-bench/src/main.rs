@@ -351,6 +351,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut qa_rows: Vec<Vec<String>> = Vec::new();
     let mut e2e_rows: Vec<Vec<String>> = Vec::new();
     let mut e2e_50: Option<(Lat, Lat)> = None;
+    let mut hop_rows: Vec<Vec<String>> = Vec::new();
+    let mut e2e_max: Option<(f64, f64)> = None;
     let mut dag_note = String::new();
     if !vb_ok {
         dag_note = "view-builder binary missing: not measured".into();
@@ -392,17 +394,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dag["query_api"] = json!({"concurrency": conc, "baseline": {"per_s": base.0, "lat": base.2},
                 "hot": {"per_s": hot.0, "errors": hot.1, "lat": hot.2}, "cold": {"per_s": cold.0, "errors": cold.1, "lat": cold.2},
                 "top": {"per_s": top.0, "errors": top.1, "lat": top.2}, "body_bytes": body.len()});
-            // End to end at 50% and 80% of the pipeline's measured max throughput.
-            let max = tdr.rate.min(rate);
+            // End to end at 10%, 50% and 80% of the pipeline's max throughput, measured with
+            // the whole DAG (and this load generator) sharing the machine.
+            let alone = tdr.rate.min(rate);
+            let max = match services::pipeline_max(&ctx, &vb_proc.http, (plan.n / 2).max(100), plan.sensors).await {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("    pipeline max not measured ({}); using each service alone", short(&e));
+                    alone
+                }
+            };
+            eprintln!("    pipeline max {max:.0} readings/s (each service alone: {alone:.0})");
+            e2e_max = Some((max, alone));
             let mut e2e_json = Vec::new();
             for load in [0.1, 0.5, 0.8] {
                 let r = (max * load).max(1.0);
                 let hop = baseline::one_hop(&ctx.js, r, plan.e2e_secs.min(5.0)).await;
                 let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors).await;
                 match (&e, &hop) {
-                    (Ok((l, seen, total)), Ok(h)) => {
+                    (Ok((l, seen, total, hops)), Ok(h)) => {
                         eprintln!("    e2e at {r:.0}/s: p99 {:.2} ms ({seen}/{total} seen); one hop p99 {:.2} ms", l.p99_ms, h.p99_ms);
-                        e2e_rows.push(vec![format!("{:.0}% ({r:.0} readings/s)", load * 100.0), fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9))]);
+                        let load_name = format!("{:.0}% ({r:.0} readings/s)", load * 100.0);
+                        e2e_rows.push(vec![load_name.clone(), fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9))]);
+                        if let Some(hops) = hops {
+                            let pp = |x: &Lat| format!("{:.2} / {:.2}", x.p50_ms, x.p99_ms);
+                            hop_rows.push(vec![load_name, pp(&hops.to_delta), pp(&hops.to_view), pp(&hops.to_live), hops.to_delta.count.to_string()]);
+                        }
                         if load == 0.5 { e2e_50 = Some((*l, *h)); }
                     }
                     _ => {
@@ -411,9 +428,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 e2e_json.push(json!({"load": load, "rate": r, "e2e": e.as_ref().ok().map(|x| x.0), "seen": e.as_ref().ok().map(|x| x.1),
-                    "sent": e.as_ref().ok().map(|x| x.2), "one_hop": hop.as_ref().ok()}));
+                    "sent": e.as_ref().ok().map(|x| x.2), "hops": e.as_ref().ok().and_then(|x| x.3), "one_hop": hop.as_ref().ok()}));
             }
-            dag["e2e"] = json!({"max_rate": max, "runs": e2e_json});
+            dag["e2e"] = json!({"max_rate": max, "each_alone_rate": alone, "runs": e2e_json});
             let mut td_proc = td_proc;
             let mut vb_proc = vb_proc;
             qa.terminate(Duration::from_secs(10));
@@ -705,9 +722,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if !e2e_rows.is_empty() {
         rep.table(
             "End to end: reading published -> visible at the query API",
-            &format!("Open loop at a fixed rate for {} s over {} sensors round robin, at 10%, 50% and 80% of the pipeline's max throughput measured above (min of temperature-delta `remote` and view-builder in this section). A reading counts as visible when the query API's live feed (`GET /v1/live`, SSE) shows its sensor's view with `source_seq` >= the reading's READINGS sequence. Latency is measured from each reading's *intended* send time (not the actual one), which corrects for coordinated omission. The one-hop baseline (4) is measured at the same rate just before.", plan.e2e_secs, plan.sensors),
+            &format!("Open loop at a fixed rate for {} s over {} sensors round robin, at 10%, 50% and 80% of the pipeline's max throughput: {}. A reading counts as visible when the query API's live feed (`GET /v1/live`, SSE) shows its sensor's view with `source_seq` >= the reading's READINGS sequence. Latency is measured from each reading's *intended* send time (not the actual one), which corrects for coordinated omission. The one-hop baseline (4) is measured at the same rate just before.", plan.e2e_secs, plan.sensors,
+                match e2e_max {
+                    Some((max, alone)) => format!("{max:.0} readings/s, measured by publishing N/2 readings as fast as READINGS acks them with temperature-delta (`remote`), view-builder and query-api all running, until view-builder has applied every delta (each service alone, as measured above, would allow {alone:.0}/s: on 2 shared cores the services and the load generator take CPU from one another)"),
+                    None => "not measured".into(),
+                }),
             &["load", "e2e latency", "seen/sent", "one hop (4) at same rate", "p99 e2e / one hop"],
             e2e_rows,
+        );
+    }
+    if !hop_rows.is_empty() {
+        rep.table(
+            "End to end: where the time goes",
+            "Per reading, p50 / p99 in ms of each hop, from core subscriptions in this process: *to delta* = intended send -> its delta published by temperature-delta (`thermo.deltas.>`, READINGS stream and the service's batch included); *to view* = delta published -> the sensor's view announced by view-builder (`thermo.views.sensor.>`, DELTAS stream, registry lookup and the Redis script included); *to live* = view announced -> seen on `/v1/live`. Only readings whose own delta and view were both seen count (a batch announces a sensor's latest view only).",
+            &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "readings"],
+            hop_rows,
         );
     }
     if !dag_note.is_empty() {

@@ -507,15 +507,105 @@ struct E2eState {
     seen: HashMap<String, (u64, u64)>,
     hist: Option<hdrhistogram::Histogram<u64>>,
     recorded: u64,
+    /// readings seq -> (intended send µs, seen at the live feed µs), for the per-hop split.
+    visible: HashMap<u64, (u64, u64)>,
 }
 
 impl E2eState {
-    fn record(&mut self, v: u64) {
+    fn record(&mut self, seq: u64, intended: u64, now: u64) {
         if let Some(h) = self.hist.as_mut() {
-            let _ = h.record(v.max(1));
+            let _ = h.record(now.saturating_sub(intended).max(1));
         }
+        self.visible.insert(seq, (intended, now));
         self.recorded += 1;
     }
+}
+
+/// Where end-to-end time goes, per reading: intended send -> its delta published by
+/// temperature-delta -> the sensor's view announced by view-builder -> seen at the live feed.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Hops {
+    /// Intended send -> delta published (temperature-delta's hop, READINGS stream included).
+    pub to_delta: Lat,
+    /// Delta published -> view announced (view-builder's hop, DELTAS stream included).
+    pub to_view: Lat,
+    /// View announced -> seen at `/v1/live` (query-api and the SSE client).
+    pub to_live: Lat,
+}
+
+#[derive(serde::Deserialize)]
+struct SourceSeq {
+    source_seq: u64,
+}
+
+/// Records, from a core subscription, when each `source_seq` was first seen (µs since `base`).
+fn watch_source_seqs(
+    mut sub: async_nats::Subscriber,
+    base: Instant,
+    into: Arc<Mutex<Vec<(u64, u64)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(m) = sub.next().await {
+            let now = base.elapsed().as_micros() as u64;
+            if let Ok(v) = serde_json::from_slice::<SourceSeq>(&m.payload)
+                && let Ok(mut into) = into.lock()
+            {
+                into.push((v.source_seq, now));
+            }
+        }
+    })
+}
+
+/// Pipeline throughput with the whole DAG running (temperature-delta, view-builder and
+/// query-api on the same cores as this load generator): `n` readings published as fast as the
+/// stream acks them (1024 in flight), timed until view-builder has applied all their deltas.
+pub async fn pipeline_max(ctx: &Ctx, vb_http: &str, n: u64, sensors: u64) -> anyhow::Result<f64> {
+    let processed = |m: &str| metric_sum(m, "kappa_processed_total") as u64;
+    let before = processed(&metrics(&ctx.http, vb_http).await);
+    let t0 = Instant::now();
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let run = format!(
+        "{:x}",
+        t0.elapsed().as_nanos() ^ u128::from(std::process::id())
+    );
+    let mut inflight = VecDeque::with_capacity(1024);
+    for i in 0..n {
+        let id = format!("s-{:04}", i % sensors + 1);
+        let body = format!(
+            r#"{{"sensor_id":"{id}","celsius":{:.3},"measured_at":"{stamp}"}}"#,
+            20.0 + (i % 100) as f64 / 10.0
+        );
+        let msg = PublishMessage::build()
+            .payload(Bytes::from(body))
+            .message_id(format!("max:{run}:{i}"));
+        inflight.push_back(
+            ctx.js
+                .send_publish(thermo_domain::subjects::reading(&id), msg)
+                .await?,
+        );
+        if inflight.len() >= 1024
+            && let Some(a) = inflight.pop_front()
+        {
+            a.await?;
+        }
+    }
+    for a in inflight {
+        a.await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if processed(&metrics(&ctx.http, vb_http).await) >= before + n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("view-builder did not apply {n} deltas in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64().max(1e-9))
 }
 
 /// Open-loop end-to-end latency: readings published at `rate`/s for `secs` (sensors round
@@ -527,7 +617,7 @@ pub async fn e2e(
     rate: f64,
     secs: f64,
     sensors: u64,
-) -> anyhow::Result<(Lat, u64, u64)> {
+) -> anyhow::Result<(Lat, u64, u64, Option<Hops>)> {
     let base = Instant::now();
     let state = Arc::new(Mutex::new(E2eState {
         hist: Some(histogram()),
@@ -569,20 +659,39 @@ pub async fn e2e(
                 if seq > e.0 {
                     *e = (seq, now);
                 }
-                let mut lats = Vec::new();
+                let mut done = Vec::new();
                 if let Some(q) = s.pending.get_mut(id) {
                     while q.front().is_some_and(|(rs, _)| *rs <= seq) {
-                        if let Some((_, intended)) = q.pop_front() {
-                            lats.push(now.saturating_sub(intended));
+                        if let Some(r) = q.pop_front() {
+                            done.push(r);
                         }
                     }
                 }
-                for l in lats {
-                    s.record(l);
+                for (rs, intended) in done {
+                    s.record(rs, intended, now);
                 }
             }
         }
     });
+    let delta_seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let view_seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let delta_watch = watch_source_seqs(
+        ctx.client
+            .subscribe(format!("{}.>", thermo_domain::subjects::DELTAS_PREFIX))
+            .await?,
+        base,
+        delta_seen.clone(),
+    );
+    let view_watch = watch_source_seqs(
+        ctx.client
+            .subscribe(format!(
+                "{}.sensor.>",
+                thermo_domain::subjects::VIEWS_PREFIX
+            ))
+            .await?,
+        base,
+        view_seen.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let total = (rate * secs).max(1.0) as u64;
@@ -598,10 +707,9 @@ pub async fn e2e(
                 continue;
             };
             let Ok(mut s) = st.lock() else { break };
-            match s.seen.get(&id) {
-                Some((seen_seq, at)) if *seen_seq >= ack.sequence => {
-                    let l = at.saturating_sub(intended);
-                    s.record(l);
+            match s.seen.get(&id).copied() {
+                Some((seen_seq, at)) if seen_seq >= ack.sequence => {
+                    s.record(ack.sequence, intended, at);
                 }
                 _ => s
                     .pending
@@ -647,7 +755,46 @@ pub async fn e2e(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     listener.abort();
+    delta_watch.abort();
+    view_watch.abort();
     let s = state.lock().map_err(|_| anyhow::anyhow!("lock"))?;
     let h = s.hist.as_ref().context("histogram")?;
-    Ok((lat(h), s.recorded, total))
+    let hops = split_hops(
+        &s.visible,
+        &delta_seen.lock().map_err(|_| anyhow::anyhow!("lock"))?,
+        &view_seen.lock().map_err(|_| anyhow::anyhow!("lock"))?,
+    );
+    Ok((lat(h), s.recorded, total, hops))
+}
+
+/// Splits each visible reading's latency at the times its delta and its view were seen. A
+/// view carries the `source_seq` of the latest delta it holds, which is the reading's own
+/// sequence (views are announced for every applied delta of a sensor).
+fn split_hops(
+    visible: &HashMap<u64, (u64, u64)>,
+    deltas: &[(u64, u64)],
+    views: &[(u64, u64)],
+) -> Option<Hops> {
+    let first = |seen: &[(u64, u64)]| {
+        let mut m: HashMap<u64, u64> = HashMap::with_capacity(seen.len());
+        for &(seq, at) in seen {
+            m.entry(seq).or_insert(at);
+        }
+        m
+    };
+    let (deltas, views) = (first(deltas), first(views));
+    let (mut a, mut b, mut c) = (histogram(), histogram(), histogram());
+    for (seq, &(intended, live)) in visible {
+        let (Some(&d), Some(&v)) = (deltas.get(seq), views.get(seq)) else {
+            continue;
+        };
+        let _ = a.record(d.saturating_sub(intended).max(1));
+        let _ = b.record(v.saturating_sub(d).max(1));
+        let _ = c.record(live.saturating_sub(v).max(1));
+    }
+    (!a.is_empty()).then(|| Hops {
+        to_delta: lat(&a),
+        to_view: lat(&b),
+        to_live: lat(&c),
+    })
 }

@@ -109,27 +109,33 @@ for s = 1, n do
   local nh = tonumber(ARGV[i + 7])
   local base = i
   i = i + 8
-  local hk = P .. 'history:' .. id
-  local pushed = false
+  local points = {}
   for h = 1, nh do
-    if tonumber(ARGV[i]) > pos then
-      redis.call('RPUSH', hk, ARGV[i + 1])
-      pushed = true
-    end
+    if tonumber(ARGV[i]) > pos then points[#points + 1] = ARGV[i + 1] end
     i = i + 2
   end
-  if pushed then redis.call('LTRIM', hk, -hlen, -1) end
-  local sk = P .. 'sensor:' .. id
-  local cur_seq = tonumber(redis.call('HGET', sk, 'seq') or '0')
-  if seq > cur_seq then
-    local cur_mv = tonumber(redis.call('HGET', sk, 'mv') or '-1')
-    local old_site = false
-    if cur_seq > 0 then old_site = redis.call('HGET', sk, 'site') end
-    if mv >= cur_mv then
-      redis.call('HSET', sk, 'meta', ARGV[base + 4], 'mv', ARGV[base + 5], 'site', msite)
+  if #points > 0 then
+    local hk = P .. 'history:' .. id
+    if redis.call('RPUSH', hk, unpack(points)) > hlen then
+      redis.call('LTRIM', hk, -hlen, -1)
     end
-    local site = redis.call('HGET', sk, 'site')
-    redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1])
+  end
+  local sk = P .. 'sensor:' .. id
+  local cur = redis.call('HMGET', sk, 'seq', 'mv', 'site', 'meta')
+  local cur_seq = tonumber(cur[1] or '0')
+  if seq > cur_seq then
+    local cur_mv = tonumber(cur[2] or '-1')
+    local site, meta = cur[3], cur[4]
+    if mv >= cur_mv then
+      site, meta = msite, ARGV[base + 4]
+      redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1],
+        'meta', meta, 'mv', ARGV[base + 5], 'site', site)
+    else
+      redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1])
+    end
+    -- Site sets hold sensors with a view; a registry change may have moved one already.
+    local old_site = false
+    if cur_seq > 0 then old_site = cur[3] end
     if old_site and old_site ~= site then
       redis.call('ZREM', P .. 'site:' .. old_site, id)
       if redis.call('ZCARD', P .. 'site:' .. old_site) == 0 then
@@ -137,11 +143,11 @@ for s = 1, n do
       end
     end
     redis.call('ZADD', P .. 'site:' .. site, score, id)
-    redis.call('SADD', P .. 'sites', site)
+    if old_site ~= site then redis.call('SADD', P .. 'sites', site) end
     redis.call('ZADD', P .. 'rank', score, id)
-    redis.call('ZADD', P .. 'sensors', 0, id)
+    if cur_seq == 0 then redis.call('ZADD', P .. 'sensors', 0, id) end
     table.insert(out, id)
-    table.insert(out, redis.call('HGET', sk, 'meta'))
+    table.insert(out, meta)
   end
 end
 if top_n > 0 then
