@@ -128,6 +128,41 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) a process has used so far, in seconds (`/proc/<pid>/stat`).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds used by a set of processes between two readings.
+#[derive(Debug, Clone)]
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<f64>,
+}
+
+impl CpuMeter {
+    /// Starts counting for `pids`.
+    pub fn start(pids: &[u32]) -> CpuMeter {
+        CpuMeter {
+            pids: pids.to_vec(),
+            start: pids.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).collect(),
+        }
+    }
+    /// CPU seconds of each process since `start`.
+    pub fn used(&self) -> Vec<f64> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(p, s)| cpu_secs(*p).map_or(0.0, |c| (c - s).max(0.0)))
+            .collect()
+    }
+}
+
 /// The servers the benchmark runs against.
 pub struct Servers {
     pub nats_url: String,
@@ -135,6 +170,10 @@ pub struct Servers {
     /// `unix://` URL of the colocated Redis (affinity working state).
     pub affinity_url: String,
     pub dir: PathBuf,
+    /// nats-server's pid when this run started it (CPU accounting).
+    pub nats_pid: Option<u32>,
+    /// redis-server's (TCP) pid when this run started it.
+    pub redis_pid: Option<u32>,
     _procs: Vec<Proc>,
 }
 
@@ -257,7 +296,10 @@ impl Servers {
                 format!("unix://{}", sock.display())
             }
         };
+        let pid_of = |name: &str| procs.iter().find(|p| p.name == name).map(Proc::pid);
         Ok(Servers {
+            nats_pid: pid_of("nats-server"),
+            redis_pid: pid_of("redis-server"),
             nats_url,
             redis_url,
             affinity_url,

@@ -171,6 +171,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = baseline::raw_publish(&ctx.js, plan.n.min(5_000), plan.sensors).await;
     let _ = ctx.js.delete_stream("BENCH_READINGS").await;
     let b_pub = baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await;
+    // CPU per message of each process, to say where the time goes (table "CPU per message").
+    let mut cpu_rows: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
+    let meter = ctx.cpu_meter(None);
     let b_relay = baseline::relay(
         &ctx.js,
         &baseline::bench_readings(),
@@ -178,7 +181,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         plan.n,
     )
     .await;
+    cpu_rows.push((
+        "relay (2), in kappa-bench".into(),
+        ctx.cpu_per_msg(&meter, "service", plan.n),
+    ));
     let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
+    let meter = ctx.cpu_meter(None);
     let b_redis = baseline::relay(
         &ctx.js,
         &baseline::bench_deltas(),
@@ -186,6 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         plan.n,
     )
     .await;
+    cpu_rows.push((
+        "Redis relay (3), in kappa-bench".into(),
+        ctx.cpu_per_msg(&meter, "service", plan.n),
+    ));
     let b_hop = baseline::one_hop(&ctx.js, plan.hop_rate, plan.hop_secs).await;
     let mut rc = redis_conn.clone();
     let b_ping = baseline::redis_ping(&mut rc, plan.pings).await;
@@ -363,7 +375,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let td_proc = td_proc.ok_or_else(|| anyhow::anyhow!("no td"))?;
             td_dag_rate = Some(tdr.rate);
             let n_deltas = infra::count(&ctx.js, "DELTAS").await;
-            let (rate, vb_ready, vb_proc) = services::view_builder(&ctx, n_deltas).await?;
+            let (rate, vb_ready, vb_proc, vb_cpu) = services::view_builder(&ctx, n_deltas).await?;
+            cpu_rows.push(("view-builder".into(), vb_cpu));
             eprintln!("    view-builder {rate:.0} deltas/s (ready {vb_ready:.2}s)");
             vb_rate = Some(rate);
             dag["view_builder"] = json!({"deltas": n_deltas, "per_s": rate, "ready_secs": vb_ready, "rss_kib": vb_proc.rss_kib()});
@@ -738,6 +751,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "readings"],
             hop_rows,
         );
+    }
+    {
+        let mut rows = Vec::new();
+        // Baselines first, then the services in pipeline order.
+        let (mut all, rest): (Vec<_>, Vec<_>) = cpu_rows
+            .iter()
+            .cloned()
+            .partition(|(n, _)| n.contains("relay"));
+        for w in ["local", "remote", "affinity"] {
+            if let Some(r) = find(w, false) {
+                all.push((format!("temperature-delta `{w}`"), r.cpu_us.clone()));
+            }
+        }
+        all.extend(rest);
+        for (name, cpu) in &all {
+            let get = |k: &str| cpu.iter().find(|(n, _)| *n == k).map(|x| x.1);
+            let own = cpu.first().map(|x| x.1);
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+            let total: f64 = cpu.iter().map(|x| x.1).sum();
+            rows.push(vec![
+                name.clone(),
+                f(own),
+                f(get("nats-server")),
+                f(get("redis-server")),
+                format!("{total:.1}"),
+            ]);
+        }
+        if !rows.is_empty() {
+            rep.table(
+                "CPU per message: where the time goes",
+                "CPU time (user + system, from `/proc/<pid>/stat`) each process used during the run, divided by the messages it moved. The relays run inside kappa-bench (so their first column is kappa-bench itself); the services are their own processes. On 2 cores, throughput is bounded by the total: a service that adds CPU per message to nats-server's share loses throughput to it.",
+                &["run", "service µs/msg", "nats-server µs/msg", "redis-server µs/msg", "total µs/msg"],
+                rows,
+            );
+        }
+        rep.json("cpu_us_per_msg", json!(all.iter().map(|(n, c)| json!({"run": n, "cpu": c.iter().map(|(k, v)| json!({"process": k, "us": v})).collect::<Vec<_>>()})).collect::<Vec<_>>()));
     }
     if !dag_note.is_empty() {
         rep.note(&format!(

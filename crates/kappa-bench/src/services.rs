@@ -26,6 +26,36 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Starts counting CPU of `service` (or of this process when `None`), nats-server and
+    /// redis-server.
+    pub fn cpu_meter(&self, service: Option<u32>) -> crate::infra::CpuMeter {
+        let mut pids = vec![service.unwrap_or_else(std::process::id)];
+        pids.extend(self.servers.nats_pid);
+        pids.extend(self.servers.redis_pid);
+        crate::infra::CpuMeter::start(&pids)
+    }
+
+    /// CPU µs per message of each process `meter` counts, over `n` messages.
+    pub fn cpu_per_msg(
+        &self,
+        meter: &crate::infra::CpuMeter,
+        service: &'static str,
+        n: u64,
+    ) -> Vec<(&'static str, f64)> {
+        let mut names = vec![service];
+        if self.servers.nats_pid.is_some() {
+            names.push("nats-server");
+        }
+        if self.servers.redis_pid.is_some() {
+            names.push("redis-server");
+        }
+        names
+            .into_iter()
+            .zip(meter.used())
+            .map(|(name, secs)| (name, secs * 1e6 / n.max(1) as f64))
+            .collect()
+    }
+
     pub async fn new(servers: Servers, bin_dir: PathBuf) -> anyhow::Result<Ctx> {
         let (client, js) = servers.nats().await?;
         let logs = servers.dir.join("logs");
@@ -220,6 +250,8 @@ pub struct TdResult {
     pub mean_batch_ms: f64,
     /// Working-state store calls (`kappa_state_seconds_count`: Redis round trips) per batch.
     pub store_calls_per_batch: f64,
+    /// CPU µs per reading while draining: (process, µs).
+    pub cpu_us: Vec<(&'static str, f64)>,
     pub recovery: Option<Recovery>,
 }
 
@@ -288,6 +320,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         count(&js, "DELTAS").await + count(&js, "DLQ").await
     };
     let m0 = done_at(ctx.js.clone()).await.min(n);
+    let meter = ctx.cpu_meter(Some(p.pid()));
     let deadline = t_ready + Duration::from_secs(900);
     loop {
         let d = done_at(ctx.js.clone()).await;
@@ -303,6 +336,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t_ready.elapsed().as_secs_f64();
+    let cpu_us = ctx.cpu_per_msg(&meter, "temperature-delta", n - m0);
     let m = metrics(&ctx.http, &p.http).await;
     let requests = metric_sum(&m, "kappa_observed_requests_total");
     let req_sum = metric_sum(&m, "kappa_observed_request_seconds_sum");
@@ -335,6 +369,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
             / metric_sum(&m, "kappa_batch_seconds_count").max(1.0),
         store_calls_per_batch: metric_sum(&m, "kappa_state_seconds_count")
             / metric_sum(&m, "kappa_batch_seconds_count").max(1.0),
+        cpu_us,
         recovery: None,
     };
     if c.recovery {
@@ -379,13 +414,17 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
 }
 
 /// Times view-builder applying every delta already in DELTAS (`kappa_processed_total`).
-pub async fn view_builder(ctx: &Ctx, n: u64) -> anyhow::Result<(f64, f64, Proc)> {
+pub async fn view_builder(
+    ctx: &Ctx,
+    n: u64,
+) -> anyhow::Result<(f64, f64, Proc, Vec<(&'static str, f64)>)> {
     let spawned = Instant::now();
     let mut p = ctx.spawn(
         "view-builder",
         &[("KAPPA_OBSERVED", "semi-stateless".into())],
         &[],
     )?;
+    let meter = ctx.cpu_meter(Some(p.pid()));
     // Poll from spawn: the first poll that sees progress starts the clock (the service may
     // work through a small backlog before its /healthz is polled as ready).
     let processed = |m: &str| metric_sum(m, "kappa_processed_total") as u64;
@@ -412,13 +451,14 @@ pub async fn view_builder(ctx: &Ctx, n: u64) -> anyhow::Result<(f64, f64, Proc)>
         Some((t, m)) if m < n && done > t => (n - m) as f64 / (done - t).as_secs_f64(),
         _ => n as f64 / (done - spawned).as_secs_f64().max(1e-9),
     };
+    let cpu = ctx.cpu_per_msg(&meter, "view-builder", n);
     let ready = match ready {
         Some(r) => r,
         None => wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(120))
             .await?
             .as_secs_f64(),
     };
-    Ok((rate, ready, p))
+    Ok((rate, ready, p, cpu))
 }
 
 /// Closed-loop HTTP load: `concurrency` workers GET `paths` round robin until `max` requests or

@@ -108,6 +108,11 @@ pub async fn serve(
         .map_err(|e| RuntimeError::Http(format!("cannot listen on {addr}: {e}")))?;
     tracing::info!(%addr, "http listening");
     Ok(tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        // Server-Sent Events are small writes: send each at once (no Nagle delay).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;

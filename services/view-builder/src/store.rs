@@ -125,12 +125,14 @@ for s = 1, n do
   local cur_seq = tonumber(cur[1] or '0')
   if seq > cur_seq then
     local cur_mv = tonumber(cur[2] or '-1')
+    -- The stored metadata is returned only when it is newer than the caller's ('' = yours).
     local site, meta = cur[3], cur[4]
-    if mv >= cur_mv then
-      site, meta = msite, ARGV[base + 4]
+    if mv > cur_mv then
+      site, meta = msite, ''
       redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1],
-        'meta', meta, 'mv', ARGV[base + 5], 'site', site)
+        'meta', ARGV[base + 4], 'mv', ARGV[base + 5], 'site', site)
     else
+      if mv == cur_mv then meta = '' end
       redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1])
     end
     -- Site sets hold sensors with a view; a registry change may have moved one already.
@@ -147,7 +149,7 @@ for s = 1, n do
     redis.call('ZADD', P .. 'rank', score, id)
     if cur_seq == 0 then redis.call('ZADD', P .. 'sensors', 0, id) end
     table.insert(out, id)
-    table.insert(out, meta)
+    table.insert(out, meta or '')
   end
 end
 if top_n > 0 then
@@ -437,7 +439,7 @@ impl Store {
                     .map_err(|e| StoreError::Protocol(e.to_string()))?;
                 inv.arg(*seq).arg(json);
             }
-            deltas.insert(u.delta.sensor_id.clone(), (&u.delta, u.seq));
+            deltas.insert(u.delta.sensor_id.clone(), (&u.delta, u.seq, meta));
         }
         let mut conn = self.conn.clone();
         let r: Vec<String> = inv.invoke_async(&mut conn).await?;
@@ -450,12 +452,16 @@ impl Store {
         let mut views = Vec::new();
         for pair in r[2..].chunks(2) {
             let [id, meta] = pair else { continue };
-            let Some((delta, seq)) = deltas.get(id) else {
+            let Some((delta, seq, mine)) = deltas.remove(id) else {
                 continue;
             };
-            let meta: SensorMeta = serde_json::from_str(meta)
-                .map_err(|e| StoreError::Protocol(format!("stored meta of {id}: {e}")))?;
-            views.push(compose(delta, *seq, meta));
+            let meta = if meta.is_empty() {
+                mine
+            } else {
+                serde_json::from_str(meta)
+                    .map_err(|e| StoreError::Protocol(format!("stored meta of {id}: {e}")))?
+            };
+            views.push(compose(delta, seq, meta));
         }
         Ok(Applied::Changed(views))
     }

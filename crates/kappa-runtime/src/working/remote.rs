@@ -49,7 +49,14 @@ pub struct RedisState {
 
 /// Connects to `url` (checking it answers PING) with a clear error.
 pub async fn connect(url: &str, what: &str) -> Result<ConnectionManager, RuntimeError> {
-    let client = redis::Client::open(url)
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is not a Redis URL: {e}")))?
+        // Small scripts and replies go out at once: without TCP_NODELAY, the tail of a
+        // multi-segment script call can wait for a delayed ACK (tens of ms).
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info)
         .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is not a Redis URL: {e}")))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
