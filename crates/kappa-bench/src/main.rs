@@ -425,13 +425,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let hop = baseline::one_hop(&ctx.js, r, plan.e2e_secs.min(5.0)).await;
                 let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors).await;
                 match (&e, &hop) {
-                    (Ok((l, seen, total, hops)), Ok(h)) => {
+                    (Ok((l, seen, total, hops, busy)), Ok(h)) => {
                         eprintln!("    e2e at {r:.0}/s: p99 {:.2} ms ({seen}/{total} seen); one hop p99 {:.2} ms", l.p99_ms, h.p99_ms);
                         let load_name = format!("{:.0}% ({r:.0} readings/s)", load * 100.0);
                         e2e_rows.push(vec![load_name.clone(), fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9))]);
                         if let Some(hops) = hops {
                             let pp = |x: &Lat| format!("{:.2} / {:.2}", x.p50_ms, x.p99_ms);
-                            hop_rows.push(vec![load_name, pp(&hops.to_delta), pp(&hops.to_view), pp(&hops.to_live), hops.to_delta.count.to_string()]);
+                            let busy = busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
+                            hop_rows.push(vec![load_name, pp(&hops.to_delta), pp(&hops.to_view), pp(&hops.to_live), hops.to_delta.count.to_string(), busy]);
                         }
                         if load == 0.5 { e2e_50 = Some((*l, *h)); }
                     }
@@ -441,7 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 e2e_json.push(json!({"load": load, "rate": r, "e2e": e.as_ref().ok().map(|x| x.0), "seen": e.as_ref().ok().map(|x| x.1),
-                    "sent": e.as_ref().ok().map(|x| x.2), "hops": e.as_ref().ok().and_then(|x| x.3), "one_hop": hop.as_ref().ok()}));
+                    "sent": e.as_ref().ok().map(|x| x.2), "hops": e.as_ref().ok().and_then(|x| x.3), "machine_busy": e.as_ref().ok().and_then(|x| x.4), "one_hop": hop.as_ref().ok()}));
             }
             dag["e2e"] = json!({"max_rate": max, "each_alone_rate": alone, "runs": e2e_json});
             let mut td_proc = td_proc;
@@ -747,8 +748,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if !hop_rows.is_empty() {
         rep.table(
             "End to end: where the time goes",
-            "Per reading, p50 / p99 in ms of each hop, from core subscriptions in this process: *to delta* = intended send -> its delta published by temperature-delta (`thermo.deltas.>`, READINGS stream and the service's batch included); *to view* = delta published -> the sensor's view announced by view-builder (`thermo.views.sensor.>`, DELTAS stream, registry lookup and the Redis script included); *to live* = view announced -> seen on `/v1/live`. Only readings whose own delta and view were both seen count (a batch announces a sensor's latest view only).",
-            &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "readings"],
+            "Per reading, p50 / p99 in ms of each hop, from core subscriptions in this process: *to delta* = intended send -> its delta published by temperature-delta (`thermo.deltas.>`, READINGS stream and the service's batch included); *to view* = delta published -> the sensor's view announced by view-builder (`thermo.views.sensor.>`, DELTAS stream, registry lookup and the Redis script included); *to live* = view announced -> seen on `/v1/live`. Only readings whose own delta and view were both seen count (a batch announces a sensor's latest view only). *Machine CPU busy* is the share of both cores in use while sending (`/proc/stat`), everything included.",
+            &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "readings", "machine CPU busy"],
             hop_rows,
         );
     }

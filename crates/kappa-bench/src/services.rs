@@ -657,7 +657,7 @@ pub async fn e2e(
     rate: f64,
     secs: f64,
     sensors: u64,
-) -> anyhow::Result<(Lat, u64, u64, Option<Hops>)> {
+) -> anyhow::Result<(Lat, u64, u64, Option<Hops>, Option<f64>)> {
     let base = Instant::now();
     let state = Arc::new(Mutex::new(E2eState {
         hist: Some(histogram()),
@@ -735,6 +735,7 @@ pub async fn e2e(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let total = (rate * secs).max(1.0) as u64;
+    let ticks0 = crate::infra::machine_ticks();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now() + Duration::from_millis(20);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, u64, PublishAckFuture)>(1 << 17);
@@ -786,6 +787,7 @@ pub async fn e2e(
         let _ = tx.send((id, intended, a)).await;
     }
     drop(tx);
+    let busy = crate::infra::busy_share(ticks0, crate::infra::machine_ticks());
     let failed = acker.await?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
@@ -804,7 +806,7 @@ pub async fn e2e(
         &delta_seen.lock().map_err(|_| anyhow::anyhow!("lock"))?,
         &view_seen.lock().map_err(|_| anyhow::anyhow!("lock"))?,
     );
-    Ok((lat(h), s.recorded, total, hops))
+    Ok((lat(h), s.recorded, total, hops, busy))
 }
 
 /// Splits each visible reading's latency at the times its delta and its view were seen. A

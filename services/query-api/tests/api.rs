@@ -92,7 +92,7 @@ async fn api_answers_from_the_views() {
         let ups = fold_batch(items, 10);
         let metas = vec![None; ups.len()];
         store
-            .apply(&Target::Active, p, 1, last, 100, 10, &ups, &metas)
+            .apply(&Target::Active, p, 1, last, 10, &ups, &metas)
             .await
             .expect("apply");
     }

@@ -13,7 +13,6 @@
 //! | `views:{g}:history:<id>` | list | the last `--history-len` points `{delta_celsius, latest_celsius, window_end, source_seq, view_seq}`, oldest first |
 //! | `views:{g}:site:<site>` | sorted set | the site's sensors, score `-abs(delta_celsius)` |
 //! | `views:{g}:rank` | sorted set | every sensor, score `-abs(delta_celsius)` |
-//! | `views:{g}:top` | sorted set | the first `--top-n` members of `rank` |
 //! | `views:{g}:sensors` | sorted set | every sensor with a view (score 0: ordered by id) |
 //! | `views:{g}:sites` | set | every site with at least one sensor |
 //! | `views:{g}:positions` | hash | partition -> last applied deltas-stream sequence |
@@ -83,9 +82,6 @@ pub struct Config {
     /// Points kept in a sensor's history.
     #[arg(long, env = "HISTORY_LEN", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub history_len: u64,
-    /// Sensors kept in the top-N view.
-    #[arg(long, env = "TOP_N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub top_n: u64,
     /// Largest batch applied at once.
     #[arg(long, env = "BATCH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch: u64,
@@ -105,10 +101,6 @@ impl Config {
 
     fn history_len(&self) -> usize {
         usize::try_from(self.history_len).unwrap_or(usize::MAX)
-    }
-
-    fn top_n(&self) -> usize {
-        usize::try_from(self.top_n).unwrap_or(usize::MAX)
     }
 
     /// The deltas stream as declared by temperature-delta.
@@ -151,7 +143,6 @@ struct Shared {
     client: async_nats::Client,
     dlq: kappa_runtime::dlq::DeadLetters,
     observed: Arc<dyn ObservedState<ObservedSensor>>,
-    top_n: usize,
     history_len: usize,
 }
 
@@ -258,7 +249,6 @@ impl Processor for ViewProcessor {
                 self.partition,
                 self.epoch,
                 last,
-                self.shared.top_n,
                 self.shared.history_len,
                 &updates,
                 &metas,
@@ -484,7 +474,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         client: service.nats.client.clone(),
         dlq: kappa_runtime::dlq::DeadLetters::new(js.clone(), SERVICE),
         observed,
-        top_n: cfg.top_n(),
         history_len: cfg.history_len(),
     });
     let driver = DriverConfig {

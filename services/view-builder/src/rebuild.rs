@@ -187,16 +187,7 @@ async fn flush(
         let updates = fold_batch(items, cfg.history_len());
         let metas = vec![None; updates.len()];
         let outcome = store
-            .apply(
-                &target,
-                p,
-                0,
-                last,
-                cfg.top_n(),
-                cfg.history_len(),
-                &updates,
-                &metas,
-            )
+            .apply(&target, p, 0, last, cfg.history_len(), &updates, &metas)
             .await?;
         if outcome == Applied::Fenced {
             anyhow::bail!("generation {generation} partition {p} has another writer");

@@ -42,10 +42,6 @@ impl Keys {
     pub fn rank(&self) -> String {
         format!("{}rank", self.prefix)
     }
-    /// `views:{g}:top`: the first `top-n` of `rank`.
-    pub fn top(&self) -> String {
-        format!("{}top", self.prefix)
-    }
     /// `views:{g}:sensors`: every sensor with a view (score 0, so ordered by id).
     pub fn sensors(&self) -> String {
         format!("{}sensors", self.prefix)
@@ -84,22 +80,21 @@ redis.call('HSET', P .. 'epochs', part, ARGV[3])
 return {redis.call('HGET', P .. 'positions', part) or '0', gen}
 ";
 
-/// One batch of one partition. ARGV: gen, partition, epoch, last seq, top-n, history length,
+/// One batch of one partition. ARGV: gen, partition, epoch, last seq, history length,
 /// number of sensors, then per sensor: id, seq, delta JSON, score, meta JSON, meta version,
 /// meta site, number of history points, then (seq, JSON) per point.
 const APPLY: &str = r"
 local part = ARGV[2]
 local epoch = tonumber(ARGV[3])
 local last = tonumber(ARGV[4])
-local top_n = tonumber(ARGV[5])
-local hlen = tonumber(ARGV[6])
-local n = tonumber(ARGV[7])
+local hlen = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 local cur_epoch = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
 if cur_epoch > epoch then return {'-1', gen} end
 local pos = tonumber(redis.call('HGET', P .. 'positions', part) or '0')
 if last <= pos then return {'0', gen} end
 local out = {'1', gen}
-local i = 8
+local i = 7
 for s = 1, n do
   local id = ARGV[i]
   local seq = tonumber(ARGV[i + 1])
@@ -151,9 +146,6 @@ for s = 1, n do
     table.insert(out, id)
     table.insert(out, meta or '')
   end
-end
-if top_n > 0 then
-  redis.call('ZRANGESTORE', P .. 'top', P .. 'rank', 0, top_n - 1)
 end
 redis.call('HSET', P .. 'positions', part, ARGV[4])
 redis.call('HSET', P .. 'epochs', part, ARGV[3])
@@ -255,7 +247,8 @@ if kind == 'sensors' then
 elseif kind == 'site' then
   ids = redis.call('ZRANGE', P .. 'site:' .. arg, 0, -1)
 elseif kind == 'top' then
-  ids = redis.call('ZRANGE', P .. 'top', 0, limit - 1)
+  -- Read from the full ranking: O(log N + limit), nothing to maintain per batch.
+  ids = redis.call('ZRANGE', P .. 'rank', 0, limit - 1)
 else
   ids = {arg}
 end
@@ -403,7 +396,6 @@ impl Store {
         partition: u32,
         epoch: u64,
         last_seq: u64,
-        top_n: usize,
         history_len: usize,
         updates: &[SensorUpdate],
         metas: &[Option<SensorMeta>],
@@ -413,7 +405,6 @@ impl Store {
             .arg(partition)
             .arg(epoch)
             .arg(last_seq)
-            .arg(top_n)
             .arg(history_len.max(1))
             .arg(updates.len());
         let mut deltas = std::collections::HashMap::new();
@@ -577,7 +568,7 @@ impl Store {
         self.read_list("site", site, 0).await
     }
 
-    /// The first `limit` sensors of the top-N.
+    /// The first `limit` sensors of the ranking (`abs(delta)` descending, ties by id).
     pub async fn top(&self, limit: usize) -> Result<ViewList, StoreError> {
         self.read_list("top", "", limit).await
     }
@@ -649,7 +640,6 @@ mod tests {
         assert_eq!(k.history("s-1"), "views:{3}:history:s-1");
         assert_eq!(k.site("lab"), "views:{3}:site:lab");
         assert_eq!(k.rank(), "views:{3}:rank");
-        assert_eq!(k.top(), "views:{3}:top");
         assert_eq!(k.positions(), "views:{3}:positions");
         assert_eq!(k.pattern(), "views:{3}:*");
     }

@@ -51,7 +51,7 @@ async fn apply(
     let ups = fold_batch(items, 3);
     let metas = vec![None; ups.len()];
     store
-        .apply(target, p, epoch, last, 2, 3, &ups, &metas)
+        .apply(target, p, epoch, last, 3, &ups, &metas)
         .await
         .expect("apply")
 }
@@ -95,10 +95,11 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
     let ids: Vec<&str> = lab.views.iter().map(|v| v.sensor_id.as_str()).collect();
     assert_eq!(ids, vec!["b", "a"]);
     assert_eq!(lab.view_seq, 4);
-    // top-n is 2 here; ties by id ascending.
-    let top = store.top(10).await.expect("top");
+    // The first two of the ranking; ties by id ascending.
+    let top = store.top(2).await.expect("top");
     let ids: Vec<&str> = top.views.iter().map(|v| v.sensor_id.as_str()).collect();
     assert_eq!(ids, vec!["b", "a"]);
+    assert_eq!(store.top(10).await.expect("top").views.len(), 3);
     let all = store.sensors().await.expect("all");
     assert_eq!(all.views.len(), 3);
     assert_eq!(all.views[0].sensor_id, "a");
