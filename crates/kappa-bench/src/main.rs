@@ -423,26 +423,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for load in [0.1, 0.5, 0.8] {
                 let r = (max * load).max(1.0);
                 let hop = baseline::one_hop(&ctx.js, r, plan.e2e_secs.min(5.0)).await;
-                let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors).await;
+                let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors, false).await;
                 match (&e, &hop) {
                     (Ok((l, seen, total, hops, busy)), Ok(h)) => {
                         eprintln!("    e2e at {r:.0}/s: p99 {:.2} ms ({seen}/{total} seen); one hop p99 {:.2} ms", l.p99_ms, h.p99_ms);
                         let load_name = format!("{:.0}% ({r:.0} readings/s)", load * 100.0);
-                        e2e_rows.push(vec![load_name.clone(), fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9))]);
-                        if let Some(hops) = hops {
-                            let pp = |x: &Lat| format!("{:.2} / {:.2}", x.p50_ms, x.p99_ms);
-                            let busy = busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
-                            hop_rows.push(vec![load_name, pp(&hops.to_delta), pp(&hops.to_view), pp(&hops.to_live), hops.to_delta.count.to_string(), busy]);
-                        }
+                        let busy_s = busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
+                        e2e_rows.push(vec![load_name, fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9)), busy_s]);
+                        let _ = hops;
                         if load == 0.5 { e2e_50 = Some((*l, *h)); }
                     }
                     _ => {
                         let err = e.as_ref().err().or(hop.as_ref().err()).map(short).unwrap_or_default();
-                        e2e_rows.push(vec![format!("{:.0}% ({r:.0} readings/s)", load * 100.0), format!("not measured: {err}"), String::new(), String::new(), String::new()]);
+                        e2e_rows.push(vec![format!("{:.0}% ({r:.0} readings/s)", load * 100.0), format!("not measured: {err}"), String::new(), String::new(), String::new(), String::new()]);
                     }
                 }
                 e2e_json.push(json!({"load": load, "rate": r, "e2e": e.as_ref().ok().map(|x| x.0), "seen": e.as_ref().ok().map(|x| x.1),
                     "sent": e.as_ref().ok().map(|x| x.2), "hops": e.as_ref().ok().and_then(|x| x.3), "machine_busy": e.as_ref().ok().and_then(|x| x.4), "one_hop": hop.as_ref().ok()}));
+            }
+            // Where the time goes: the same open loop at 10% and 50%, with two more subscribers
+            // that note when each reading's delta and view go by.
+            for load in [0.1, 0.5] {
+                let r = (max * load).max(1.0);
+                let load_name = format!("{:.0}% ({r:.0} readings/s)", load * 100.0);
+                match services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors, true).await {
+                    Ok((l, _, _, Some(hops), busy)) => {
+                        let pp = |x: &Lat| format!("{:.2} / {:.2}", x.p50_ms, x.p99_ms);
+                        let busy = busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
+                        hop_rows.push(vec![load_name, pp(&hops.to_delta), pp(&hops.to_view), pp(&hops.to_live), pp(&l), hops.to_delta.count.to_string(), busy]);
+                        e2e_json.push(json!({"load": load, "rate": r, "split": true, "e2e": l, "hops": hops}));
+                    }
+                    Ok(_) => hop_rows.push(vec![load_name, "no reading seen at every hop".into(), String::new(), String::new(), String::new(), String::new(), String::new()]),
+                    Err(e) => hop_rows.push(vec![load_name, format!("not measured: {}", short(&e)), String::new(), String::new(), String::new(), String::new(), String::new()]),
+                }
             }
             dag["e2e"] = json!({"max_rate": max, "each_alone_rate": alone, "runs": e2e_json});
             let mut td_proc = td_proc;
@@ -741,15 +754,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some((max, alone)) => format!("{max:.0} readings/s, measured by publishing N/2 readings as fast as READINGS acks them with temperature-delta (`remote`), view-builder and query-api all running, until view-builder has applied every delta (each service alone, as measured above, would allow {alone:.0}/s: on 2 shared cores the services and the load generator take CPU from one another)"),
                     None => "not measured".into(),
                 }),
-            &["load", "e2e latency", "seen/sent", "one hop (4) at same rate", "p99 e2e / one hop"],
+            &["load", "e2e latency", "seen/sent", "one hop (4) at same rate", "p99 e2e / one hop", "machine CPU busy"],
             e2e_rows,
         );
     }
     if !hop_rows.is_empty() {
         rep.table(
             "End to end: where the time goes",
-            "Per reading, p50 / p99 in ms of each hop, from core subscriptions in this process: *to delta* = intended send -> its delta published by temperature-delta (`thermo.deltas.>`, READINGS stream and the service's batch included); *to view* = delta published -> the sensor's view announced by view-builder (`thermo.views.sensor.>`, DELTAS stream, registry lookup and the Redis script included); *to live* = view announced -> seen on `/v1/live`. Only readings whose own delta and view were both seen count (a batch announces a sensor's latest view only). *Machine CPU busy* is the share of both cores in use while sending (`/proc/stat`), everything included.",
-            &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "readings", "machine CPU busy"],
+            "A separate open-loop run at 10% and 50% load, with two more core subscriptions in this process (so slightly more load than the runs above). Per reading, p50 / p99 in ms of each hop: *to delta* = intended send -> its delta published by temperature-delta (`thermo.deltas.>`, READINGS stream and the service's batch included); *to view* = delta published -> the sensor's view announced by view-builder (`thermo.views.sensor.>`, DELTAS stream, registry lookup and the Redis script included); *to live* = view announced -> seen on `/v1/live`. Only readings whose own delta and view were both seen count (a batch announces a sensor's latest view only). *Machine CPU busy* is the share of both cores in use while sending (`/proc/stat`), everything included.",
+            &["load", "to delta p50 / p99", "to view p50 / p99", "to live p50 / p99", "e2e p50 / p99 (this run)", "readings", "machine CPU busy"],
             hop_rows,
         );
     }

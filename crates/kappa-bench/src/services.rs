@@ -657,6 +657,7 @@ pub async fn e2e(
     rate: f64,
     secs: f64,
     sensors: u64,
+    split: bool,
 ) -> anyhow::Result<(Lat, u64, u64, Option<Hops>, Option<f64>)> {
     let base = Instant::now();
     let state = Arc::new(Mutex::new(E2eState {
@@ -715,23 +716,27 @@ pub async fn e2e(
     });
     let delta_seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let view_seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let delta_watch = watch_source_seqs(
-        ctx.client
-            .subscribe(format!("{}.>", thermo_domain::subjects::DELTAS_PREFIX))
-            .await?,
-        base,
-        delta_seen.clone(),
-    );
-    let view_watch = watch_source_seqs(
-        ctx.client
-            .subscribe(format!(
-                "{}.sensor.>",
-                thermo_domain::subjects::VIEWS_PREFIX
-            ))
-            .await?,
-        base,
-        view_seen.clone(),
-    );
+    // The split needs two more subscribers (more work for nats-server and this process), so
+    // it is a run of its own.
+    let mut watches = Vec::new();
+    if split {
+        for (subject, into) in [
+            (
+                format!("{}.>", thermo_domain::subjects::DELTAS_PREFIX),
+                &delta_seen,
+            ),
+            (
+                format!("{}.sensor.>", thermo_domain::subjects::VIEWS_PREFIX),
+                &view_seen,
+            ),
+        ] {
+            watches.push(watch_source_seqs(
+                ctx.client.subscribe(subject).await?,
+                base,
+                into.clone(),
+            ));
+        }
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let total = (rate * secs).max(1.0) as u64;
@@ -797,8 +802,9 @@ pub async fn e2e(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     listener.abort();
-    delta_watch.abort();
-    view_watch.abort();
+    for w in watches {
+        w.abort();
+    }
     let s = state.lock().map_err(|_| anyhow::anyhow!("lock"))?;
     let h = s.hist.as_ref().context("histogram")?;
     let hops = split_hops(
