@@ -304,9 +304,8 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
     let mut api = Proc::start(test, "query-api", &rig.env, &[]);
     api.wait_ready(Duration::from_secs(30)).await;
     assert!(
-        wait_full_coverage(&[&vb1, &vb2], Duration::from_secs(30))
-            .await
-            .is_some()
+        wait_balanced(&[&vb1, &vb2]).await,
+        "two view-builders never shared the partitions"
     );
     let (n1, n2) = (owned(&vb1).await.len(), owned(&vb2).await.len());
     assert!(n1 > 0 && n2 > 0, "both instances work: {n1} + {n2}");

@@ -108,9 +108,8 @@ async fn relay_partition(
             durable_name: Some(name),
             filter_subject: input.filter(p),
             deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::All,
-            ack_wait: Duration::from_secs(60),
-            max_ack_pending: (BATCH * 4) as i64,
+            // As the runtime driver: no acks (its cursor is the position committed with state).
+            ack_policy: consumer::AckPolicy::None,
             ..Default::default()
         })
         .await?;
@@ -124,7 +123,9 @@ async fn relay_partition(
     let mut chunks = msgs.ready_chunks(BATCH);
     while let Some(chunk) = chunks.next().await {
         let msgs: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
-        let Some(last) = msgs.last() else { continue };
+        if msgs.is_empty() {
+            continue;
+        }
         match &sink {
             Sink::Stream(out) => {
                 let mut acks = Vec::with_capacity(msgs.len());
@@ -164,14 +165,13 @@ async fn relay_partition(
                 let _: () = pipe.query_async(&mut conn).await?;
             }
         }
-        last.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
         done.fetch_add(msgs.len() as u64, Ordering::Relaxed);
     }
     Ok(())
 }
 
-/// Baselines 2 and 3: one pull consumer per partition of `input` (batch 256, ack policy all),
-/// each batch written to `sink`, then acked. Returns messages/s over `n` messages.
+/// Baselines 2 and 3: one pull consumer per partition of `input` (batch 256, ack policy none, as the runtime driver),
+/// each batch written to `sink`. Returns messages/s over `n` messages.
 pub async fn relay(
     js: &jetstream::Context,
     input: &PartitionedStream,

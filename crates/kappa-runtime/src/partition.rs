@@ -10,8 +10,9 @@
 //! 2. the partition's durable consumer is (re)created to start right after that position, so
 //!    redeliveries after a crash can never arrive after newer inputs;
 //! 3. batches of whatever is ready are handed to `process`, which computes, publishes its state
-//!    changes (awaiting the publish acks), commits state and position, and only then the batch
-//!    is acked (ack policy `all`: one ack per batch);
+//!    changes (awaiting the publish acks), then commits state and position. The consumer takes
+//!    no acks (ack policy `none`): the committed position is the only cursor that counts, and a
+//!    hole in the delivery numbering (a lost delivery) recreates the consumer at it;
 //! 4. a transient failure retries the same batch with backoff (the processor is idempotent by
 //!    input sequence); a fence stops the partition; SIGTERM finishes the batch in hand.
 
@@ -283,6 +284,8 @@ pub async fn run_partition_at<P: Processor>(
             }
         };
         let mut chunks = messages.ready_chunks(cfg.batch);
+        // Consumer sequence of the last delivery taken.
+        let mut delivered = 0u64;
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -309,32 +312,43 @@ pub async fn run_partition_at<P: Processor>(
                 continue 'consumer;
             };
             let mut inputs = Vec::with_capacity(chunk.len());
-            let mut last_msg = None;
+            let mut delivered_any = false;
             let mut lag = 0;
+            let mut gap = false;
             for m in chunk {
                 match m {
                     Ok(msg) => {
                         let Ok(info) = msg.info() else { continue };
+                        // Deliveries are numbered without holes; a hole means a message was
+                        // lost on the way (the consumer does not wait for acks to resend it).
+                        if info.consumer_sequence != delivered + 1 {
+                            gap = true;
+                            break;
+                        }
+                        delivered = info.consumer_sequence;
+                        delivered_any = true;
                         let seq = info.stream_sequence;
                         lag = info.pending;
                         let published = info.published;
                         if seq > position {
+                            let (msg, _acker) = msg.split();
                             inputs.push(Input {
                                 subject: msg.subject.to_string(),
-                                payload: msg.payload.clone(),
-                                headers: msg.headers.clone(),
+                                payload: msg.payload,
+                                headers: msg.headers,
                                 seq,
                                 published,
                             });
                         }
-                        last_msg = Some(msg);
                     }
                     Err(e) => {
                         tracing::warn!(partition, error = %e, "pull error");
                     }
                 }
             }
-            let Some(last_msg) = last_msg else { continue };
+            if !delivered_any && !gap {
+                continue;
+            }
             if !inputs.is_empty() {
                 let t0 = Instant::now();
                 let mut backoff = Duration::from_millis(50);
@@ -368,9 +382,6 @@ pub async fn run_partition_at<P: Processor>(
                 }
                 position = inputs.last().map_or(position, |i| i.seq);
             }
-            if let Err(e) = last_msg.ack().await {
-                tracing::debug!(partition, error = %e, "ack failed (position is committed)");
-            }
             metrics::gauge!("kappa_partition_lag", "partition" => p_label.clone()).set(lag as f64);
             metrics::gauge!("kappa_partition_position", "partition" => p_label.clone())
                 .set(position as f64);
@@ -378,6 +389,15 @@ pub async fn run_partition_at<P: Processor>(
                 s.position = position;
                 s.lag = lag;
             });
+            if gap {
+                tracing::warn!(
+                    partition,
+                    position,
+                    "a delivery was lost; recreating consumer"
+                );
+                metrics::counter!("kappa_consumer_recreated_total").increment(1);
+                continue 'consumer;
+            }
         }
     }
     processor.close().await;
@@ -409,9 +429,11 @@ async fn reset_consumer(
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: position + 1,
             },
-            ack_policy: consumer::AckPolicy::All,
-            ack_wait: Duration::from_secs(60),
-            max_ack_pending: i64::try_from(cfg.batch * 4).unwrap_or(i64::MAX),
+            // No acks: the position that matters is the one committed with the state, and the
+            // consumer is recreated there whenever the partition opens or a delivery is lost.
+            // (An ack per batch was one more message per reading for nats-server when batches
+            // are small, that is at every rate below saturation.)
+            ack_policy: consumer::AckPolicy::None,
             ..Default::default()
         })
         .await
