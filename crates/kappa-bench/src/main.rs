@@ -169,34 +169,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     ctx.servers.wipe(&ctx.js).await?;
     // Warm-up (stream creation, first disk writes), then the measured run.
     let _ = baseline::raw_publish(&ctx.js, plan.n.min(5_000), plan.sensors).await;
-    let _ = ctx.js.delete_stream("BENCH_READINGS").await;
-    let b_pub = baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await;
+    // Each throughput baseline runs RUNS times on fresh streams (message ids repeat between
+    // runs and would be deduplicated otherwise); the median counts, so that one unlucky moment
+    // on a shared machine does not move every ratio.
+    const RUNS: usize = 3;
+    let median_of = |v: Vec<anyhow::Result<f64>>| -> anyhow::Result<f64> {
+        let mut errs = Vec::new();
+        let ok: Vec<f64> = v
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| errs.push(e)).ok())
+            .collect();
+        match median(ok) {
+            Some(m) => Ok(m),
+            None => Err(errs
+                .pop()
+                .unwrap_or_else(|| anyhow::anyhow!("no run finished"))),
+        }
+    };
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let _ = ctx.js.delete_stream("BENCH_READINGS").await;
+        runs.push(baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await);
+    }
+    let b_pub = median_of(runs);
     // CPU per message of each process, to say where the time goes (table "CPU per message").
     let mut cpu_rows: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
+    let mut runs = Vec::new();
     let meter = ctx.cpu_meter(None);
-    let b_relay = baseline::relay(
-        &ctx.js,
-        &baseline::bench_readings(),
-        Sink::Stream(baseline::bench_deltas()),
-        plan.n,
-    )
-    .await;
+    for _ in 0..RUNS {
+        let _ = ctx.js.delete_stream("BENCH_DELTAS").await;
+        runs.push(
+            baseline::relay(
+                &ctx.js,
+                &baseline::bench_readings(),
+                Sink::Stream(baseline::bench_deltas()),
+                plan.n,
+            )
+            .await,
+        );
+    }
+    let b_relay = median_of(runs);
     cpu_rows.push((
         "relay (2), in kappa-bench".into(),
-        ctx.cpu_per_msg(&meter, "service", plan.n),
+        ctx.cpu_per_msg(&meter, "service", plan.n * RUNS as u64),
     ));
     let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
+    let mut runs = Vec::new();
     let meter = ctx.cpu_meter(None);
-    let b_redis = baseline::relay(
-        &ctx.js,
-        &baseline::bench_deltas(),
-        Sink::Redis(redis_conn.clone()),
-        plan.n,
-    )
-    .await;
+    for _ in 0..RUNS {
+        runs.push(
+            baseline::relay(
+                &ctx.js,
+                &baseline::bench_deltas(),
+                Sink::Redis(redis_conn.clone()),
+                plan.n,
+            )
+            .await,
+        );
+    }
+    let b_redis = median_of(runs);
     cpu_rows.push((
         "Redis relay (3), in kappa-bench".into(),
-        ctx.cpu_per_msg(&meter, "service", plan.n),
+        ctx.cpu_per_msg(&meter, "service", plan.n * RUNS as u64),
     ));
     let b_hop = baseline::one_hop(&ctx.js, plan.hop_rate, plan.hop_secs).await;
     let mut rc = redis_conn.clone();
@@ -228,7 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         };
         rep.table(
             "Baselines (raw clients, in process)",
-            "Same streams settings as the services (`PartitionedStream` configs: 8 partitions, subject transform, 120 s duplicate window), messages of the same shape and size. Relays run one pull consumer per partition, batch 256, ack policy `none`, exactly like the runtime driver, with none of the service logic.",
+            "Same streams settings as the services (`PartitionedStream` configs: 8 partitions, subject transform, 120 s duplicate window), messages of the same shape and size. Relays run one pull consumer per partition, batch 256, ack policy `none`, exactly like the runtime driver, with none of the service logic. Throughput baselines (1-3) are each the median of 3 runs on fresh streams.",
             &["#", "baseline", "figure"],
             vec![
                 rate_row("1", "JetStream async publish, 1024 acks in flight, `Nats-Msg-Id` set (msgs/s)", &b_pub),

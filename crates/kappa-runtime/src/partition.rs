@@ -187,6 +187,10 @@ pub struct DriverConfig {
     pub consumer_prefix: String,
     /// Largest batch handed to a processor.
     pub batch: usize,
+    /// How long a partial batch may wait for more inputs before it is processed, when inputs
+    /// arrive densely (0 = never). At high rates batches grow, which costs fewer round trips and
+    /// wake-ups per input; at low rates an input that follows a quiet spell never waits.
+    pub linger: Duration,
 }
 
 fn set_status(board: &PartitionBoard, p: u32, f: impl FnOnce(&mut PartitionStatus)) {
@@ -286,6 +290,7 @@ pub async fn run_partition_at<P: Processor>(
         let mut chunks = messages.ready_chunks(cfg.batch);
         // Consumer sequence of the last delivery taken.
         let mut delivered = 0u64;
+        let mut last_batch_end: Option<Instant> = None;
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -307,10 +312,23 @@ pub async fn run_partition_at<P: Processor>(
                     }
                 },
             };
-            let Some(chunk) = chunk else {
+            let Some(mut chunk) = chunk else {
                 tracing::warn!(partition, "pull stream ended; recreating consumer");
                 continue 'consumer;
             };
+            // Linger only while inputs arrive densely (this one came within `linger` of the
+            // previous batch's end): at low rates a lone input goes through at once, at high
+            // rates batches fill up and cost fewer round trips per input.
+            let dense = last_batch_end.is_some_and(|t: Instant| t.elapsed() < cfg.linger);
+            if dense && chunk.len() < cfg.batch {
+                let until = tokio::time::Instant::now() + cfg.linger;
+                while chunk.len() < cfg.batch {
+                    match tokio::time::timeout_at(until, chunks.next()).await {
+                        Ok(Some(more)) => chunk.extend(more),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
             let mut inputs = Vec::with_capacity(chunk.len());
             let mut delivered_any = false;
             let mut lag = 0;
@@ -389,6 +407,7 @@ pub async fn run_partition_at<P: Processor>(
                 s.position = position;
                 s.lag = lag;
             });
+            last_batch_end = Some(Instant::now());
             if gap {
                 tracing::warn!(
                     partition,

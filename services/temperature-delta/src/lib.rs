@@ -514,6 +514,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         input: readings,
         consumer_prefix: "temperature-delta".into(),
         batch: cfg.batch,
+        linger: Duration::from_millis(cfg.linger_ms),
     };
     match cfg.ownership {
         Ownership::Static => {
