@@ -1,6 +1,6 @@
-//! Logs (`tracing` to stderr, filtered by `RUST_LOG`, JSON with `LOG_FORMAT=json`, colours only
-//! on a terminal) and the Prometheus recorder behind `/metrics`. Stdout is left to what a command
-//! prints as its result (for example `view-builder rebuild`'s summary).
+//! Logs (`tracing` to stdout, filtered by `RUST_LOG`, JSON with `LOG_FORMAT=json`, colours only
+//! on a terminal) and the Prometheus recorder behind `/metrics`. Stderr is kept for the one line
+//! a binary prints when it gives up (bad configuration, unreachable dependency).
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -11,10 +11,9 @@ pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false);
     let _ = if json {
