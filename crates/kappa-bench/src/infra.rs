@@ -158,27 +158,31 @@ pub fn busy_share(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
     (t1 > t0).then(|| (b1 - b0) as f64 / (t1 - t0) as f64)
 }
 
-/// CPU seconds used by a set of processes between two readings.
+/// CPU used by a set of named processes since the meter started.
 #[derive(Debug, Clone)]
 pub struct CpuMeter {
-    pids: Vec<u32>,
-    start: Vec<f64>,
+    /// (name, pid, CPU seconds at start).
+    procs: Vec<(&'static str, u32, f64)>,
 }
 
 impl CpuMeter {
-    /// Starts counting for `pids`.
-    pub fn start(pids: &[u32]) -> CpuMeter {
+    /// Starts counting for `procs` (name, pid).
+    pub fn start(procs: &[(&'static str, u32)]) -> CpuMeter {
         CpuMeter {
-            pids: pids.to_vec(),
-            start: pids.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).collect(),
+            procs: procs
+                .iter()
+                .map(|&(name, pid)| (name, pid, cpu_secs(pid).unwrap_or(0.0)))
+                .collect(),
         }
     }
-    /// CPU seconds of each process since `start`.
-    pub fn used(&self) -> Vec<f64> {
-        self.pids
+    /// CPU µs per message of each process since `start`, over `n` messages.
+    pub fn per_msg(&self, n: u64) -> Vec<(&'static str, f64)> {
+        self.procs
             .iter()
-            .zip(&self.start)
-            .map(|(p, s)| cpu_secs(*p).map_or(0.0, |c| (c - s).max(0.0)))
+            .map(|&(name, pid, start)| {
+                let used = cpu_secs(pid).map_or(0.0, |c| (c - start).max(0.0));
+                (name, used * 1e6 / n.max(1) as f64)
+            })
             .collect()
     }
 }

@@ -195,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // CPU per message of each process, to say where the time goes (table "CPU per message").
     let mut cpu_rows: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
     let mut runs = Vec::new();
-    let meter = ctx.cpu_meter(None);
+    let meter = ctx.cpu_meter("service", None);
     for _ in 0..RUNS {
         let _ = ctx.js.delete_stream("BENCH_DELTAS").await;
         runs.push(
@@ -211,11 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let b_relay = median_of(runs);
     cpu_rows.push((
         "relay (2), in kappa-bench".into(),
-        ctx.cpu_per_msg(&meter, "service", plan.n * RUNS as u64),
+        meter.per_msg(plan.n * RUNS as u64),
     ));
     let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
     let mut runs = Vec::new();
-    let meter = ctx.cpu_meter(None);
+    let meter = ctx.cpu_meter("service", None);
     for _ in 0..RUNS {
         runs.push(
             baseline::relay(
@@ -230,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let b_redis = median_of(runs);
     cpu_rows.push((
         "Redis relay (3), in kappa-bench".into(),
-        ctx.cpu_per_msg(&meter, "service", plan.n * RUNS as u64),
+        meter.per_msg(plan.n * RUNS as u64),
     ));
     let b_hop = baseline::one_hop(&ctx.js, plan.hop_rate, plan.hop_secs).await;
     let mut rc = redis_conn.clone();
@@ -468,12 +468,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let hop = baseline::one_hop(&ctx.js, r, plan.e2e_secs.min(5.0)).await;
                 let e = services::e2e(&ctx, &qa.http, r, plan.e2e_secs, plan.sensors, false).await;
                 match (&e, &hop) {
-                    (Ok((l, seen, total, hops, busy)), Ok(h)) => {
+                    (Ok((l, seen, total, _, busy)), Ok(h)) => {
                         eprintln!("    e2e at {r:.0}/s: p99 {:.2} ms ({seen}/{total} seen); one hop p99 {:.2} ms", l.p99_ms, h.p99_ms);
                         let load_name = format!("{:.0}% ({r:.0} readings/s)", load * 100.0);
                         let busy_s = busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
                         e2e_rows.push(vec![load_name, fmt_lat(l), format!("{seen}/{total}"), fmt_lat(h), format!("{:.1}x", l.p99_ms / h.p99_ms.max(1e-9)), busy_s]);
-                        let _ = hops;
                         if load == 0.5 { e2e_50 = Some((*l, *h)); }
                     }
                     _ => {

@@ -26,34 +26,13 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Starts counting CPU of `service` (or of this process when `None`), nats-server and
-    /// redis-server.
-    pub fn cpu_meter(&self, service: Option<u32>) -> crate::infra::CpuMeter {
-        let mut pids = vec![service.unwrap_or_else(std::process::id)];
-        pids.extend(self.servers.nats_pid);
-        pids.extend(self.servers.redis_pid);
-        crate::infra::CpuMeter::start(&pids)
-    }
-
-    /// CPU µs per message of each process `meter` counts, over `n` messages.
-    pub fn cpu_per_msg(
-        &self,
-        meter: &crate::infra::CpuMeter,
-        service: &'static str,
-        n: u64,
-    ) -> Vec<(&'static str, f64)> {
-        let mut names = vec![service];
-        if self.servers.nats_pid.is_some() {
-            names.push("nats-server");
-        }
-        if self.servers.redis_pid.is_some() {
-            names.push("redis-server");
-        }
-        names
-            .into_iter()
-            .zip(meter.used())
-            .map(|(name, secs)| (name, secs * 1e6 / n.max(1) as f64))
-            .collect()
+    /// Starts counting CPU of `service` (`name`, or this process when `pid` is `None`),
+    /// nats-server and redis-server.
+    pub fn cpu_meter(&self, name: &'static str, pid: Option<u32>) -> crate::infra::CpuMeter {
+        let mut procs = vec![(name, pid.unwrap_or_else(std::process::id))];
+        procs.extend(self.servers.nats_pid.map(|p| ("nats-server", p)));
+        procs.extend(self.servers.redis_pid.map(|p| ("redis-server", p)));
+        crate::infra::CpuMeter::start(&procs)
     }
 
     pub async fn new(servers: Servers, bin_dir: PathBuf) -> anyhow::Result<Ctx> {
@@ -320,7 +299,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         count(&js, "DELTAS").await + count(&js, "DLQ").await
     };
     let m0 = done_at(ctx.js.clone()).await.min(n);
-    let meter = ctx.cpu_meter(Some(p.pid()));
+    let meter = ctx.cpu_meter("temperature-delta", Some(p.pid()));
     let deadline = t_ready + Duration::from_secs(900);
     loop {
         let d = done_at(ctx.js.clone()).await;
@@ -336,7 +315,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t_ready.elapsed().as_secs_f64();
-    let cpu_us = ctx.cpu_per_msg(&meter, "temperature-delta", n - m0);
+    let cpu_us = meter.per_msg(n - m0);
     let m = metrics(&ctx.http, &p.http).await;
     let requests = metric_sum(&m, "kappa_observed_requests_total");
     let req_sum = metric_sum(&m, "kappa_observed_request_seconds_sum");
@@ -424,7 +403,7 @@ pub async fn view_builder(
         &[("KAPPA_OBSERVED", "semi-stateless".into())],
         &[],
     )?;
-    let meter = ctx.cpu_meter(Some(p.pid()));
+    let meter = ctx.cpu_meter("view-builder", Some(p.pid()));
     // Poll from spawn: the first poll that sees progress starts the clock (the service may
     // work through a small backlog before its /healthz is polled as ready).
     let processed = |m: &str| metric_sum(m, "kappa_processed_total") as u64;
@@ -451,7 +430,7 @@ pub async fn view_builder(
         Some((t, m)) if m < n && done > t => (n - m) as f64 / (done - t).as_secs_f64(),
         _ => n as f64 / (done - spawned).as_secs_f64().max(1e-9),
     };
-    let cpu = ctx.cpu_per_msg(&meter, "view-builder", n);
+    let cpu = meter.per_msg(n);
     let ready = match ready {
         Some(r) => r,
         None => wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(120))
@@ -597,6 +576,20 @@ fn watch_source_seqs(
     })
 }
 
+/// Reading number `i` of a load run, over `sensors` sensors round robin, as the thermometer
+/// would publish it (same JSON shape), with message id `<run>:<i>`: (sensor id, message).
+fn reading_message(i: u64, sensors: u64, measured_at: &str, run: &str) -> (String, PublishMessage) {
+    let id = format!("s-{:04}", i % sensors + 1);
+    let body = format!(
+        r#"{{"sensor_id":"{id}","celsius":{:.3},"measured_at":"{measured_at}"}}"#,
+        20.0 + (i % 100) as f64 / 10.0
+    );
+    let msg = PublishMessage::build()
+        .payload(Bytes::from(body))
+        .message_id(format!("{run}:{i}"));
+    (id, msg)
+}
+
 /// Pipeline throughput with the whole DAG running (temperature-delta, view-builder and
 /// query-api on the same cores as this load generator): `n` readings published as fast as the
 /// stream acks them (1024 in flight), timed until view-builder has applied all their deltas.
@@ -608,19 +601,12 @@ pub async fn pipeline_max(ctx: &Ctx, vb_http: &str, n: u64, sensors: u64) -> any
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     let run = format!(
-        "{:x}",
+        "max:{:x}",
         t0.elapsed().as_nanos() ^ u128::from(std::process::id())
     );
     let mut inflight = VecDeque::with_capacity(1024);
     for i in 0..n {
-        let id = format!("s-{:04}", i % sensors + 1);
-        let body = format!(
-            r#"{{"sensor_id":"{id}","celsius":{:.3},"measured_at":"{stamp}"}}"#,
-            20.0 + (i % 100) as f64 / 10.0
-        );
-        let msg = PublishMessage::build()
-            .payload(Bytes::from(body))
-            .message_id(format!("max:{run}:{i}"));
+        let (id, msg) = reading_message(i, sensors, &stamp, &run);
         inflight.push_back(
             ctx.js
                 .send_publish(thermo_domain::subjects::reading(&id), msg)
@@ -767,24 +753,17 @@ pub async fn e2e(
         failed
     });
     let run = format!(
-        "{:x}",
+        "e2e:{:x}",
         base.elapsed().as_nanos() ^ u128::from(std::process::id())
     );
     for i in 0..total {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
         let intended = (due - base).as_micros() as u64;
-        let id = format!("s-{:04}", i % sensors + 1);
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let body = format!(
-            r#"{{"sensor_id":"{id}","celsius":{:.3},"measured_at":"{now}"}}"#,
-            20.0 + (i % 100) as f64 / 10.0
-        );
-        let msg = PublishMessage::build()
-            .payload(Bytes::from(body))
-            .message_id(format!("e2e:{run}:{i}"));
+        let (id, msg) = reading_message(i, sensors, &now, &run);
         let a = ctx
             .js
             .send_publish(thermo_domain::subjects::reading(&id), msg)
