@@ -218,7 +218,8 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
     let dlq = read_stream(&js, "DLQ").await;
     assert!(
         dlq.iter()
-            .all(|m| m.subject == "kappa.dlq.temperature-delta")
+            .all(|m| m.subject.starts_with("kappa.dlq.temperature-delta.")),
+        "dead letters go to kappa.dlq.<service>.<key>"
     );
     assert!(
         dlq.iter().any(|m| m.payload.as_ref() == b"{not json"),

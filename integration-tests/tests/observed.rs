@@ -161,7 +161,7 @@ async fn semi_stateless_keeps_working_from_cache_when_the_registry_stops() {
         &s,
         &[
             ("KAPPA_OBSERVED", "semi-stateless"),
-            ("KAPPA_REGISTRY_TIMEOUT_MS", "300"),
+            ("KAPPA_OBSERVED_TIMEOUT_MS", "300"),
         ],
     );
     let (c, js) = nats(&s.nats_url).await;

@@ -29,8 +29,19 @@ pub struct Service {
 }
 
 impl Service {
-    /// Initialises logs and metrics, connects to NATS and declares the dead-letter stream.
+    /// Initialises logs and metrics, connects to NATS and declares the dead-letter stream;
+    /// SIGTERM or SIGINT cancels [`Service::shutdown`].
     pub async fn start(name: &str, nats: &NatsArgs) -> Result<Self, RuntimeError> {
+        Self::start_with(name, nats, crate::shutdown::on_signal()).await
+    }
+
+    /// Like [`Service::start`], with the shutdown token given by the caller (a test, or a
+    /// binary that handles signals itself). Logs and metrics are installed once per process.
+    pub async fn start_with(
+        name: &str,
+        nats: &NatsArgs,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RuntimeError> {
         crate::telemetry::init_tracing();
         let metrics = crate::telemetry::init_metrics()?;
         let nats = crate::nats::connect(nats, name).await?;
@@ -47,7 +58,7 @@ impl Service {
             nats,
             health,
             metrics,
-            shutdown: crate::shutdown::on_signal(),
+            shutdown,
         })
     }
 

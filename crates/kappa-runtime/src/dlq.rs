@@ -1,83 +1,119 @@
-//! The dead-letter stream `DLQ` (`kappa.dlq.<service>`): every rejected input is kept with its
-//! original payload and the headers `Kappa-Reason`, `Kappa-Source-Subject`, `Kappa-Source-Seq`
-//! (and `Kappa-Detail` when there is one), and counted in `kappa_rejected_total{reason}`.
+//! The dead-letter stream `DLQ`: every rejected input is kept on `kappa.dlq.<service>.<key>`
+//! with its original payload and the headers `Kappa-Reason`, `Kappa-Source-Subject`,
+//! `Kappa-Source-Seq` (and `Kappa-Detail` when there is one), and counted in
+//! `kappa_rejected_total{reason}`.
+//!
+//! The entity's key is the last token, as everywhere: `nats sub 'kappa.dlq.>'` shows every
+//! dead letter, `kappa.dlq.<service>.>` one service's, and the runtime reads an entity's last
+//! dead letter back after a crash, so an input rejected once is never decided again (a dead
+//! letter is an outcome of the [change-log kind](crate::changelog), fenced the same way).
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream};
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use bytes::Bytes;
 
 use crate::RuntimeError;
+use crate::changelog::{EntityLog, Layout, Written};
+use crate::compute::Rejection;
 
 /// Name of the dead-letter stream.
 pub const STREAM: &str = "DLQ";
 /// Subject prefix of dead letters.
 pub const SUBJECT_PREFIX: &str = "kappa.dlq";
+/// Header with the reason code of a dead letter.
+pub const REASON_HEADER: &str = "Kappa-Reason";
+/// Longest `Kappa-Detail` kept, in characters.
+const MAX_DETAIL: usize = 200;
 
-/// Declares the `DLQ` stream (idempotent).
+/// Declares the `DLQ` stream (idempotent); an existing one gets direct gets turned on, which
+/// the recovery of decisions needs.
 pub async fn declare(js: &jetstream::Context) -> Result<(), RuntimeError> {
-    crate::nats::declare_stream(
-        js,
-        stream::Config {
-            name: STREAM.into(),
-            subjects: vec![format!("{SUBJECT_PREFIX}.>")],
-            max_age: std::time::Duration::from_secs(7 * 24 * 3600),
-            duplicate_window: std::time::Duration::from_secs(120),
-            ..Default::default()
-        },
-    )
-    .await
-    .map(|_| ())
+    let config = stream::Config {
+        name: STREAM.into(),
+        subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+        max_age: std::time::Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: std::time::Duration::from_secs(120),
+        allow_direct: true,
+        ..Default::default()
+    };
+    let mut s = crate::nats::declare_stream(js, config).await?;
+    let info = s.info().await.map_err(RuntimeError::js)?;
+    if !info.config.allow_direct {
+        let mut c = info.config.clone();
+        c.allow_direct = true;
+        js.update_stream(c).await.map_err(RuntimeError::js)?;
+        tracing::info!(
+            stream = STREAM,
+            "direct gets enabled on the existing stream"
+        );
+    }
+    Ok(())
 }
 
 /// Dead-letters a service's rejected inputs.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct DeadLetters {
-    js: jetstream::Context,
-    subject: String,
+    log: EntityLog,
     service: String,
 }
 
 impl DeadLetters {
-    /// Dead letters of `service` go to `kappa.dlq.<service>`.
+    /// Dead letters of `service` go to `kappa.dlq.<service>.<key>`.
     pub fn new(js: jetstream::Context, service: &str) -> Self {
         Self {
-            js,
-            subject: format!("{SUBJECT_PREFIX}.{service}"),
+            log: EntityLog::new(
+                js,
+                STREAM,
+                &format!("{SUBJECT_PREFIX}.{service}"),
+                Layout::Flat,
+                service,
+            ),
             service: service.to_string(),
         }
     }
 
-    /// Publishes one dead letter and returns its ack future (await it before acking the input).
-    /// `Nats-Msg-Id` is derived from the source, so a replay never doubles a dead letter.
-    pub async fn reject(
+    /// The entity's last dead letter.
+    pub async fn last(&self, key: &str) -> Result<Option<Written>, RuntimeError> {
+        self.log.last(key).await
+    }
+
+    /// Publishes the dead letter of input `source_seq` (from `source_subject`) about `key`, that
+    /// must follow the entity's dead letter at stream sequence `expected` (`Some(0)`: none yet;
+    /// `None`: not fenced, for outcomes that are a pure function of the input). Returns the ack
+    /// future: await it before the input's position is committed. `Nats-Msg-Id` is derived
+    /// from the input, so a retry never doubles a dead letter.
+    pub async fn append(
         &self,
-        source_subject: &str,
-        source_seq: u64,
+        key: &str,
+        source: (&str, u64),
         payload: Bytes,
-        reason: &str,
-        detail: Option<&str>,
+        rejection: &Rejection,
+        expected: Option<u64>,
     ) -> Result<PublishAckFuture, RuntimeError> {
+        let (source_subject, source_seq) = source;
+        let reason: &str = &rejection.reason;
         let mut headers = HeaderMap::new();
-        headers.insert("Kappa-Reason", reason);
+        headers.insert(REASON_HEADER, reason);
         headers.insert("Kappa-Source-Subject", source_subject);
-        headers.insert("Kappa-Source-Seq", source_seq.to_string().as_str());
-        headers.insert("Kappa-Service", self.service.as_str());
-        if let Some(d) = detail {
-            let clean: String = d.chars().filter(|c| !c.is_control()).take(200).collect();
+        if let Some(d) = &rejection.detail {
+            let clean: String = d
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_DETAIL)
+                .collect();
             headers.insert("Kappa-Detail", clean.as_str());
         }
         metrics::counter!("kappa_rejected_total", "reason" => reason.to_string()).increment(1);
         tracing::debug!(reason, source_subject, source_seq, "dead-lettered");
-        let msg = PublishMessage::build()
-            .payload(payload)
-            .headers(headers)
-            .message_id(format!(
-                "dlq:{}:{source_subject}:{source_seq}",
-                self.service
-            ));
-        self.js
-            .send_publish(self.subject.clone(), msg)
+        self.log
+            .append(
+                key,
+                payload,
+                headers,
+                format!("dlq:{}:{source_seq}", self.service),
+                source_seq,
+                expected,
+            )
             .await
-            .map_err(RuntimeError::js)
     }
 }

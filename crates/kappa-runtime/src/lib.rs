@@ -18,14 +18,18 @@
 //! in a profile (`docs/BENCHMARKS.md`, "CPU per message").
 
 pub mod app;
+pub mod changelog;
+pub mod compute;
 pub mod config;
 pub mod dlq;
+pub(crate) mod engine;
 pub mod error;
 pub mod http;
 pub mod lease;
 pub mod nats;
 pub mod observed;
 pub mod partition;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod working;

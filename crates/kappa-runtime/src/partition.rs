@@ -162,11 +162,26 @@ pub trait Processor: Send + 'static {
     }
 }
 
+/// Where a partition an instance runs is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionState {
+    /// Opening: restoring its working state.
+    #[default]
+    Recovering,
+    /// Processing inputs.
+    Running,
+    /// Stopped by a handover or shutdown.
+    Stopped,
+    /// Stopped because a newer owner took it over.
+    Fenced,
+}
+
 /// What an instance reports about a partition it runs.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PartitionStatus {
-    /// `recovering`, `running`, `stopped` or `fenced`.
-    pub state: &'static str,
+    /// Where the partition is in its life.
+    pub state: PartitionState,
     /// Last input sequence whose effects are committed.
     pub position: u64,
     /// Inputs in the partition not yet delivered to us.
@@ -225,13 +240,13 @@ pub async fn run_partition_at<P: Processor>(
 ) -> Result<(), RuntimeError> {
     processor.set_epoch(epoch);
     let p_label = partition.to_string();
-    set_status(&board, partition, |s| s.state = "recovering");
+    set_status(&board, partition, |s| s.state = PartitionState::Recovering);
     let started = Instant::now();
     let mut position = loop {
         match processor.open(partition).await {
             Ok(pos) => break pos,
             Err(ProcessError::Fenced(m)) => {
-                set_status(&board, partition, |s| s.state = "fenced");
+                set_status(&board, partition, |s| s.state = PartitionState::Fenced);
                 return Err(RuntimeError::Fenced(m));
             }
             Err(ProcessError::Transient(m)) => {
@@ -251,7 +266,7 @@ pub async fn run_partition_at<P: Processor>(
         "partition open"
     );
     set_status(&board, partition, |s| {
-        s.state = "running";
+        s.state = PartitionState::Running;
         s.position = position;
         s.recovery_secs = recovery;
     });
@@ -375,7 +390,7 @@ pub async fn run_partition_at<P: Processor>(
                         Ok(()) => break,
                         Err(ProcessError::Fenced(m)) => {
                             tracing::warn!(partition, reason = %m, "lost the partition; stopping it");
-                            set_status(&board, partition, |s| s.state = "fenced");
+                            set_status(&board, partition, |s| s.state = PartitionState::Fenced);
                             processor.close().await;
                             return Err(RuntimeError::Fenced(m));
                         }
@@ -420,7 +435,7 @@ pub async fn run_partition_at<P: Processor>(
         }
     }
     processor.close().await;
-    set_status(&board, partition, |s| s.state = "stopped");
+    set_status(&board, partition, |s| s.state = PartitionState::Stopped);
     tracing::info!(partition, position, "partition stopped");
     Ok(())
 }

@@ -23,14 +23,25 @@ pub fn init_tracing() {
     };
 }
 
-/// Installs the global Prometheus recorder with latency buckets suited to a streaming service.
+static RECORDER: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Installs the global Prometheus recorder with latency buckets suited to a streaming service,
+/// once per process (several services started in one test process share it).
 pub fn init_metrics() -> Result<PrometheusHandle, RuntimeError> {
-    PrometheusBuilder::new()
+    if let Some(h) = RECORDER.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
             1.0, 2.5, 5.0,
         ])
         .map_err(|e| RuntimeError::Config(e.to_string()))?
-        .install_recorder()
-        .map_err(|e| RuntimeError::Config(format!("metrics recorder: {e}")))
+        .install_recorder();
+    match (handle, RECORDER.get()) {
+        (Ok(h), _) => Ok(RECORDER.get_or_init(|| h).clone()),
+        // Another service of this process installed it first.
+        (Err(_), Some(h)) => Ok(h.clone()),
+        (Err(e), None) => Err(RuntimeError::Config(format!("metrics recorder: {e}"))),
+    }
 }

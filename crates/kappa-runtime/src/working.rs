@@ -53,3 +53,40 @@ pub(crate) fn observe(kind: &'static str, op: &'static str, started: std::time::
     metrics::histogram!("kappa_state_seconds", "kind" => kind, "op" => op)
         .record(started.elapsed().as_secs_f64());
 }
+
+/// Builds the working-state option chosen in `settings` for service `namespace` (its keys and
+/// snapshot subjects are named after it).
+pub async fn build(
+    settings: &crate::config::Settings,
+    namespace: &str,
+    js: &async_nats::jetstream::Context,
+    shutdown: &crate::shutdown::CancellationToken,
+) -> Result<std::sync::Arc<dyn WorkingState>, RuntimeError> {
+    use crate::config::WorkingMode;
+    use std::sync::Arc;
+    let snapshots = || async {
+        let s = Arc::new(snapshot::Snapshotter::new(js.clone(), namespace).await?);
+        s.spawn_flusher(
+            std::time::Duration::from_secs(settings.snapshot_interval_secs.max(1)),
+            shutdown.clone(),
+        );
+        Ok::<_, RuntimeError>(s)
+    };
+    Ok(match settings.working {
+        WorkingMode::Local => Arc::new(local::LocalState::new(snapshots().await?)),
+        WorkingMode::Remote => {
+            let conn = remote::connect(&settings.redis_url, "REDIS_URL").await?;
+            Arc::new(remote::RedisState::new(conn, namespace, "remote"))
+        }
+        WorkingMode::Affinity => {
+            let url = settings.affinity_redis_url.as_deref().ok_or_else(|| {
+                RuntimeError::Config("KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into())
+            })?;
+            let conn = remote::connect(url, "AFFINITY_REDIS_URL").await?;
+            Arc::new(affinity::AffinityState::new(
+                remote::RedisState::new(conn, namespace, "affinity"),
+                snapshots().await?,
+            ))
+        }
+    })
+}

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 
 /// One accepted reading inside a window.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Event time, nanoseconds since the Unix epoch.
     pub at_ns: i64,
@@ -49,8 +49,8 @@ pub enum WindowOutcome {
     AlreadyApplied,
 }
 
-/// A sensor's window of recent readings.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A sensor's window of recent readings (serde: the runtime stores it in a compact binary form).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeltaWindow {
     samples: VecDeque<Sample>,
     /// Latest event time accepted (`T`), if any.
@@ -60,7 +60,6 @@ pub struct DeltaWindow {
 }
 
 const NS_PER_SEC: i64 = 1_000_000_000;
-const ENCODING_VERSION: u8 = 1;
 
 impl DeltaWindow {
     /// An empty window.
@@ -86,6 +85,51 @@ impl DeltaWindow {
     /// The samples, oldest event time first.
     pub fn samples(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter()
+    }
+
+    /// What [`DeltaWindow::apply`] would yield for `sample`, without changing the window:
+    /// `None` if the reading is late (at or before `T - window`), else the window's statistics
+    /// with the sample folded in. (The sequence is not checked: the runtime decides each input
+    /// once.) One pass over the window, no copy.
+    pub fn preview(&self, sample: Sample, window_secs: u32) -> Option<DeltaStats> {
+        let window_ns = i64::from(window_secs).saturating_mul(NS_PER_SEC);
+        if let Some(t) = self.latest_ns
+            && sample.at_ns <= t.saturating_sub(window_ns)
+        {
+            return None;
+        }
+        let t = self.latest_ns.map_or(sample.at_ns, |t| t.max(sample.at_ns));
+        let floor = t.saturating_sub(window_ns);
+        let (mut min, mut max) = (sample.celsius, sample.celsius);
+        let mut kept = 1u32;
+        // The oldest and latest existing samples that survive the eviction.
+        let mut first: Option<&Sample> = None;
+        let mut last: Option<&Sample> = None;
+        for s in self.samples.iter().filter(|s| s.at_ns > floor) {
+            min = min.min(s.celsius);
+            max = max.max(s.celsius);
+            kept = kept.saturating_add(1);
+            first.get_or_insert(s);
+            last = Some(s);
+        }
+        // The new sample goes after every sample with an event time <= its own.
+        let oldest = match first {
+            Some(f) if f.at_ns <= sample.at_ns => f.celsius,
+            _ => sample.celsius,
+        };
+        let latest = match last {
+            Some(l) if l.at_ns > sample.at_ns => l.celsius,
+            _ => sample.celsius,
+        };
+        Some(DeltaStats {
+            delta: latest - oldest,
+            oldest,
+            latest,
+            min,
+            max,
+            samples: kept,
+            window_end_ns: t,
+        })
     }
 
     /// Folds in a calibrated reading. `window_secs` is the sensor's current window.
@@ -130,73 +174,6 @@ impl DeltaWindow {
             samples: u32::try_from(self.samples.len()).unwrap_or(u32::MAX),
             window_end_ns: t,
         }
-    }
-
-    /// Compact binary encoding for the state stores (24 bytes a sample).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 8 + 8 + 1 + 4 + self.samples.len() * 24);
-        out.push(ENCODING_VERSION);
-        out.extend_from_slice(&self.last_seq.to_le_bytes());
-        out.push(u8::from(self.latest_ns.is_some()));
-        out.extend_from_slice(&self.latest_ns.unwrap_or(0).to_le_bytes());
-        let n = u32::try_from(self.samples.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&n.to_le_bytes());
-        for s in &self.samples {
-            out.extend_from_slice(&s.at_ns.to_le_bytes());
-            out.extend_from_slice(&s.celsius.to_le_bytes());
-            out.extend_from_slice(&s.seq.to_le_bytes());
-        }
-        out
-    }
-
-    /// Decodes [`DeltaWindow::encode`]'s output; `None` if it is not a valid encoding.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut r = Reader(bytes);
-        if r.u8()? != ENCODING_VERSION {
-            return None;
-        }
-        let last_seq = r.u64()?;
-        let has_latest = r.u8()? == 1;
-        let latest = r.i64()?;
-        let n = r.u32()? as usize;
-        if r.0.len() != n * 24 {
-            return None;
-        }
-        let mut samples = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            samples.push_back(Sample {
-                at_ns: r.i64()?,
-                celsius: f64::from_bits(r.u64()?),
-                seq: r.u64()?,
-            });
-        }
-        Some(Self {
-            samples,
-            latest_ns: has_latest.then_some(latest),
-            last_seq,
-        })
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take::<1>().map(|b| b[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn i64(&mut self) -> Option<i64> {
-        self.take().map(i64::from_le_bytes)
     }
 }
 
@@ -309,15 +286,41 @@ mod tests {
     }
 
     #[test]
-    fn encoding_round_trips() {
+    fn serde_round_trips() {
         let mut w = DeltaWindow::new();
-        assert_eq!(DeltaWindow::decode(&w.encode()), Some(w.clone()));
         w.apply(s(10, 1.25, 1), 600);
         w.apply(s(5, -3.5, 2), 600);
-        assert_eq!(DeltaWindow::decode(&w.encode()), Some(w.clone()));
-        assert_eq!(DeltaWindow::decode(&[9, 9]), None);
-        let mut bad = w.encode();
-        bad.pop();
-        assert_eq!(DeltaWindow::decode(&bad), None);
+        let json = serde_json::to_vec(&w).expect("encodable");
+        let back: DeltaWindow = serde_json::from_slice(&json).expect("decodable");
+        assert_eq!(back, w);
+    }
+
+    /// `preview` is `apply` without the mutation: checked on a deterministic pseudo-random
+    /// walk of in-order, out-of-order, tied and late readings and changing windows.
+    #[test]
+    fn preview_equals_apply() {
+        let mut w = DeltaWindow::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut at = 1_000i64;
+        for seq in 1..5_000u64 {
+            let r = next();
+            let jump = (r % 40) as i64 - 8; // mostly forward, sometimes back, sometimes equal
+            at += jump;
+            let window = [5u32, 30, 60, 600][(r >> 8) as usize % 4];
+            let celsius = ((r >> 16) % 2_000) as f64 / 10.0 - 50.0;
+            let sample = s(at, celsius, seq);
+            let preview = w.preview(sample, window);
+            match w.apply(sample, window) {
+                WindowOutcome::Accepted(stats) => assert_eq!(preview, Some(stats), "seq {seq}"),
+                WindowOutcome::Late => assert_eq!(preview, None, "seq {seq}"),
+                WindowOutcome::AlreadyApplied => unreachable!("sequences grow"),
+            }
+        }
     }
 }

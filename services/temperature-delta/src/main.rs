@@ -28,7 +28,8 @@ async fn main() -> ExitCode {
     if let Some(Cmd::Healthcheck) = cli.cmd {
         return kappa_runtime::app::healthcheck(cli.cfg.http_addr).await;
     }
-    match temperature_delta::run(cli.cfg).await {
+    let shutdown = kappa_runtime::shutdown::on_signal();
+    match temperature_delta::run(cli.cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("temperature-delta: error: {e:#}");

@@ -224,12 +224,14 @@ impl Processor for ViewProcessor {
                     let ack = self
                         .shared
                         .dlq
-                        .reject(
-                            &subject,
-                            input.seq,
+                        .append(
+                            input.entity(),
+                            (&subject, input.seq),
                             input.payload.clone(),
-                            r.code(),
-                            Some(r.detail()),
+                            &kappa_runtime::compute::Rejection::new(r.code())
+                                .with_detail(r.detail()),
+                            // Undecodable is a pure function of the input: not fenced.
+                            None,
                         )
                         .await
                         .map_err(ProcessError::from)?;
@@ -452,7 +454,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "partitions",
             Arc::new(move || match b.read() {
                 Ok(b) => {
-                    let running = b.values().filter(|s| s.state == "running").count();
+                    let running = b
+                        .values()
+                        .filter(|s| s.state == kappa_runtime::partition::PartitionState::Running)
+                        .count();
                     (
                         running == b.len(),
                         serde_json::to_value(&*b).unwrap_or_default(),

@@ -1,0 +1,263 @@
+//! The outcome logs of a service: streams that only this service writes, one subject per entity,
+//! every message naming the input it was decided for (`Kappa-Source-Seq`).
+//!
+//! Two logs are built on [`EntityLog`]: the service's [change log](ChangeLog) (its state
+//! changes, e.g. `thermo.deltas.<id>`) and its [dead letters](crate::dlq::DeadLetters)
+//! (`kappa.dlq.<service>.<id>`). Every append is
+//! - *fenced*: `Nats-Expected-Last-Subject-Sequence` is the stream sequence of the entity's
+//!   previous message in that log, so a stale owner can never append after a newer one;
+//! - *deduplicated*: `Nats-Msg-Id` is derived from the input sequence, so a retry within the
+//!   stream's duplicate window is stored once;
+//! - *recognised after a crash*: the last message of an entity's subject says up to which input
+//!   the log already holds outcomes, so a replay never writes one twice, and the runtime folds
+//!   the changes it missed back into the state (see [`crate::engine`]).
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+
+use crate::RuntimeError;
+
+/// Header naming the input stream sequence a message was decided for.
+pub const SOURCE_SEQ_HEADER: &str = "Kappa-Source-Seq";
+/// Header naming the schema of a change.
+pub const SCHEMA_HEADER: &str = "Kappa-Schema";
+/// Header naming the service that wrote a message.
+pub const SERVICE_HEADER: &str = "Kappa-Service";
+
+/// How an entity's messages are stored in a log's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Stored as published: `<prefix>.<key>`.
+    Flat,
+    /// Stored through the stream's partition transform: `<prefix>.<partition>.<key>`.
+    Partitioned,
+}
+
+/// The last message of an entity in a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Written {
+    /// Its stream sequence (what the entity's next append must expect).
+    pub stream_seq: u64,
+    /// The input sequence it was decided for (0 when the header is missing).
+    pub source_seq: u64,
+}
+
+/// One message of an entity's log.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// The input sequence it was decided for.
+    pub source_seq: u64,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// A stream with one subject per entity, written only by its owning service.
+#[derive(Clone)]
+pub struct EntityLog {
+    js: jetstream::Context,
+    stream: String,
+    prefix: String,
+    layout: Layout,
+    service: String,
+}
+
+impl std::fmt::Debug for EntityLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntityLog")
+            .field("stream", &self.stream)
+            .field("prefix", &self.prefix)
+            .field("layout", &self.layout)
+            .finish()
+    }
+}
+
+/// True if a publish failed because the entity's log moved on since we last read it
+/// (another writer, or our own view of it is stale). JetStream error 10071; 10164 is the same
+/// conflict as some server versions report it, which async-nats 0.51 does not map.
+pub fn is_conflict(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    let text = e.to_string();
+    text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence")
+}
+
+impl EntityLog {
+    /// The log of `service` in `stream`, whose entities publish to `<prefix>.<key>`.
+    pub fn new(
+        js: jetstream::Context,
+        stream: &str,
+        prefix: &str,
+        layout: Layout,
+        service: &str,
+    ) -> Self {
+        Self {
+            js,
+            stream: stream.to_string(),
+            prefix: prefix.to_string(),
+            layout,
+            service: service.to_string(),
+        }
+    }
+
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The subject an entity's messages are published to.
+    pub fn subject(&self, key: &str) -> String {
+        format!("{}.{key}", self.prefix)
+    }
+
+    /// A subject filter matching the entity's stored messages.
+    fn stored_filter(&self, key: &str) -> String {
+        match self.layout {
+            Layout::Flat => format!("{}.{key}", self.prefix),
+            Layout::Partitioned => format!("{}.*.{key}", self.prefix),
+        }
+    }
+
+    async fn handle(&self) -> Result<jetstream::stream::Stream<()>, RuntimeError> {
+        self.js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(RuntimeError::js)
+    }
+
+    /// The entity's last message, `None` if the log holds none.
+    pub async fn last(&self, key: &str) -> Result<Option<Written>, RuntimeError> {
+        let s = self.handle().await?;
+        match s.direct_get_last_for_subject(self.stored_filter(key)).await {
+            Ok(m) => Ok(Some(Written {
+                stream_seq: m.sequence,
+                source_seq: source_seq(&m.headers),
+            })),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RuntimeError::JetStream(format!(
+                "last message of {key} in {}: {e}",
+                self.stream
+            ))),
+        }
+    }
+
+    /// The entity's messages with a stream sequence in `(after, upto]`, in order.
+    pub async fn range(
+        &self,
+        key: &str,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<Entry>, RuntimeError> {
+        let s = self.handle().await?;
+        let filter = self.stored_filter(key);
+        let mut out = Vec::new();
+        let mut next = after + 1;
+        while next <= upto {
+            match s
+                .direct_get_next_for_subject(filter.clone(), Some(next))
+                .await
+            {
+                Ok(m) if m.sequence <= upto => {
+                    next = m.sequence + 1;
+                    out.push(Entry {
+                        stream_seq: m.sequence,
+                        source_seq: source_seq(&m.headers),
+                        payload: m.payload,
+                    });
+                }
+                Ok(_) => break,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => {
+                    return Err(RuntimeError::JetStream(format!(
+                        "messages of {key} in {}: {e}",
+                        self.stream
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends one message for `key`, decided for input `source_seq`, that must directly follow
+    /// the entity's message at stream sequence `expected` (`Some(0)`: the entity has none;
+    /// `None`: not fenced). Returns the ack future; the append is durable once it resolves.
+    pub async fn append(
+        &self,
+        key: &str,
+        payload: Bytes,
+        mut headers: HeaderMap,
+        msg_id: String,
+        source_seq: u64,
+        expected: Option<u64>,
+    ) -> Result<PublishAckFuture, RuntimeError> {
+        headers.insert(SOURCE_SEQ_HEADER, source_seq.to_string().as_str());
+        headers.insert(SERVICE_HEADER, self.service.as_str());
+        let mut msg = PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(msg_id);
+        if let Some(expected) = expected {
+            msg = msg.expected_last_subject_sequence(expected);
+        }
+        self.js
+            .send_publish(self.subject(key), msg)
+            .await
+            .map_err(|e| RuntimeError::JetStream(format!("append to {}: {e}", self.stream)))
+    }
+}
+
+fn source_seq(headers: &HeaderMap) -> u64 {
+    headers
+        .get(SOURCE_SEQ_HEADER)
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A service's change log: its state changes, one subject per entity.
+#[derive(Debug, Clone)]
+pub struct ChangeLog {
+    log: EntityLog,
+    service: String,
+    schema: &'static str,
+}
+
+impl ChangeLog {
+    /// The change log of `service` in `log`, whose messages carry schema `schema`.
+    pub fn new(log: EntityLog, service: &str, schema: &'static str) -> Self {
+        Self {
+            log,
+            service: service.to_string(),
+            schema,
+        }
+    }
+
+    /// The underlying entity log.
+    pub fn log(&self) -> &EntityLog {
+        &self.log
+    }
+
+    /// Appends the change decided for input `source_seq` of `key` (see [`EntityLog::append`]).
+    pub async fn append(
+        &self,
+        key: &str,
+        payload: Bytes,
+        source_seq: u64,
+        expected: u64,
+    ) -> Result<PublishAckFuture, RuntimeError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(SCHEMA_HEADER, self.schema);
+        self.log
+            .append(
+                key,
+                payload,
+                headers,
+                format!("{}:{source_seq}", self.service),
+                source_seq,
+                Some(expected),
+            )
+            .await
+    }
+}

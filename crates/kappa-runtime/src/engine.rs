@@ -1,0 +1,470 @@
+//! The engine that runs an author's [`Compute`] on one partition: the one place where the
+//! guarantees of a domain kappa service are kept.
+//!
+//! Per batch handed over by the [driver](crate::partition):
+//! 1. every input is decoded (a failure is a rejection, like any other decision);
+//! 2. the entities not yet held are loaded: their stored state (working state) *and* the last
+//!    message of each of their outcome logs (change log, dead letters). If the change log holds
+//!    changes the stored state has not folded in (a crash between publish and commit, a store
+//!    that lost the entity), they are read back and folded with [`Compute::evolve`]: the change
+//!    log is the truth, the store is its cache;
+//! 3. reference data is looked up once per key in the batch (observed state);
+//! 4. each input whose sequence is above the entity's decided sequence is decided, and the
+//!    state evolves in memory; an input at or below it was decided before (a replay) and is
+//!    skipped, so a decision is made once per input, whatever happens between;
+//! 5. the outcomes are appended, fenced and deduplicated; an entity's outcomes go out in input
+//!    order, each after the previous one's ack (different entities are pipelined), so an
+//!    entity's logs always hold a prefix of its decisions;
+//! 6. the changed entities are committed with the partition's position, after every ack.
+//!
+//! Any failure drops what is held in memory; the retry starts again from step 2.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::RuntimeError;
+use crate::changelog::{ChangeLog, Written};
+use crate::compute::{Compute, Context, Decision, Lookup, Rejection};
+use crate::dlq::DeadLetters;
+use crate::observed::{ObservedError, ObservedState};
+use crate::partition::{Input, ProcessError, Processor};
+use crate::working::WorkingState;
+
+/// Version of the stored form of an entity.
+const STORED_VERSION: u8 = 1;
+/// Bytes before the state in the stored form: version, decided, change_seq, dlq_seq.
+const STORED_HEADER: usize = 1 + 3 * 8;
+
+/// One entity as the engine holds it.
+#[derive(Debug)]
+struct Entity<S> {
+    state: S,
+    /// Highest input sequence decided for this entity (in the store or in an outcome log).
+    decided: u64,
+    /// Stream sequence of the entity's last change (what its next change must follow).
+    change_seq: u64,
+    /// Stream sequence of the entity's last dead letter.
+    dlq_seq: u64,
+    dirty: bool,
+}
+
+impl<S: Default> Default for Entity<S> {
+    fn default() -> Self {
+        Self {
+            state: S::default(),
+            decided: 0,
+            change_seq: 0,
+            dlq_seq: 0,
+            dirty: false,
+        }
+    }
+}
+
+fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Vec<u8>, RuntimeError> {
+    let mut out = Vec::with_capacity(STORED_HEADER + 64);
+    out.push(STORED_VERSION);
+    out.extend_from_slice(&e.decided.to_le_bytes());
+    out.extend_from_slice(&e.change_seq.to_le_bytes());
+    out.extend_from_slice(&e.dlq_seq.to_le_bytes());
+    postcard::to_io(&e.state, &mut out)
+        .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")))?;
+    Ok(out)
+}
+
+fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
+    if bytes.len() < STORED_HEADER || bytes[0] != STORED_VERSION {
+        return None;
+    }
+    let u = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[1 + 8 * i..9 + 8 * i]);
+        u64::from_le_bytes(b)
+    };
+    let state = postcard::from_bytes(&bytes[STORED_HEADER..]).ok()?;
+    Some(Entity {
+        state,
+        decided: u(0),
+        change_seq: u(1),
+        dlq_seq: u(2),
+        dirty: false,
+    })
+}
+
+/// What every partition of a service shares.
+pub(crate) struct Parts<C: Compute> {
+    pub compute: Arc<C>,
+    pub service: String,
+    pub changes: ChangeLog,
+    pub dlq: DeadLetters,
+    pub observed: Option<Arc<dyn ObservedState<C::Reference>>>,
+    pub working: Arc<dyn WorkingState>,
+    /// Subject prefix inputs are published under (for `Kappa-Source-Subject`).
+    pub input_prefix: String,
+}
+
+/// Runs a [`Compute`] on one partition (see the module docs).
+pub(crate) struct Engine<C: Compute> {
+    parts: Arc<Parts<C>>,
+    partition: u32,
+    epoch: u64,
+    entities: HashMap<String, Entity<C::State>>,
+}
+
+enum Outcome {
+    Change(Bytes),
+    Dead(Rejection, Bytes),
+}
+
+type Lookups<R> = HashMap<String, Result<Option<Arc<R>>, ObservedError>>;
+
+impl<C: Compute> Engine<C> {
+    pub(crate) fn new(parts: Arc<Parts<C>>, partition: u32) -> Self {
+        Self {
+            parts,
+            partition,
+            epoch: 0,
+            entities: HashMap::new(),
+        }
+    }
+
+    /// Loads `keys`: stored state, then whatever the outcome logs hold beyond it.
+    async fn load(&mut self, keys: Vec<String>) -> Result<(), ProcessError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let p = self.parts.clone();
+        let stored = p.working.load(self.partition, &keys).await?;
+        let lasts = join_all(keys.iter().map(|k| {
+            let p = &p;
+            async move { tokio::try_join!(p.changes.log().last(k), p.dlq.last(k)) }
+        }))
+        .await;
+        let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
+            |((key, value), last)| {
+                let p = &p;
+                async move {
+                    let (last_change, last_dlq) = last?;
+                    let entity = recover_entity::<C>(p, &key, value, last_change, last_dlq).await?;
+                    Ok::<_, RuntimeError>((key, entity))
+                }
+            },
+        ))
+        .await;
+        for r in loaded {
+            let (key, entity) = r?;
+            self.entities.insert(key, entity);
+        }
+        Ok(())
+    }
+
+    async fn lookups(&self, keys: Vec<String>) -> Lookups<C::Reference> {
+        let Some(observed) = &self.parts.observed else {
+            return HashMap::new();
+        };
+        let found = join_all(keys.iter().map(|k| observed.get(k))).await;
+        for (k, f) in keys.iter().zip(&found) {
+            if let Err(e) = f {
+                tracing::warn!(key = %k, error = %e, "reference lookup failed");
+            }
+        }
+        keys.into_iter().zip(found).collect()
+    }
+
+    async fn process_batch(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
+        let parts = self.parts.clone();
+        let compute = &*parts.compute;
+        let subjects: Vec<String> = batch
+            .iter()
+            .map(|i| crate::partition::original_subject(&parts.input_prefix, &i.subject))
+            .collect();
+        let partition = self.partition;
+        let ctx = |i: usize| Context {
+            key: batch[i].entity(),
+            seq: batch[i].seq,
+            partition,
+            subject: &subjects[i],
+            published: batch[i].published,
+            headers: batch[i].headers.as_ref(),
+        };
+        // 1. Decode.
+        let decoded: Vec<Result<C::Input, Rejection>> = (0..batch.len())
+            .map(|i| compute.decode(&ctx(i), &batch[i].payload))
+            .collect();
+        // 2. Load the entities not held.
+        let mut missing: Vec<String> = Vec::new();
+        for input in batch {
+            let k = input.entity();
+            if !self.entities.contains_key(k) && !missing.iter().any(|m| m == k) {
+                missing.push(k.to_string());
+            }
+        }
+        self.load(missing).await?;
+        // 3. Reference data, once per key.
+        let ref_keys: Vec<Option<String>> = (0..batch.len())
+            .map(|i| match &decoded[i] {
+                Ok(input) if parts.observed.is_some() => compute.reference_key(&ctx(i), input),
+                _ => None,
+            })
+            .collect();
+        let mut wanted: Vec<String> = Vec::new();
+        for k in ref_keys.iter().flatten() {
+            if !wanted.contains(k) {
+                wanted.push(k.clone());
+            }
+        }
+        let lookups = self.lookups(wanted).await;
+
+        // 4. Decide, in input order; the state evolves as decisions are made.
+        let mut outcomes: Vec<(usize, Outcome)> = Vec::new();
+        let mut replayed = 0u64;
+        for (i, input) in decoded.into_iter().enumerate() {
+            let c = ctx(i);
+            let Some(entity) = self.entities.get_mut(c.key) else {
+                return Err(ProcessError::Transient(format!("{} not loaded", c.key)));
+            };
+            if c.seq <= entity.decided {
+                replayed += 1;
+                continue;
+            }
+            let decision = match input {
+                Err(rejection) => Decision::Reject(rejection),
+                Ok(input) => {
+                    let reference = match &ref_keys[i] {
+                        None if parts.observed.is_none() => Lookup::NotObserved,
+                        None => Lookup::Unknown,
+                        Some(k) => match lookups.get(k) {
+                            Some(Ok(Some(r))) => Lookup::Found(&**r),
+                            Some(Ok(None)) | None => Lookup::Unknown,
+                            Some(Err(ObservedError::Unavailable(why))) => {
+                                Lookup::Unavailable(why.as_str())
+                            }
+                        },
+                    };
+                    compute.decide(&c, &entity.state, input, reference)
+                }
+            };
+            entity.decided = c.seq;
+            entity.dirty = true;
+            match decision {
+                Decision::Emit(change) => {
+                    let body = serde_json::to_vec(&change).map_err(|e| {
+                        ProcessError::Transient(format!("change not encodable: {e}"))
+                    })?;
+                    compute.evolve(&mut entity.state, &change);
+                    outcomes.push((i, Outcome::Change(Bytes::from(body))));
+                }
+                Decision::Reject(r) => {
+                    outcomes.push((i, Outcome::Dead(r, batch[i].payload.clone())));
+                }
+                Decision::Nothing => {}
+            }
+        }
+        if replayed > 0 {
+            metrics::counter!("kappa_replayed_inputs_total").increment(replayed);
+        }
+
+        // 5. Append the outcomes: per entity in input order, entities pipelined.
+        let mut depth: HashMap<&str, usize> = HashMap::new();
+        let mut waves: Vec<Vec<(usize, Outcome)>> = Vec::new();
+        for (i, o) in outcomes {
+            let d = depth.entry(batch[i].entity()).or_insert(0);
+            if waves.len() <= *d {
+                waves.resize_with(*d + 1, Vec::new);
+            }
+            waves[*d].push((i, o));
+            *d += 1;
+        }
+        drop(depth);
+        for wave in waves {
+            let mut pending = Vec::with_capacity(wave.len());
+            for (i, o) in wave {
+                let key = batch[i].entity();
+                let entity = self.entities.get(key);
+                let (change_seq, dlq_seq) = entity.map_or((0, 0), |e| (e.change_seq, e.dlq_seq));
+                let (is_change, ack) = match o {
+                    Outcome::Change(body) => (
+                        true,
+                        parts
+                            .changes
+                            .append(key, body, batch[i].seq, change_seq)
+                            .await?,
+                    ),
+                    Outcome::Dead(r, payload) => (
+                        false,
+                        parts
+                            .dlq
+                            .append(
+                                key,
+                                (&subjects[i], batch[i].seq),
+                                payload,
+                                &r,
+                                Some(dlq_seq),
+                            )
+                            .await?,
+                    ),
+                };
+                pending.push((key, is_change, ack));
+            }
+            for (key, is_change, ack) in pending {
+                let ack = match ack.await {
+                    Ok(a) => a,
+                    Err(e) if crate::changelog::is_conflict(&e) => {
+                        metrics::counter!("kappa_fenced_publishes_total").increment(1);
+                        return Err(ProcessError::Transient(format!(
+                            "the log of {key} moved on since it was read (another writer?)"
+                        )));
+                    }
+                    Err(e) => return Err(ProcessError::Transient(format!("publish ack: {e}"))),
+                };
+                if ack.duplicate {
+                    // Stored before, under this input's id: what is in the log may not be what
+                    // was decided now, so read the entity back.
+                    return Err(ProcessError::Transient(format!(
+                        "an outcome of {key} was already in the log; reloading"
+                    )));
+                }
+                if let Some(e) = self.entities.get_mut(key) {
+                    if is_change {
+                        e.change_seq = ack.sequence;
+                        metrics::counter!("kappa_changes_total").increment(1);
+                    } else {
+                        e.dlq_seq = ack.sequence;
+                    }
+                }
+            }
+        }
+
+        // 6. Commit the changed entities with the position.
+        // Every dirty entity is one of the batch's (decided now, or refolded when loaded).
+        let mut writes = Vec::new();
+        for input in batch {
+            let key = input.entity();
+            if let Some(e) = self.entities.get_mut(key)
+                && e.dirty
+            {
+                e.dirty = false;
+                writes.push((key.to_string(), Bytes::from(encode_entity(e)?)));
+            }
+        }
+        let position = batch.last().map_or(0, |i| i.seq);
+        // A failed commit clears every entity (see `process`), so `dirty` needs no undo.
+        parts
+            .working
+            .commit(self.partition, self.epoch, position, writes)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Builds an entity from its stored form and its logs: folds in the changes the store missed.
+async fn recover_entity<C: Compute>(
+    p: &Parts<C>,
+    key: &str,
+    stored: Option<Bytes>,
+    last_change: Option<Written>,
+    last_dlq: Option<Written>,
+) -> Result<Entity<C::State>, RuntimeError> {
+    let mut entity = match stored {
+        None => Entity::default(),
+        Some(bytes) => decode_entity(&bytes).unwrap_or_else(|| {
+            metrics::counter!("kappa_state_undecodable_total").increment(1);
+            tracing::warn!(
+                key,
+                "stored state is undecodable; rebuilding it from the change log"
+            );
+            Entity::default()
+        }),
+    };
+    if let Some(last) = last_change
+        && last.stream_seq > entity.change_seq
+    {
+        let missed = p
+            .changes
+            .log()
+            .range(key, entity.change_seq, last.stream_seq)
+            .await?;
+        let n = missed.len();
+        for m in missed {
+            match serde_json::from_slice::<C::Change>(&m.payload) {
+                Ok(change) => {
+                    p.compute.evolve(&mut entity.state, &change);
+                    entity.decided = entity.decided.max(m.source_seq);
+                }
+                Err(e) => {
+                    metrics::counter!("kappa_changelog_undecodable_total").increment(1);
+                    tracing::error!(key, seq = m.stream_seq, error = %e,
+                        "a change in the log is undecodable; skipped");
+                }
+            }
+            entity.change_seq = m.stream_seq;
+        }
+        entity.dirty = true;
+        metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
+    }
+    if let Some(last) = last_dlq {
+        entity.decided = entity.decided.max(last.source_seq);
+        if last.stream_seq != entity.dlq_seq {
+            entity.dlq_seq = last.stream_seq;
+            entity.dirty = true;
+        }
+    }
+    Ok(entity)
+}
+
+impl<C: Compute> Processor for Engine<C> {
+    fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {
+        self.partition = partition;
+        self.entities.clear();
+        Ok(self.parts.working.open(partition, self.epoch).await?)
+    }
+
+    async fn process(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
+        let r = self.process_batch(batch).await;
+        if r.is_err() {
+            // What was decided but not committed is gone; the retry reloads and re-decides.
+            self.entities.clear();
+        }
+        r
+    }
+
+    async fn close(&mut self) {
+        if let Err(e) = self.parts.working.close(self.partition).await {
+            tracing::warn!(partition = self.partition, service = %self.parts.service,
+                error = %e, "closing working state failed");
+        }
+        self.entities.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_form_round_trips() {
+        let e = Entity {
+            state: vec![1i64, -2, 3],
+            decided: 42,
+            change_seq: 7,
+            dlq_seq: 9,
+            dirty: true,
+        };
+        let bytes = encode_entity(&e).expect("encodable");
+        let back: Entity<Vec<i64>> = decode_entity(&bytes).expect("decodable");
+        assert_eq!(back.state, e.state);
+        assert_eq!((back.decided, back.change_seq, back.dlq_seq), (42, 7, 9));
+        assert!(!back.dirty);
+        assert!(decode_entity::<Vec<i64>>(&bytes[..10]).is_none());
+        let mut wrong = bytes.clone();
+        wrong[0] = 99;
+        assert!(decode_entity::<Vec<i64>>(&wrong).is_none());
+    }
+}

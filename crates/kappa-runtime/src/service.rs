@@ -1,0 +1,339 @@
+//! The one builder of a domain kappa service: a name, the shared [`Settings`], the streams, and
+//! the author's [`Compute`]; [`DomainService::run`] does everything else until the injected
+//! shutdown token is cancelled (SIGTERM in a binary, the test's hand in a test).
+//!
+//! ```no_run
+//! # use kappa_runtime::compute::*;
+//! # struct Ledger;
+//! # impl Compute for Ledger {
+//! #   type Input = i64; type State = i64; type Change = i64;
+//! #   type Reference = NoReference; const CHANGE_SCHEMA: &'static str = "ledger/1";
+//! #   fn decode(&self, _: &Context<'_>, p: &[u8]) -> Result<i64, Rejection> {
+//! #     serde_json::from_slice(p).map_err(|_| Rejection::new("malformed")) }
+//! #   fn decide(&self, _: &Context<'_>, s: &i64, i: i64, _: Lookup<'_, NoReference>) -> Decision<i64> {
+//! #     Decision::emit(s + i) }
+//! #   fn evolve(&self, s: &mut i64, c: &i64) { *s = *c; }
+//! # }
+//! # async fn run(settings: kappa_runtime::config::Settings) -> Result<(), kappa_runtime::RuntimeError> {
+//! kappa_runtime::service::DomainService::new("ledger", Ledger, settings)
+//!     .input("LEDGER_OPS", "ledger.ops")
+//!     .changes("LEDGER_BALANCES", "ledger.balances")
+//!     .http("127.0.0.1:9200".parse().unwrap())
+//!     .run(kappa_runtime::shutdown::on_signal())
+//!     .await
+//! # }
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use futures::future::join_all;
+
+use crate::RuntimeError;
+use crate::app::Service;
+use crate::changelog::{ChangeLog, EntityLog, Layout};
+use crate::compute::Compute;
+use crate::config::{Ownership, Settings};
+use crate::dlq::DeadLetters;
+use crate::engine::{Engine, Parts};
+use crate::http::Health;
+use crate::observed::ObservedSource;
+use crate::partition::{
+    DriverConfig, PartitionBoard, PartitionState, PartitionedStream, Processor,
+};
+use crate::shutdown::CancellationToken;
+
+/// A domain kappa service being assembled: see the module docs.
+pub struct DomainService<C: Compute> {
+    name: String,
+    compute: C,
+    settings: Settings,
+    input: Option<(String, String)>,
+    changes: Option<(String, String)>,
+    observe: Option<ObservedSource>,
+    declare: Vec<stream::Config>,
+    http: Option<SocketAddr>,
+    routes: axum::Router,
+}
+
+impl<C: Compute> DomainService<C> {
+    /// A service called `name` (NATS client name, consumer and lease names, DLQ subject,
+    /// working-state namespace) running `compute` with `settings`.
+    pub fn new(name: &str, compute: C, settings: Settings) -> Self {
+        Self {
+            name: name.to_string(),
+            compute,
+            settings,
+            input: None,
+            changes: None,
+            observe: None,
+            declare: Vec::new(),
+            http: None,
+            routes: axum::Router::new(),
+        }
+    }
+
+    /// The input: stream `stream`, published to `<prefix>.<key>`, partitioned by key into
+    /// `KAPPA_PARTITIONS` partitions (declared if missing).
+    #[must_use]
+    pub fn input(mut self, stream: &str, prefix: &str) -> Self {
+        self.input = Some((stream.to_string(), prefix.to_string()));
+        self
+    }
+
+    /// The change log: stream `stream`, one subject `<prefix>.<key>` per entity, partitioned
+    /// like the input (declared if missing). Only this service writes it.
+    #[must_use]
+    pub fn changes(mut self, stream: &str, prefix: &str) -> Self {
+        self.changes = Some((stream.to_string(), prefix.to_string()));
+        self
+    }
+
+    /// Observes reference data from `source` with the option `KAPPA_OBSERVED` names.
+    #[must_use]
+    pub fn observe(mut self, source: ObservedSource) -> Self {
+        self.observe = Some(source);
+        self
+    }
+
+    /// Declares another stream at start (e.g. the observed owner's, so start order does not
+    /// matter).
+    #[must_use]
+    pub fn declare(mut self, config: stream::Config) -> Self {
+        self.declare.push(config);
+        self
+    }
+
+    /// Serves `/healthz` and `/metrics` on `addr`.
+    #[must_use]
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.http = Some(addr);
+        self
+    }
+
+    /// Adds the service's own HTTP routes next to `/healthz` and `/metrics`.
+    #[must_use]
+    pub fn routes(mut self, routes: axum::Router) -> Self {
+        self.routes = self.routes.merge(routes);
+        self
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains: the batch in hand is finished and
+    /// committed, leases are released, pending publishes are flushed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let s = &self.settings;
+        s.validate()?;
+        let (in_stream, in_prefix) = self
+            .input
+            .clone()
+            .ok_or_else(|| RuntimeError::Config(format!("{}: no input stream", self.name)))?;
+        let (out_stream, out_prefix) = self
+            .changes
+            .clone()
+            .ok_or_else(|| RuntimeError::Config(format!("{}: no change log", self.name)))?;
+        let svc = Service::start_with(&self.name, &s.nats, shutdown.clone()).await?;
+        let js = svc.nats.js.clone();
+        let working = crate::working::build(s, &self.name, &js, &shutdown).await?;
+        let mut input = PartitionedStream {
+            stream: in_stream,
+            prefix: in_prefix.clone(),
+            partitions: s.partitions,
+        };
+        input.declare(&js).await?;
+        PartitionedStream {
+            stream: out_stream.clone(),
+            prefix: out_prefix.clone(),
+            partitions: input.partitions,
+        }
+        .declare(&js)
+        .await?;
+        for c in &self.declare {
+            crate::nats::declare_stream(&js, c.clone()).await?;
+        }
+        let observed = match &self.observe {
+            None => None,
+            Some(source) => Some(
+                crate::observed::build::<C::Reference>(
+                    s.observed,
+                    &svc.nats,
+                    ObservedSource {
+                        request_timeout: Duration::from_millis(s.observed_timeout_ms),
+                        ..source.clone()
+                    },
+                    s.cache(),
+                    shutdown.clone(),
+                )
+                .await?,
+            ),
+        };
+        let board = PartitionBoard::default();
+        let expected = match s.ownership {
+            Ownership::Static => Some(s.owned_partitions(input.partitions)?.len()),
+            Ownership::Leases => None,
+        };
+        register_partitions(&svc.health, &board, expected);
+        if let Some(o) = observed.clone() {
+            svc.health.register(
+                "observed",
+                Arc::new(move || {
+                    (
+                        o.ready(),
+                        serde_json::json!({"kind": o.kind(), "held": o.held()}),
+                    )
+                }),
+            );
+        }
+        let kind = working.kind();
+        svc.health.register(
+            "working",
+            Arc::new(move || (true, serde_json::json!({ "kind": kind }))),
+        );
+        let http = match self.http {
+            Some(addr) => Some(svc.serve_http(addr, self.routes.clone()).await?),
+            None => None,
+        };
+        tracing::info!(service = %self.name, observed = %s.observed, working = %s.working,
+            partitions = input.partitions, ownership = ?s.ownership, "starting");
+        let parts = Arc::new(Parts {
+            compute: Arc::new(self.compute),
+            service: self.name.clone(),
+            changes: ChangeLog::new(
+                EntityLog::new(
+                    js.clone(),
+                    &out_stream,
+                    &out_prefix,
+                    Layout::Partitioned,
+                    &self.name,
+                ),
+                &self.name,
+                C::CHANGE_SCHEMA,
+            ),
+            dlq: DeadLetters::new(js.clone(), &self.name),
+            observed,
+            working,
+            input_prefix: in_prefix,
+        });
+        let driver = DriverConfig {
+            input,
+            consumer_prefix: self.name.clone(),
+            batch: s.batch,
+            linger: Duration::from_millis(s.linger_ms),
+        };
+        let result = run_owned(
+            js,
+            &self.name,
+            s,
+            driver,
+            board,
+            shutdown.clone(),
+            move |p| Engine::new(parts.clone(), p),
+        )
+        .await;
+        shutdown.cancel();
+        svc.drain().await;
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+        result
+    }
+}
+
+/// Registers the `partitions` readiness check: ready when every partition held is running
+/// (and, with static ownership, when all `expected` are).
+pub fn register_partitions(health: &Health, board: &PartitionBoard, expected: Option<usize>) {
+    let b = board.clone();
+    health.register(
+        "partitions",
+        Arc::new(move || {
+            let b = b.read().map(|b| b.clone()).unwrap_or_default();
+            let running = b
+                .values()
+                .filter(|s| s.state == PartitionState::Running)
+                .count();
+            let ready = match expected {
+                Some(n) => running == n,
+                None => running == b.len(),
+            };
+            (ready, serde_json::to_value(&b).unwrap_or_default())
+        }),
+    );
+}
+
+/// Runs one processor per partition this instance owns, with static ownership or leases as
+/// `settings` says, until `shutdown`.
+pub async fn run_owned<P, F>(
+    js: jetstream::Context,
+    service: &str,
+    settings: &Settings,
+    driver: DriverConfig,
+    board: PartitionBoard,
+    shutdown: CancellationToken,
+    make: F,
+) -> Result<(), RuntimeError>
+where
+    P: Processor,
+    F: Fn(u32) -> P + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    match settings.ownership {
+        Ownership::Static => {
+            let owned = settings.owned_partitions(driver.input.partitions)?;
+            let tasks: Vec<_> = owned
+                .into_iter()
+                .map(|p| {
+                    tokio::spawn(crate::partition::run_partition(
+                        js.clone(),
+                        driver.clone(),
+                        p,
+                        make(p),
+                        shutdown.clone(),
+                        board.clone(),
+                    ))
+                })
+                .collect();
+            for t in join_all(tasks).await {
+                match t {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "partition ended"),
+                    Err(e) => tracing::error!(error = %e, "partition task failed"),
+                }
+            }
+            Ok(())
+        }
+        Ownership::Leases => {
+            let lease = crate::lease::LeaseConfig {
+                service: service.to_string(),
+                partitions: driver.input.partitions,
+                ttl: Duration::from_secs(settings.lease_ttl_secs.max(1)),
+            };
+            let start = |g: crate::lease::Grant| {
+                let (js, driver, board, make) =
+                    (js.clone(), driver.clone(), board.clone(), make.clone());
+                tokio::spawn(async move {
+                    let p = g.partition;
+                    let r = crate::partition::run_partition_at(
+                        js,
+                        driver,
+                        p,
+                        g.epoch,
+                        make(p),
+                        g.stop,
+                        board.clone(),
+                    )
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(partition = p, error = %e, "partition ended");
+                    }
+                    if let Ok(mut b) = board.write() {
+                        b.remove(&p);
+                    }
+                })
+            };
+            let owned = Arc::new(RwLock::new(BTreeSet::new()));
+            crate::lease::keep(js.clone(), lease, shutdown, owned, start).await
+        }
+    }
+}
