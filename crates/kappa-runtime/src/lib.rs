@@ -35,6 +35,8 @@ pub mod telemetry;
 pub mod working;
 
 pub use error::RuntimeError;
+/// The `time` crate, whose `OffsetDateTime` is in [`compute::Context`].
+pub use time;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
