@@ -23,6 +23,10 @@ use crate::baseline::{Lat, Sink};
 use crate::report::{Report, Target, fmt_lat, fmt_rate, ratio};
 use crate::services::{Ctx, TdCase, TdResult};
 
+// mimalloc, not glibc malloc: see kappa-runtime's crate docs ("Allocator") for the measured reason.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kappa-bench",
