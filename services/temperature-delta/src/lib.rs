@@ -24,7 +24,7 @@ use kappa_runtime::dlq::DeadLetters;
 use kappa_runtime::observed::{ObservedError, ObservedState};
 use kappa_runtime::partition::{Input, PartitionedStream, ProcessError, Processor};
 use kappa_runtime::working::WorkingState;
-use sensor_registry::ObservedSensor;
+use thermo_domain::ObservedSensor;
 use thermo_domain::{
     Delta, DeltaWindow, RejectReason, Sample, WindowOutcome, parse_reading, streams, subjects,
 };
