@@ -353,11 +353,11 @@ impl Servers {
     /// empties both Redis servers: every scenario starts from nothing but registered sensors.
     pub async fn wipe(&self, js: &jetstream::Context) -> anyhow::Result<()> {
         for s in [
-            "READINGS",
-            "DELTAS",
-            "DLQ",
-            "KAPPA_STATE",
-            "VIEWS",
+            thermo_domain::streams::READINGS,
+            thermo_domain::streams::DELTAS,
+            kappa_runtime::dlq::STREAM,
+            kappa_runtime::working::snapshot::STREAM,
+            thermo_domain::streams::VIEWS,
             "BENCH_READINGS",
             "BENCH_DELTAS",
             "BENCH_HOP",

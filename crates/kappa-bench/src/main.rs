@@ -23,6 +23,10 @@ use crate::baseline::{Lat, Sink};
 use crate::report::{Report, Target, fmt_lat, fmt_rate, ratio};
 use crate::services::{Ctx, TdCase, TdResult};
 
+// mimalloc, not glibc malloc: see kappa-runtime's crate docs ("Allocator") for the measured reason.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kappa-bench",
@@ -417,7 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (tdr, td_proc) = services::temperature_delta(&ctx, &c).await?;
             let td_proc = td_proc.ok_or_else(|| anyhow::anyhow!("no td"))?;
             td_dag_rate = Some(tdr.rate);
-            let n_deltas = infra::count(&ctx.js, "DELTAS").await;
+            let n_deltas = infra::count(&ctx.js, thermo_domain::streams::DELTAS).await;
             let (rate, vb_ready, vb_proc, vb_cpu) = services::view_builder(&ctx, n_deltas).await?;
             cpu_rows.push(("view-builder".into(), vb_cpu));
             eprintln!("    view-builder {rate:.0} deltas/s (ready {vb_ready:.2}s)");

@@ -287,7 +287,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
     }
     let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
     let prefill_rate = ctx.thermometer(c.readings, c.sensors, &extra_ref).await?;
-    let n = count(&ctx.js, "READINGS").await;
+    let n = count(&ctx.js, thermo_domain::streams::READINGS).await;
     if n < c.readings {
         bail!("READINGS holds {n} of {}", c.readings);
     }
@@ -296,7 +296,8 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
     let ready = wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(300)).await?;
     let t_ready = Instant::now();
     let done_at = |js: jetstream::Context| async move {
-        count(&js, "DELTAS").await + count(&js, "DLQ").await
+        count(&js, thermo_domain::streams::DELTAS).await
+            + count(&js, kappa_runtime::dlq::STREAM).await
     };
     let m0 = done_at(ctx.js.clone()).await.min(n);
     let meter = ctx.cpu_meter("temperature-delta", Some(p.pid()));
@@ -330,7 +331,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         ready_secs: ready.as_secs_f64(),
         secs,
         rate: (n - m0) as f64 / secs.max(1e-9),
-        dead_letters: count(&ctx.js, "DLQ").await,
+        dead_letters: count(&ctx.js, kappa_runtime::dlq::STREAM).await,
         rss_kib: p.rss_kib().unwrap_or(0),
         observed_requests: requests,
         // Lookups happen while processing: requests over the processing time.
@@ -354,7 +355,10 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
     if c.recovery {
         p.kill9();
         let lasts = ctx
-            .partition_lasts("READINGS", thermo_domain::subjects::READINGS_PREFIX)
+            .partition_lasts(
+                thermo_domain::streams::READINGS,
+                thermo_domain::subjects::READINGS_PREFIX,
+            )
             .await?;
         let spawned = Instant::now();
         let mut q = ctx.spawn("temperature-delta", &td_env(ctx, c), &[])?;
@@ -382,7 +386,8 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
             rec.lease_failover_secs = Some(spawned.elapsed().as_secs_f64());
             q = b;
         }
-        let after = count(&ctx.js, "DELTAS").await + count(&ctx.js, "DLQ").await;
+        let after = count(&ctx.js, thermo_domain::streams::DELTAS).await
+            + count(&ctx.js, kappa_runtime::dlq::STREAM).await;
         if after != n {
             eprintln!("  note: after the restart DELTAS+DLQ hold {after}, expected {n}");
         }
@@ -712,7 +717,7 @@ pub async fn e2e(
                 &delta_seen,
             ),
             (
-                format!("{}.sensor.>", thermo_domain::subjects::VIEWS_PREFIX),
+                format!("{}.>", thermo_domain::subjects::SENSOR_VIEWS_PREFIX),
                 &view_seen,
             ),
         ] {

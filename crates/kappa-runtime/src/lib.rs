@@ -13,9 +13,13 @@
 //! - [`http`]: `/healthz` (readiness) and Prometheus `/metrics`, plus a service's own routes;
 //! - [`shutdown`]: SIGTERM/SIGINT handling and draining.
 //!
-//! Every binary that links this crate allocates with mimalloc: a service handles many small,
-//! short-lived buffers per message, and glibc's malloc was about 30% of temperature-delta's CPU
-//! in a profile (`docs/BENCHMARKS.md`, "CPU per message").
+//! # Allocator
+//!
+//! This library sets no global allocator; binaries should choose mimalloc
+//! (`#[global_allocator] static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;`, with
+//! `mimalloc.workspace = true`), as every binary of this workspace does. A service handles many
+//! small, short-lived buffers per message, and glibc's malloc was about 30% of
+//! temperature-delta's CPU in a profile (`docs/BENCHMARKS.md`, "CPU per message").
 
 pub mod app;
 pub mod changelog;
@@ -37,6 +41,3 @@ pub mod working;
 pub use error::RuntimeError;
 /// The `time` crate, whose `OffsetDateTime` is in [`compute::Context`].
 pub use time;
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -124,6 +124,32 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
     })
 }
 
+/// An owner's change stream (e.g. a registry's): subjects `<prefix>.*` (entity id last), every
+/// change kept, the last change of an entity readable by direct get, publishes deduplicated by
+/// `Nats-Msg-Id` for two minutes. Observers replay it last-per-subject
+/// ([`crate::observed`]). Plain data, like [`crate::partition::PartitionedStream`], so a domain
+/// crate can name its streams without depending on the NATS client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeStream {
+    /// Stream name, e.g. `SENSORS`.
+    pub stream: String,
+    /// Subject prefix of the changes, e.g. `registry.sensors`.
+    pub prefix: String,
+}
+
+impl ChangeStream {
+    /// The stream's configuration.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{}.*", self.prefix)],
+            allow_direct: true,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+}
+
 /// Declares a stream: creates it when missing, otherwise keeps the existing one (and logs when
 /// its subjects differ from what this service expects).
 pub async fn declare_stream(

@@ -1,15 +1,25 @@
-//! The temperature example's domain: what a reading, a sensor and a delta are, how input is
-//! validated, and the pure computation of a sensor's window ([`DeltaWindow`]). No I/O here.
+//! The temperature example's domain and the wire contract between its services: what a
+//! reading, a sensor and a delta are, how input is validated, the pure computation of a
+//! sensor's window ([`DeltaWindow`]), and everything two services must agree on: stream names
+//! ([`streams`]), subjects ([`subjects`]), payloads ([`Sensor`], [`ObservedSensor`], [`Delta`])
+//! and the views' Redis layout and read protocol ([`views`]). No I/O here.
+//!
+//! Services depend on this crate, never on one another's. With the `runtime` feature,
+//! `runtime` gives the same contract in kappa-runtime's plain-data types (the streams a
+//! service declares, the registry as observed state).
 //!
 //! Everything in this crate is deterministic so the services, the tests' oracle and the
 //! benchmarks can reason about it without a broker.
 
 pub mod reading;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 pub mod sensor;
+pub mod views;
 pub mod window;
 
 pub use reading::{Reading, RejectReason, ValidReading, parse_reading, valid_sensor_id};
-pub use sensor::{Sensor, SensorUpsert, UpsertReply};
+pub use sensor::{ObservedSensor, Sensor, SensorUpsert, UpsertReply};
 pub use window::{DeltaStats, DeltaWindow, Sample, WindowOutcome};
 
 /// Subjects of the wire contract (DESIGN.md). Entity id last, lower case.
@@ -20,6 +30,9 @@ pub mod subjects {
     pub const DELTAS_PREFIX: &str = "thermo.deltas";
     /// Prefix of view changes: `thermo.views.<view>.<key>`.
     pub const VIEWS_PREFIX: &str = "thermo.views";
+    /// Prefix of sensor view changes (core NATS): `thermo.views.sensor.<sensor_id>`, payload
+    /// [`crate::views::SensorView`].
+    pub const SENSOR_VIEWS_PREFIX: &str = "thermo.views.sensor";
     /// Prefix of registry changes: `registry.sensors.<sensor_id>`.
     pub const SENSORS_PREFIX: &str = "registry.sensors";
     /// Request-reply subject for an upsert.
@@ -43,9 +56,14 @@ pub mod subjects {
     pub fn registry_get(sensor_id: &str) -> String {
         format!("{REGISTRY_GET_PREFIX}.{sensor_id}")
     }
+    /// `thermo.views.sensor.<id>`
+    pub fn sensor_view(sensor_id: &str) -> String {
+        format!("{SENSOR_VIEWS_PREFIX}.{sensor_id}")
+    }
 }
 
-/// Stream names declared by the services (idempotently, at start).
+/// Stream names declared by the services (idempotently, at start). Their subjects are in
+/// [`subjects`]; their configurations, with the `runtime` feature, in `runtime`.
 pub mod streams {
     /// Readings from any producer.
     pub const READINGS: &str = "READINGS";

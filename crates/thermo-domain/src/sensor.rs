@@ -83,3 +83,9 @@ pub struct UpsertReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// A sensor as other services observe it (the registry's observable state). With the `runtime`
+/// feature it is [`kappa_runtime::observed::Versioned`], usable with any observed-state option.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct ObservedSensor(pub Sensor);

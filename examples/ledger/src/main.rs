@@ -4,6 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// mimalloc, not glibc malloc: see kappa-runtime's crate docs ("Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Account balances that refuse overdrafts, on kappa-runtime.
 #[derive(Parser)]
 #[command(name = "ledger")]

@@ -19,6 +19,8 @@
 //! Single-sensor reads go through a small in-process cache (moka, a few seconds' time-to-live)
 //! that the view-change feed keeps current; an entry is only ever replaced by a newer view.
 
+pub mod reader;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,8 +39,9 @@ use kappa_runtime::config::{NatsArgs, parse_listen_addr};
 use kappa_runtime::shutdown::CancellationToken;
 use moka::future::Cache;
 use serde_json::json;
-use view_builder::store::Store;
-use view_builder::view::SensorView;
+use thermo_domain::views::SensorView;
+
+pub use reader::ViewReader;
 
 /// The service's name.
 pub const SERVICE: &str = "query-api";
@@ -127,7 +130,7 @@ pub fn is_newer(new: &SensorView, old: &SensorView) -> bool {
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    store: Store,
+    store: ViewReader,
     cache: Option<Cache<String, Arc<SensorView>>>,
     live: tokio::sync::broadcast::Sender<String>,
     shutdown: CancellationToken,
@@ -135,7 +138,7 @@ pub struct ApiState {
 
 impl ApiState {
     /// State over `store`, with a sensor cache of `cache_ttl` (zero: no cache).
-    pub fn new(store: Store, cache_ttl: Duration, shutdown: CancellationToken) -> Self {
+    pub fn new(store: ViewReader, cache_ttl: Duration, shutdown: CancellationToken) -> Self {
         let cache = (!cache_ttl.is_zero()).then(|| {
             Cache::builder()
                 .max_capacity(100_000)
@@ -315,7 +318,7 @@ async fn follow_views(
     subscribed: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let subject = format!("{}.sensor.>", thermo_domain::subjects::VIEWS_PREFIX);
+    let subject = format!("{}.>", thermo_domain::subjects::SENSOR_VIEWS_PREFIX);
     loop {
         match client.subscribe(subject.clone()).await {
             Ok(mut sub) => {
@@ -346,7 +349,7 @@ async fn follow_views(
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let service = kappa_runtime::app::Service::start(SERVICE, &cfg.nats).await?;
     let conn = kappa_runtime::working::remote::connect(&cfg.redis_url, "REDIS_URL").await?;
-    let store = Store::new(conn.clone());
+    let store = ViewReader::new(conn.clone());
     let state = ApiState::new(
         store,
         Duration::from_secs(cfg.cache_ttl_secs),

@@ -1,12 +1,13 @@
-//! The HTTP API over views in a real Redis (`REDIS_URL`, database 14 of it), written with
-//! view-builder's store. Skipped with a note when `REDIS_URL` is not set.
+//! The HTTP API over views in a real Redis (`REDIS_URL`, database 14 of it), written here by
+//! the wire contract's key layout ([`thermo_domain::views`]; view-builder, their real writer,
+//! is checked against query-api end to end in `integration-tests`). Skipped with a note when
+//! `REDIS_URL` is not set.
 
 use std::time::Duration;
 
 use thermo_domain::Delta;
+use thermo_domain::views::{HistoryEntry, Keys, SensorMeta, rank_score};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use view_builder::store::{Store, Target};
-use view_builder::view::fold_batch;
 
 fn test_db_url() -> Option<String> {
     let Ok(url) = std::env::var("REDIS_URL") else {
@@ -43,6 +44,42 @@ fn delta(id: &str, site: &str, d: f64, source_seq: u64) -> Delta {
     }
 }
 
+/// Writes one partition's batch into generation `0` (the active one when `views:active` is
+/// absent), as the layout says: each delta replaces its sensor's view and adds a history point.
+async fn write_batch(
+    c: &mut redis::aio::ConnectionManager,
+    partition: u32,
+    items: &[(u64, Delta)],
+) {
+    let k = Keys::new("0");
+    let mut pipe = redis::pipe();
+    for (seq, d) in items {
+        let meta = SensorMeta::from_delta(d);
+        let id = &d.sensor_id;
+        let score = rank_score(d.delta_celsius);
+        pipe.hset_multiple(
+            k.sensor(id),
+            &[
+                ("delta", serde_json::to_string(d).expect("json")),
+                ("seq", seq.to_string()),
+                ("meta", serde_json::to_string(&meta).expect("json")),
+                ("mv", meta.version.to_string()),
+                ("site", meta.site.clone()),
+            ],
+        )
+        .rpush(
+            k.history(id),
+            serde_json::to_string(&HistoryEntry::of(d, *seq)).expect("json"),
+        )
+        .zadd(k.sensors(), id, 0)
+        .zadd(k.site(&d.site), id, score)
+        .zadd(k.rank(), id, score)
+        .sadd(k.sites(), &d.site)
+        .hset(k.positions(), partition, seq);
+    }
+    let _: () = pipe.query_async(c).await.expect("write views");
+}
+
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -71,7 +108,6 @@ async fn api_answers_from_the_views() {
         .query_async(&mut c)
         .await
         .expect("flush");
-    let store = Store::new(conn);
     for (p, items) in [
         (
             0,
@@ -88,17 +124,11 @@ async fn api_answers_from_the_views() {
             ],
         ),
     ] {
-        let last = items.last().map(|i| i.0).unwrap_or(0);
-        let ups = fold_batch(items, 10);
-        let metas = vec![None; ups.len()];
-        store
-            .apply(&Target::Active, p, 1, last, 10, &ups, &metas)
-            .await
-            .expect("apply");
+        write_batch(&mut c, p, &items).await;
     }
 
     let state = query_api::ApiState::new(
-        store,
+        query_api::ViewReader::new(conn),
         Duration::from_secs(5),
         kappa_runtime::shutdown::CancellationToken::new(),
     );

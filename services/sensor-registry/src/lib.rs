@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use async_nats::jetstream::{
     self, consumer, context::PublishErrorKind, message::PublishMessage, stream,
@@ -78,15 +77,10 @@ impl Registry {
     }
 }
 
-/// The `SENSORS` stream's configuration (every change kept, last per subject readable).
+/// The `SENSORS` stream's configuration (every change kept, last per subject readable); the
+/// stream itself is part of the wire contract, [`thermo_domain::runtime::sensors_stream`].
 pub fn stream_config() -> stream::Config {
-    stream::Config {
-        name: streams::SENSORS.into(),
-        subjects: vec![format!("{}.*", subjects::SENSORS_PREFIX)],
-        allow_direct: true,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    }
+    thermo_domain::runtime::sensors_stream().stream_config()
 }
 
 /// Reads the stream into `registry` (last change of every sensor) and then keeps following
@@ -311,25 +305,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A sensor as other services observe it (the registry's observable state), usable with any
-/// [`kappa_runtime::observed::ObservedState`] option.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(transparent)]
-pub struct ObservedSensor(pub Sensor);
-
-impl kappa_runtime::observed::Versioned for ObservedSensor {
-    fn version(&self) -> u64 {
-        self.0.version
-    }
-}
-
-/// Where observers find the registry: its change stream and its lookup subjects.
-pub fn observed_source(request_timeout: Duration) -> kappa_runtime::observed::ObservedSource {
-    kappa_runtime::observed::ObservedSource {
-        stream: streams::SENSORS.into(),
-        change_prefix: subjects::SENSORS_PREFIX.into(),
-        request_prefix: subjects::REGISTRY_GET_PREFIX.into(),
-        request_timeout,
-        attempts: 3,
-    }
-}
+// The registry's observable state, now part of the wire contract in thermo-domain; kept here
+// under their old names for existing users.
+pub use thermo_domain::ObservedSensor;
+pub use thermo_domain::runtime::registry_source as observed_source;

@@ -11,8 +11,9 @@ use kappa_runtime::compute::{Compute, Context, Decision, Lookup, Rejection};
 use kappa_runtime::config::Settings;
 use kappa_runtime::service::DomainService;
 use kappa_runtime::shutdown::CancellationToken;
-use sensor_registry::ObservedSensor;
-use thermo_domain::{Delta, DeltaWindow, RejectReason, Sample, ValidReading, parse_reading};
+use thermo_domain::{
+    Delta, DeltaWindow, ObservedSensor, RejectReason, Sample, ValidReading, parse_reading,
+};
 use thermo_domain::{streams, subjects};
 
 /// The service's name (consumers, leases, dead letters, working-state namespace).
@@ -117,8 +118,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     DomainService::new(SERVICE, TemperatureDelta, cfg.kappa)
         .input(streams::READINGS, subjects::READINGS_PREFIX)
         .changes(streams::DELTAS, subjects::DELTAS_PREFIX)
-        .observe(sensor_registry::observed_source(Duration::from_secs(1)))
-        .declare(sensor_registry::stream_config())
+        .observe(thermo_domain::runtime::registry_source(
+            Duration::from_secs(1),
+        ))
+        .declare(thermo_domain::runtime::sensors_stream().stream_config())
         .http(cfg.http_addr)
         .run(shutdown)
         .await?;
@@ -184,7 +187,7 @@ mod tests {
     #[test]
     fn deltas_are_calibrated_changes_over_the_window_and_late_readings_are_rejected() {
         let s = sensor(0.5, 600);
-        let (window, out) = run_compute(&[(0, 20.0), (300, 21.0), (900, 25.0), (100, 1.0)], &s);
+        let (window, out) = run_compute(&[(0, 20.0), (300, 21.0), (850, 25.0), (100, 1.0)], &s);
         let deltas: Vec<&Delta> = out
             .iter()
             .filter_map(|d| match d {
@@ -196,7 +199,7 @@ mod tests {
         assert_eq!(deltas[0].delta_celsius, 0.0);
         assert_eq!(deltas[1].delta_celsius, 1.0);
         assert_eq!(deltas[1].latest_celsius, 21.5);
-        // At 900 s the reading at 0 s left the 600 s window; 300 s is the oldest.
+        // At 850 s the reading at 0 s left the 600 s window; 300 s is the oldest.
         assert_eq!(deltas[2].delta_celsius, 4.0);
         assert_eq!(deltas[2].samples, 2);
         assert_eq!(deltas[2].sensor_version, 3);

@@ -268,7 +268,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
         None => None,
     };
     let svc = kappa_runtime::app::Service::start("thermometer", &cfg.nats).await?;
-    let mut readings = temperature_delta_streams::readings();
+    // Declared as temperature-delta declares it; the partition count only matters if the
+    // thermometer is the first to create the stream (same variable as the services').
+    let partitions = std::env::var("KAPPA_PARTITIONS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8);
+    let mut readings = thermo_domain::runtime::readings_stream(partitions);
     readings.declare(&svc.nats.js).await?;
     let http = svc.serve_http(cfg.http_addr, axum::Router::new()).await?;
 
@@ -385,23 +391,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
     svc.drain().await;
     let _ = http.await;
     Ok(summary)
-}
-
-/// The readings stream as the thermometer declares it (same as temperature-delta's).
-mod temperature_delta_streams {
-    use kappa_runtime::partition::PartitionedStream;
-
-    pub fn readings() -> PartitionedStream {
-        let partitions = std::env::var("KAPPA_PARTITIONS")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(8);
-        PartitionedStream {
-            stream: thermo_domain::streams::READINGS.into(),
-            prefix: thermo_domain::subjects::READINGS_PREFIX.into(),
-            partitions,
-        }
-    }
 }
 
 #[cfg(test)]

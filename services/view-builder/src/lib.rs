@@ -1,26 +1,12 @@
 //! view-builder: turns the deltas stream into read-optimised views in Redis, and announces every
 //! changed view on `thermo.views.sensor.<sensor_id>` (core NATS) so caches stay current.
 //!
-//! # Views (Redis key layout)
+//! # Views
 //!
-//! Every key of a *generation* `g` starts with `views:{g}:` (one hash tag, so a generation also
-//! lives in one Redis Cluster slot). `views:active` names the generation queries read (absent
-//! means `0`); a [rebuild](rebuild) fills a fresh generation and swaps it in.
-//!
-//! | key | type | content |
-//! | --- | --- | --- |
-//! | `views:{g}:sensor:<id>` | hash | `delta` (latest delta JSON), `seq` (its deltas-stream sequence), `meta` (newest sensor metadata JSON), `mv` (its version), `site` (the site the sensor is ranked in) |
-//! | `views:{g}:history:<id>` | list | the last `--history-len` points `{delta_celsius, latest_celsius, window_end, source_seq, view_seq}`, oldest first |
-//! | `views:{g}:site:<site>` | sorted set | the site's sensors, score `-abs(delta_celsius)` |
-//! | `views:{g}:rank` | sorted set | every sensor, score `-abs(delta_celsius)` |
-//! | `views:{g}:sensors` | sorted set | every sensor with a view (score 0: ordered by id) |
-//! | `views:{g}:sites` | set | every site with at least one sensor |
-//! | `views:{g}:positions` | hash | partition -> last applied deltas-stream sequence |
-//! | `views:{g}:epochs` | hash | partition -> fencing epoch of its current writer |
-//! | `views:active`, `views:building`, `views:next-gen` | string | generation pointers |
-//!
-//! Scores are `-|delta|` so that ascending order is "largest change first", and equal changes
-//! come out by sensor id ascending (Redis orders equal scores by member).
+//! The Redis key layout, the view JSON and the read protocol are the wire contract between
+//! this service (their only writer) and query-api: [`thermo_domain::views`]. Every key of a
+//! *generation* `g` starts with `views:{g}:`; `views:active` names the generation queries read
+//! (absent means `0`); a [rebuild](rebuild) fills a fresh generation and swaps it in.
 //!
 //! # Consistency
 //!
@@ -49,7 +35,7 @@ use kappa_runtime::partition::{
     DriverConfig, Input, PartitionBoard, PartitionedStream, ProcessError, Processor,
 };
 use kappa_runtime::shutdown::CancellationToken;
-use sensor_registry::ObservedSensor;
+use thermo_domain::ObservedSensor;
 use thermo_domain::{streams, subjects};
 
 use crate::store::{Applied, Store, Target};
@@ -107,20 +93,14 @@ impl Config {
         usize::try_from(self.history_len).unwrap_or(usize::MAX)
     }
 
-    /// The deltas stream as declared by temperature-delta.
+    /// The deltas stream, as the wire contract declares it.
     pub fn deltas(&self) -> PartitionedStream {
-        PartitionedStream {
-            stream: streams::DELTAS.into(),
-            prefix: subjects::DELTAS_PREFIX.into(),
-            partitions: self.partitions,
-        }
+        thermo_domain::runtime::deltas_stream(self.partitions)
     }
 }
 
-/// Subject of a sensor's view change.
-pub fn view_subject(sensor_id: &str) -> String {
-    format!("{}.sensor.{sensor_id}", subjects::VIEWS_PREFIX)
-}
+/// Subject of a sensor's view change (the wire contract's).
+pub use thermo_domain::subjects::sensor_view as view_subject;
 
 /// Publishes view changes on core NATS (best effort: caches also expire).
 pub async fn announce(client: &async_nats::Client, views: &[SensorView]) {
@@ -393,7 +373,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let js = service.nats.js.clone();
     let mut deltas = cfg.deltas();
     deltas.declare(&js).await?;
-    kappa_runtime::nats::declare_stream(&js, sensor_registry::stream_config()).await?;
+    kappa_runtime::nats::declare_stream(
+        &js,
+        thermo_domain::runtime::sensors_stream().stream_config(),
+    )
+    .await?;
 
     // Readiness: Redis answers, the registry is observed, every partition runs.
     let redis_up = Arc::new(AtomicBool::new(true));
@@ -422,7 +406,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let observed = kappa_runtime::observed::build::<ObservedSensor>(
         cfg.observed,
         &service.nats,
-        sensor_registry::observed_source(Duration::from_secs(1)),
+        thermo_domain::runtime::registry_source(Duration::from_secs(1)),
         kappa_runtime::observed::semi_stateless::CacheConfig::default(),
         service.shutdown.clone(),
     )

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
-use sensor_registry::ObservedSensor;
+use thermo_domain::ObservedSensor;
 use thermo_domain::{Delta, streams, subjects};
 
 use crate::Config;
@@ -65,7 +65,11 @@ pub async fn run(cfg: Config, args: RebuildArgs) -> anyhow::Result<Report> {
     let store = crate::connect_views(&cfg).await?;
     let mut deltas = cfg.deltas();
     deltas.declare(&nats.js).await?;
-    kappa_runtime::nats::declare_stream(&nats.js, sensor_registry::stream_config()).await?;
+    kappa_runtime::nats::declare_stream(
+        &nats.js,
+        thermo_domain::runtime::sensors_stream().stream_config(),
+    )
+    .await?;
     rebuild(&nats.js, &store, &cfg, &args).await
 }
 

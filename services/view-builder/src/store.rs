@@ -1,68 +1,12 @@
-//! The views in Redis: key layout, the atomic Lua scripts that change them, and the reads
-//! query-api uses. See the crate documentation for the layout.
+//! The views in Redis: the atomic Lua scripts that change them, and reads. The key layout and
+//! the read protocol are the wire contract ([`thermo_domain::views`]); this is their only
+//! writer.
 
 use redis::aio::ConnectionManager;
-use thermo_domain::Delta;
+use thermo_domain::views::{self as contract, READ_SCRIPT, Read};
+pub use thermo_domain::views::{ACTIVE_KEY, BUILDING_KEY, History, Keys, NEXT_GEN_KEY, ViewList};
 
-use crate::view::{HistoryEntry, SensorMeta, SensorUpdate, SensorView, compose, rank_score};
-
-/// The key naming the generation queries read (absent = generation `0`).
-pub const ACTIVE_KEY: &str = "views:active";
-/// The key naming the generation a rebuild is filling (absent when none runs).
-pub const BUILDING_KEY: &str = "views:building";
-/// Counter handing out generation numbers to rebuilds.
-pub const NEXT_GEN_KEY: &str = "views:next-gen";
-
-/// The keys of one generation, `views:{<gen>}:...` (one hash tag per generation).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    /// Keys of generation `gen`.
-    pub fn new(generation: &str) -> Self {
-        Self {
-            prefix: format!("views:{{{generation}}}:"),
-        }
-    }
-    /// `views:{g}:sensor:<id>`: hash `delta`, `seq`, `meta`, `mv`, `site`.
-    pub fn sensor(&self, id: &str) -> String {
-        format!("{}sensor:{id}", self.prefix)
-    }
-    /// `views:{g}:history:<id>`: list of history points, oldest first.
-    pub fn history(&self, id: &str) -> String {
-        format!("{}history:{id}", self.prefix)
-    }
-    /// `views:{g}:site:<site>`: sorted set of the site's sensors by `-|delta|`.
-    pub fn site(&self, site: &str) -> String {
-        format!("{}site:{site}", self.prefix)
-    }
-    /// `views:{g}:rank`: every sensor by `-|delta|`.
-    pub fn rank(&self) -> String {
-        format!("{}rank", self.prefix)
-    }
-    /// `views:{g}:sensors`: every sensor with a view (score 0, so ordered by id).
-    pub fn sensors(&self) -> String {
-        format!("{}sensors", self.prefix)
-    }
-    /// `views:{g}:sites`: every site with at least one sensor.
-    pub fn sites(&self) -> String {
-        format!("{}sites", self.prefix)
-    }
-    /// `views:{g}:positions`: partition -> last applied deltas-stream sequence.
-    pub fn positions(&self) -> String {
-        format!("{}positions", self.prefix)
-    }
-    /// `views:{g}:epochs`: partition -> fencing epoch of its writer.
-    pub fn epochs(&self) -> String {
-        format!("{}epochs", self.prefix)
-    }
-    /// A `SCAN MATCH` pattern covering the whole generation.
-    pub fn pattern(&self) -> String {
-        format!("{}*", self.prefix)
-    }
-}
+use crate::view::{SensorMeta, SensorUpdate, SensorView, compose, rank_score};
 
 /// Resolves the generation inside a script: ARGV[1] ('' = the active one).
 const GEN_PRELUDE: &str = r"
@@ -213,57 +157,6 @@ if redis.call('GET', 'views:building') == new then redis.call('DEL', 'views:buil
 return {'1', old}
 ";
 
-/// A consistent read of the active generation. ARGV: kind (`sensors`, `site`, `top`, `sensor`,
-/// `history`), argument (site or id), limit. Returns the highest applied position over the
-/// partitions, then per view: id, delta JSON, seq, meta JSON; for `history`: the position, the
-/// sensor's seq ('' if it has no view) and the points.
-const READ: &str = r"
-local gen = redis.call('GET', 'views:active') or '0'
-local P = 'views:{' .. gen .. '}:'
-local kind = ARGV[1]
-local arg = ARGV[2]
-local limit = tonumber(ARGV[3])
-local maxpos = 0
-for _, v in ipairs(redis.call('HVALS', P .. 'positions')) do
-  local x = tonumber(v)
-  if x > maxpos then maxpos = x end
-end
-local out = {tostring(maxpos)}
-if kind == 'history' then
-  local seq = redis.call('HGET', P .. 'sensor:' .. arg, 'seq')
-  if not seq then
-    table.insert(out, '')
-    return out
-  end
-  table.insert(out, seq)
-  for _, e in ipairs(redis.call('LRANGE', P .. 'history:' .. arg, 0, -1)) do
-    table.insert(out, e)
-  end
-  return out
-end
-local ids
-if kind == 'sensors' then
-  ids = redis.call('ZRANGE', P .. 'sensors', 0, -1)
-elseif kind == 'site' then
-  ids = redis.call('ZRANGE', P .. 'site:' .. arg, 0, -1)
-elseif kind == 'top' then
-  -- Read from the full ranking: O(log N + limit), nothing to maintain per batch.
-  ids = redis.call('ZRANGE', P .. 'rank', 0, limit - 1)
-else
-  ids = {arg}
-end
-for _, id in ipairs(ids) do
-  local h = redis.call('HMGET', P .. 'sensor:' .. id, 'delta', 'seq', 'meta')
-  if h[1] and h[2] and h[3] then
-    table.insert(out, id)
-    table.insert(out, h[1])
-    table.insert(out, h[2])
-    table.insert(out, h[3])
-  end
-end
-return out
-";
-
 /// Which generation a write goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -293,24 +186,6 @@ pub enum Applied {
     Changed(Vec<SensorView>),
 }
 
-/// A read of a list of views.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ViewList {
-    /// Highest deltas-stream sequence applied over the partitions.
-    pub view_seq: u64,
-    /// The views, in the list's order.
-    pub views: Vec<SensorView>,
-}
-
-/// A read of a sensor's history.
-#[derive(Debug, Clone, PartialEq)]
-pub struct History {
-    /// The sensor's view sequence.
-    pub view_seq: u64,
-    /// Points, oldest first.
-    pub points: Vec<HistoryEntry>,
-}
-
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -320,6 +195,12 @@ pub enum StoreError {
     /// A script answered something unexpected.
     #[error("unexpected answer from redis: {0}")]
     Protocol(String),
+}
+
+impl From<contract::BadAnswer> for StoreError {
+    fn from(e: contract::BadAnswer) -> Self {
+        Self::Protocol(e.0)
+    }
 }
 
 /// The views' store.
@@ -353,7 +234,7 @@ impl Store {
             apply: redis::Script::new(&format!("{GEN_PRELUDE}{APPLY}")),
             meta: redis::Script::new(META),
             swap: redis::Script::new(SWAP),
-            read: redis::Script::new(READ),
+            read: redis::Script::new(READ_SCRIPT),
         }
     }
 
@@ -522,81 +403,51 @@ impl Store {
         Ok(g.unwrap_or_else(|| "0".into()))
     }
 
-    async fn read_list(&self, kind: &str, arg: &str, limit: usize) -> Result<ViewList, StoreError> {
+    async fn read(&self, what: Read<'_>) -> Result<Vec<String>, StoreError> {
+        let (kind, arg, limit) = what.args();
         let mut conn = self.conn.clone();
-        let r: Vec<String> = self
+        Ok(self
             .read
             .arg(kind)
             .arg(arg)
             .arg(limit)
             .invoke_async(&mut conn)
-            .await?;
-        let (head, rest) = r
-            .split_first()
-            .ok_or_else(|| StoreError::Protocol("empty read answer".into()))?;
-        let view_seq = parse_u64(head)?;
-        let mut views = Vec::with_capacity(rest.len() / 4);
-        for item in rest.chunks(4) {
-            let [id, delta, seq, meta] = item else {
-                continue;
-            };
-            let parsed = (
-                serde_json::from_str::<Delta>(delta),
-                parse_u64(seq),
-                serde_json::from_str::<SensorMeta>(meta),
-            );
-            match parsed {
-                (Ok(d), Ok(s), Ok(m)) => views.push(compose(&d, s, m)),
-                _ => tracing::warn!(sensor_id = %id, "undecodable view; skipped"),
-            }
+            .await?)
+    }
+
+    async fn read_list(&self, what: Read<'_>) -> Result<ViewList, StoreError> {
+        let (list, undecodable) = contract::parse_view_list(&self.read(what).await?)?;
+        for id in undecodable {
+            tracing::warn!(sensor_id = %id, "undecodable view; skipped");
         }
-        Ok(ViewList { view_seq, views })
+        Ok(list)
     }
 
     /// Every sensor's view, by id.
     pub async fn sensors(&self) -> Result<ViewList, StoreError> {
-        self.read_list("sensors", "", 0).await
+        self.read_list(Read::Sensors).await
     }
 
     /// One sensor's view.
     pub async fn sensor(&self, id: &str) -> Result<Option<SensorView>, StoreError> {
-        Ok(self.read_list("sensor", id, 1).await?.views.pop())
+        Ok(self.read_list(Read::Sensor(id)).await?.views.pop())
     }
 
     /// A site's sensors by |delta| descending (ties by id).
     pub async fn site(&self, site: &str) -> Result<ViewList, StoreError> {
-        self.read_list("site", site, 0).await
+        self.read_list(Read::Site(site)).await
     }
 
     /// The first `limit` sensors of the ranking (`abs(delta)` descending, ties by id).
     pub async fn top(&self, limit: usize) -> Result<ViewList, StoreError> {
-        self.read_list("top", "", limit).await
+        self.read_list(Read::Top(limit)).await
     }
 
     /// A sensor's history, `None` if it has no view.
     pub async fn history(&self, id: &str) -> Result<Option<History>, StoreError> {
-        let mut conn = self.conn.clone();
-        let r: Vec<String> = self
-            .read
-            .arg("history")
-            .arg(id)
-            .arg(0)
-            .invoke_async(&mut conn)
-            .await?;
-        let Some(seq) = r.get(1) else {
-            return Err(StoreError::Protocol("short history answer".into()));
-        };
-        if seq.is_empty() {
-            return Ok(None);
-        }
-        let points = r[2..]
-            .iter()
-            .filter_map(|e| serde_json::from_str::<HistoryEntry>(e).ok())
-            .collect();
-        Ok(Some(History {
-            view_seq: parse_u64(seq)?,
-            points,
-        }))
+        Ok(contract::parse_history(
+            &self.read(Read::History(id)).await?,
+        )?)
     }
 
     /// Deletes every key of `generation` (an old generation after a swap).
@@ -626,21 +477,5 @@ impl Store {
             }
             cursor = next;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_share_a_hash_tag_per_generation() {
-        let k = Keys::new("3");
-        assert_eq!(k.sensor("s-1"), "views:{3}:sensor:s-1");
-        assert_eq!(k.history("s-1"), "views:{3}:history:s-1");
-        assert_eq!(k.site("lab"), "views:{3}:site:lab");
-        assert_eq!(k.rank(), "views:{3}:rank");
-        assert_eq!(k.positions(), "views:{3}:positions");
-        assert_eq!(k.pattern(), "views:{3}:*");
     }
 }

@@ -1,143 +1,9 @@
-//! The views' data, and the pure part of building them: validating a delta, folding a batch
-//! into one update per sensor, choosing the newest sensor metadata and composing the JSON a
-//! client sees. No I/O here.
+//! The pure part of building the views: validating a delta and folding a batch into one update
+//! per sensor. The views' data (what a client sees) is the wire contract,
+//! [`thermo_domain::views`], re-exported here. No I/O here.
 
-use serde::{Deserialize, Serialize};
-use thermo_domain::{Delta, Sensor};
-
-/// Sensor metadata shown in a view: the registry's, or (until the registry's is known) the one
-/// the delta was computed with. The highest `version` wins.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SensorMeta {
-    /// The sensor's site; decides the site view the sensor is ranked in.
-    pub site: String,
-    /// Calibration offset.
-    pub calibration_offset: f64,
-    /// Window length in seconds.
-    pub window_secs: u32,
-    /// Registry version.
-    pub version: u64,
-}
-
-impl SensorMeta {
-    /// The metadata a delta was computed with.
-    pub fn from_delta(d: &Delta) -> Self {
-        Self {
-            site: d.site.clone(),
-            calibration_offset: d.calibration_offset,
-            window_secs: d.window_secs,
-            version: d.sensor_version,
-        }
-    }
-
-    /// The registry's metadata.
-    pub fn from_sensor(s: &Sensor) -> Self {
-        Self {
-            site: s.site.clone(),
-            calibration_offset: s.calibration_offset,
-            window_secs: s.window_secs,
-            version: s.version,
-        }
-    }
-
-    /// The newer of two (the registry's on a tie, passed as `b`).
-    pub fn newest(a: Self, b: Option<Self>) -> Self {
-        match b {
-            Some(b) if b.version >= a.version => b,
-            _ => a,
-        }
-    }
-}
-
-/// A sensor's view as query-api serves it and as `thermo.views.sensor.<id>` carries it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SensorView {
-    /// The sensor.
-    pub sensor_id: String,
-    /// Its site (from the newest metadata).
-    pub site: String,
-    /// `latest_celsius - oldest_celsius` of the latest delta.
-    pub delta_celsius: f64,
-    /// Newest value in the window.
-    pub latest_celsius: f64,
-    /// Oldest value in the window.
-    pub oldest_celsius: f64,
-    /// Smallest value in the window.
-    pub min_celsius: f64,
-    /// Largest value in the window.
-    pub max_celsius: f64,
-    /// Readings in the window.
-    pub samples: u32,
-    /// Window length the delta used.
-    pub window_secs: u32,
-    /// Window end `T`.
-    #[serde(with = "time::serde::rfc3339")]
-    pub window_end: time::OffsetDateTime,
-    /// Event time of the reading behind the latest delta.
-    #[serde(with = "time::serde::rfc3339")]
-    pub measured_at: time::OffsetDateTime,
-    /// Calibration offset the delta used.
-    pub calibration_offset: f64,
-    /// Registry version the delta used.
-    pub sensor_version: u64,
-    /// Readings-stream sequence of the reading behind the latest delta.
-    pub source_seq: u64,
-    /// Deltas-stream sequence of the latest delta (what this view reflects).
-    pub view_seq: u64,
-    /// The newest sensor metadata known.
-    pub sensor: SensorMeta,
-}
-
-/// Composes a view from its stored parts.
-pub fn compose(delta: &Delta, view_seq: u64, meta: SensorMeta) -> SensorView {
-    SensorView {
-        sensor_id: delta.sensor_id.clone(),
-        site: meta.site.clone(),
-        delta_celsius: delta.delta_celsius,
-        latest_celsius: delta.latest_celsius,
-        oldest_celsius: delta.oldest_celsius,
-        min_celsius: delta.min_celsius,
-        max_celsius: delta.max_celsius,
-        samples: delta.samples,
-        window_secs: delta.window_secs,
-        window_end: delta.window_end,
-        measured_at: delta.measured_at,
-        calibration_offset: delta.calibration_offset,
-        sensor_version: delta.sensor_version,
-        source_seq: delta.source_seq,
-        view_seq,
-        sensor: meta,
-    }
-}
-
-/// One point of a sensor's history (the sparkline).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// The delta.
-    pub delta_celsius: f64,
-    /// Newest value in the window.
-    pub latest_celsius: f64,
-    /// Window end.
-    #[serde(with = "time::serde::rfc3339")]
-    pub window_end: time::OffsetDateTime,
-    /// Readings-stream sequence.
-    pub source_seq: u64,
-    /// Deltas-stream sequence.
-    pub view_seq: u64,
-}
-
-impl HistoryEntry {
-    /// The history point of a delta stored at `view_seq`.
-    pub fn of(d: &Delta, view_seq: u64) -> Self {
-        Self {
-            delta_celsius: d.delta_celsius,
-            latest_celsius: d.latest_celsius,
-            window_end: d.window_end,
-            source_seq: d.source_seq,
-            view_seq,
-        }
-    }
-}
+use thermo_domain::Delta;
+pub use thermo_domain::views::{HistoryEntry, SensorMeta, SensorView, compose, rank_score};
 
 /// Why a message on the deltas stream cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,12 +109,6 @@ pub fn fold_batch(items: Vec<(u64, Delta)>, history_len: usize) -> Vec<SensorUpd
     order
 }
 
-/// The ranking score of a delta: `-|delta|`, so ascending order is |delta| descending and ties
-/// fall back to the member (sensor id) ascending.
-pub fn rank_score(delta_celsius: f64) -> f64 {
-    -delta_celsius.abs()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,24 +154,6 @@ mod tests {
     }
 
     #[test]
-    fn newest_meta_wins_and_registry_wins_ties() {
-        let d = delta("a", 1.0, 1);
-        let from_delta = SensorMeta::from_delta(&d);
-        let mut reg = from_delta.clone();
-        reg.site = "roof".into();
-        assert_eq!(
-            SensorMeta::newest(from_delta.clone(), Some(reg.clone())).site,
-            "roof"
-        );
-        reg.version = 0;
-        assert_eq!(
-            SensorMeta::newest(from_delta.clone(), Some(reg)).site,
-            "lab"
-        );
-        assert_eq!(SensorMeta::newest(from_delta, None).site, "lab");
-    }
-
-    #[test]
     fn parse_rejects_bad_deltas() {
         let good = serde_json::to_vec(&delta("s-1", 1.5, 7)).expect("json");
         assert!(parse_delta(&good, "s-1").is_ok());
@@ -333,31 +175,5 @@ mod tests {
         // serde_json writes non-finite numbers as null, which is malformed for an f64 field.
         v["delta_celsius"] = serde_json::Value::Null;
         assert!(parse_delta(&serde_json::to_vec(&v).expect("json"), "s-1").is_err());
-    }
-
-    #[test]
-    fn view_has_the_contract_fields() {
-        let d = delta("s-1", -2.5, 9);
-        let v = compose(&d, 42, SensorMeta::from_delta(&d));
-        let j = serde_json::to_value(&v).expect("json");
-        for f in [
-            "sensor_id",
-            "site",
-            "delta_celsius",
-            "latest_celsius",
-            "oldest_celsius",
-            "min_celsius",
-            "max_celsius",
-            "samples",
-            "window_end",
-            "source_seq",
-            "view_seq",
-        ] {
-            assert!(j.get(f).is_some(), "missing {f}");
-        }
-        assert_eq!(j["view_seq"], 42);
-        assert_eq!(j["window_end"], "2026-11-24T17:00:00Z");
-        assert_eq!(rank_score(-2.5), -2.5);
-        assert_eq!(rank_score(2.5), -2.5);
     }
 }

@@ -83,7 +83,7 @@ async fn deltas_become_views() {
     let js = jetstream::new(client.clone());
     let _ = js.delete_stream("DELTAS").await;
     let _ = js.delete_stream("SENSORS").await;
-    js.get_or_create_stream(sensor_registry::stream_config())
+    js.get_or_create_stream(thermo_domain::runtime::sensors_stream().stream_config())
         .await
         .expect("sensors stream");
     let mut deltas_stream = view_builder::Config::deltas(&cfg(&nats_url, &views_url));
