@@ -10,6 +10,7 @@ use integration_tests::{
     Dag, count, healthz, metric, procs, publish_raw, read_stream, ready, register, servers,
     wait_until,
 };
+use kappa_testkit::streams::wait_count;
 
 fn reading(id: &str, c: f64, at: &str) -> String {
     format!(r#"{{"sensor_id":"{id}","celsius":{c},"measured_at":"{at}"}}"#)
@@ -38,22 +39,12 @@ async fn semi_stateless_sees_a_registry_change_before_the_timeout() {
     let delta = dag.ready("temperature-delta").await;
     register(c, "s-1", "lab", 0.0, 600).await;
     publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(js, "DELTAS").await == 1
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
     let v2 = register(c, "s-1", "lab", 5.0, 600).await;
     assert_eq!(v2, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(js, "DELTAS").await == 2
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 2, Duration::from_secs(10)).await);
     let d = deltas(js).await;
     assert_eq!(d[0]["reading_celsius"].as_f64(), Some(20.0));
     assert_eq!(
@@ -97,12 +88,7 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
     ready(&mut delta).await;
     register(c, "s-1", "lab", 0.0, 600).await;
     publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(js, "DELTAS").await == 1
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
     assert_eq!(
         metric(&delta.http, "kappa_observed_requests_total").await,
         1.0,
@@ -126,10 +112,7 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
 
     publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(js, "DELTAS").await == 2
-        })
-        .await,
+        wait_count(js, "DELTAS", 2, Duration::from_secs(20)).await,
         "no delta after the gap:\n{}",
         delta.log_text()
     );
@@ -166,12 +149,7 @@ async fn semi_stateless_keeps_working_from_cache_when_the_registry_stops() {
     register(c, "s-1", "lab", 0.0, 600).await;
     register(c, "s-2", "lab", 0.0, 600).await;
     publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(js, "DELTAS").await == 1
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
     dag.registry.kill9();
     publish_raw(js, "s-1", reading("s-1", 21.0, "2026-11-24T17:00:01Z")).await;
     publish_raw(js, "s-2", reading("s-2", 21.0, "2026-11-24T17:00:01Z")).await;
@@ -250,12 +228,7 @@ async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
         let id = format!("b-{:05}", i * 37);
         publish_raw(js, &id, reading(&id, 20.0, "2026-11-24T17:00:00Z")).await;
     }
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(js, "DELTAS").await == 200
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 200, Duration::from_secs(20)).await);
     assert_eq!(
         metric(&delta.http, "kappa_observed_requests_total").await,
         0.0,

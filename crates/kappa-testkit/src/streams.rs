@@ -83,3 +83,9 @@ pub async fn delete(js: &jetstream::Context, streams: &[&str]) {
         let _ = js.delete_stream(s).await;
     }
 }
+
+/// Polls [`count`] every 200 ms until `stream` holds exactly `n` messages or `timeout` passes;
+/// returns whether it did.
+pub async fn wait_count(js: &jetstream::Context, stream: &str, n: u64, timeout: Duration) -> bool {
+    crate::wait::wait_until(timeout, || async { count(js, stream).await == n }).await
+}
