@@ -1,7 +1,9 @@
 //! Test harness for the reference DAG: real NATS JetStream and Redis (containers started with
 //! testcontainers when a Docker engine is reachable, otherwise the servers named by `NATS_URL`
-//! and `REDIS_URL`), the real service binaries as child processes, stream readers, and an
-//! independent oracle of the expected deltas.
+//! and `REDIS_URL`), the real service binaries as child processes, the [`Dag`] fixture every
+//! test starts from (servers, service environment, client, a ready sensor-registry), the DAG's
+//! checks (exactly once against an independent oracle of the expected deltas), and panicking
+//! forms of `kappa_testkit`'s helpers for test code.
 //!
 //! Backend choice: `KAPPA_TEST_BACKEND=docker|env` forces one; by default Docker is used when
 //! its socket answers. With Docker, a container that cannot start fails the test: there is no
