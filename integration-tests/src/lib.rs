@@ -1,7 +1,9 @@
 //! Test harness for the reference DAG: real NATS JetStream and Redis (containers started with
 //! testcontainers when a Docker engine is reachable, otherwise the servers named by `NATS_URL`
-//! and `REDIS_URL`), the real service binaries as child processes, stream readers, and an
-//! independent oracle of the expected deltas.
+//! and `REDIS_URL`), the real service binaries as child processes, the [`Dag`] fixture every
+//! test starts from (servers, service environment, client, a ready sensor-registry), the DAG's
+//! checks (exactly once against an independent oracle of the expected deltas), and panicking
+//! forms of `kappa_testkit`'s helpers for test code.
 //!
 //! Backend choice: `KAPPA_TEST_BACKEND=docker|env` forces one; by default Docker is used when
 //! its socket answers. With Docker, a container that cannot start fails the test: there is no
@@ -15,7 +17,10 @@ pub mod proxy;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use futures::StreamExt;
+pub use kappa_testkit::streams::{Stored, count};
+pub use kappa_testkit::wait::wait_until;
+use kappa_testkit::{clients, metrics, streams};
+pub use procs::Proc;
 use testcontainers::core::{ContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
@@ -61,7 +66,7 @@ fn say(line: String) {
 
 /// Starts (or finds) NATS and Redis for a test, and says which backend it used.
 pub async fn servers(test: &str) -> Servers {
-    let _ = std::fs::remove_dir_all(procs::bin_dir().join("test-logs").join(test));
+    let _ = std::fs::remove_dir_all(procs::log_dir(test));
     // One DAG test at a time: each runs several services, and 2 cores are plenty for one.
     let guard = ENV_LOCK.lock().await;
     if docker_reachable() {
@@ -120,125 +125,104 @@ pub async fn servers(test: &str) -> Servers {
 
 /// Deletes the project's streams and Redis keys (env backend only: scratch servers).
 async fn wipe(nats_url: &str, redis_url: &str) {
-    let client = async_nats::connect(nats_url)
+    let (_, js) = clients::nats(nats_url, "integration-tests")
         .await
-        .unwrap_or_else(|e| panic!("NATS_URL {nats_url} is not reachable: {e}"));
-    let js = jetstream::new(client);
-    for s in [
-        "READINGS",
-        "DELTAS",
-        "SENSORS",
-        "DLQ",
-        "KAPPA_STATE",
-        "VIEWS",
-    ] {
-        let _ = js.delete_stream(s).await;
+        .unwrap_or_else(|e| panic!("NATS_URL: {e:#}"));
+    streams::delete(
+        &js,
+        &[
+            "READINGS",
+            "DELTAS",
+            "SENSORS",
+            "DLQ",
+            "KAPPA_STATE",
+            "VIEWS",
+        ],
+    )
+    .await;
+    clients::flushall(redis_url)
+        .await
+        .unwrap_or_else(|e| panic!("REDIS_URL: {e:#}"));
+}
+
+/// One test's servers, the environment its services get, a NATS client and a running
+/// sensor-registry: the setup every DAG test starts from. Services it starts log under the
+/// test's name; every process is killed when the test's locals are dropped.
+pub struct Dag {
+    /// The test's name (its log folder).
+    pub test: String,
+    /// The environment every service of the test gets ([`service_env`]).
+    pub env: Vec<(&'static str, String)>,
+    /// A NATS client of the test.
+    pub client: async_nats::Client,
+    /// Its JetStream context.
+    pub js: jetstream::Context,
+    /// The sensor registry, ready.
+    pub registry: Proc,
+    /// Declared last, dropped last: the registry stops before the servers go.
+    pub servers: Servers,
+}
+
+impl Dag {
+    /// [`servers`] for `test`, then [`Dag::on`] them.
+    pub async fn start(test: &str, extra: &[(&str, &str)]) -> Dag {
+        Dag::on(servers(test).await, test, extra).await
     }
-    let mut r = redis_client(redis_url).await;
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut r)
-        .await
-        .expect("FLUSHALL");
+
+    /// On servers already started: [`service_env`] with `extra`, a client, and the
+    /// sensor-registry started and ready.
+    pub async fn on(servers: Servers, test: &str, extra: &[(&str, &str)]) -> Dag {
+        let env = service_env(&servers, extra);
+        let (client, js) = nats(&servers.nats_url).await;
+        let mut registry = procs::start(test, "sensor-registry", &env, &[]);
+        ready(&mut registry).await;
+        Dag {
+            test: test.to_string(),
+            env,
+            client,
+            js,
+            registry,
+            servers,
+        }
+    }
+
+    /// Starts service `name` with the test's environment and `args` (not waiting for it).
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        procs::start(&self.test, name, &self.env, args)
+    }
+
+    /// Starts service `name` with the test's environment and waits until it is ready.
+    pub async fn ready(&self, name: &str) -> Proc {
+        let mut p = self.spawn(name, &[]);
+        ready(&mut p).await;
+        p
+    }
 }
 
-/// A Redis connection.
-pub async fn redis_client(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap_or_else(|e| panic!("REDIS_URL {url} is not reachable: {e}"))
+/// Waits (30 s at most) until `p` answers `/healthz`, panicking with its log otherwise.
+pub async fn ready(p: &mut Proc) {
+    wait_ready(p, Duration::from_secs(30)).await;
 }
 
-/// Connects a test client.
+/// Waits (`timeout` at most) until `p` answers `/healthz`, panicking with its log otherwise.
+pub async fn wait_ready(p: &mut Proc, timeout: Duration) {
+    if let Err(e) = p.wait_ready(timeout).await {
+        panic!("{e:#}");
+    }
+}
+
+/// Connects a test client (panics if NATS is not reachable).
 pub async fn nats(url: &str) -> (async_nats::Client, jetstream::Context) {
-    let c = async_nats::connect(url).await.expect("nats connect");
-    let js = jetstream::new(c.clone());
-    (c, js)
-}
-
-/// A message read back from a stream.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    /// Stream sequence.
-    pub seq: u64,
-    /// Stored subject.
-    pub subject: String,
-    /// Headers.
-    pub headers: Option<async_nats::HeaderMap>,
-    /// Payload.
-    pub payload: bytes::Bytes,
-}
-
-impl Stored {
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_string())
-    }
-}
-
-/// Number of messages in a stream (0 if it does not exist).
-pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
-/// Every message of a stream, in order.
-pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Stored> {
-    let Ok(mut s) = js.get_stream(stream).await else {
-        return Vec::new();
-    };
-    let total = s.info().await.map(|i| i.state.messages).unwrap_or(0);
-    if total == 0 {
-        return Vec::new();
-    }
-    let c = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
+    clients::nats(url, "integration-tests")
         .await
-        .expect("ordered consumer");
-    let mut msgs = c.messages().await.expect("messages");
-    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    while (out.len() as u64) < total {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("stream read timed out")
-            .expect("stream ended")
-            .expect("message");
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        out.push(Stored {
-            seq,
-            subject: m.subject.to_string(),
-            headers: m.headers.clone(),
-            payload: m.payload.clone(),
-        });
-    }
-    out
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Polls `f` until it returns true or `timeout` passes; returns whether it did.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Every message of a stream, in order ([`streams::read`]; panics if it cannot be read).
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Stored> {
+    streams::read(js, stream)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until every reading in `READINGS` has its delta or dead letter.
@@ -401,38 +385,49 @@ pub async fn verify_exactly_once(js: &jetstream::Context) -> Verified {
     v
 }
 
+/// A service's `/healthz` JSON, or `None` if it does not answer with JSON.
+pub async fn healthz(http: &str) -> Option<serde_json::Value> {
+    reqwest::get(format!("http://{http}/healthz"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// The partitions a `/healthz` JSON reports running.
+pub fn running_partitions(health: &serde_json::Value) -> std::collections::BTreeSet<u32> {
+    health["checks"]["partitions"]["detail"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v["state"] == "running")
+                .filter_map(|(k, _)| k.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Waits until the service at `http` reports `n` partitions running in `/healthz`, and returns
 /// its health JSON.
 pub async fn wait_partitions(http: &str, n: usize, timeout: Duration) -> Option<serde_json::Value> {
-    let url = format!("http://{http}/healthz");
     let end = Instant::now() + timeout;
     while Instant::now() < end {
-        if let Ok(r) = reqwest::get(&url).await
-            && let Ok(h) = r.json::<serde_json::Value>().await
+        if let Some(h) = healthz(http).await
+            && running_partitions(&h).len() >= n
         {
-            let running = h["checks"]["partitions"]["detail"]
-                .as_object()
-                .map(|m| m.values().filter(|p| p["state"] == "running").count())
-                .unwrap_or(0);
-            if running >= n {
-                return Some(h);
-            }
+            return Some(h);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
 }
 
-/// Sum of a Prometheus metric's samples (all label sets) at a service's `/metrics`.
+/// Sum of a Prometheus metric's samples (all label sets) at a service's `/metrics` (panics if
+/// the service does not answer).
 pub async fn metric(http: &str, name: &str) -> f64 {
-    let body = reqwest::get(format!("http://{http}/metrics"))
+    let page = metrics::scrape(&reqwest::Client::new(), http)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
+        .unwrap_or_else(|| panic!("{http}/metrics did not answer"));
+    metrics::sum(&page, name)
 }

@@ -3,10 +3,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::procs::{Proc, bin};
+use integration_tests::procs::{bin, free_port};
 use integration_tests::{
-    count, metric, nats, publish_raw, read_stream, redis_client, register, servers, service_env,
-    verify_exactly_once, wait_drained, wait_until,
+    Dag, count, metric, publish_raw, read_stream, register, servers, verify_exactly_once,
+    wait_drained, wait_ready, wait_until,
 };
 
 /// kill -9 temperature-delta mid-stream and restart it: exactly one delta per accepted
@@ -21,23 +21,20 @@ async fn crash_and_restart(
     let (sensors_s, readings_s) = (sensors.to_string(), readings.to_string());
     let s = servers(test).await;
     let affinity = format!("{}/1", s.redis_url);
-    let env = service_env(
-        &s,
+    let dag = Dag::on(
+        s,
+        test,
         &[
             ("KAPPA_WORKING", working),
             ("AFFINITY_REDIS_URL", &affinity),
             ("KAPPA_SNAPSHOT_SECS", "1"),
         ],
-    );
-    let (_c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    let mut thermo = Proc::start(
-        test,
+    )
+    .await;
+    let js = &dag.js;
+    let mut delta = dag.ready("temperature-delta").await;
+    let mut thermo = dag.spawn(
         "thermometer",
-        &env,
         &[
             "--sensors",
             &sensors_s,
@@ -53,23 +50,25 @@ async fn crash_and_restart(
     );
     assert!(
         wait_until(Duration::from_secs(120), || async {
-            count(&js, "DELTAS").await > readings / 2
+            count(js, "DELTAS").await > readings / 2
         })
         .await,
         "no progress before the crash"
     );
     delta.kill9();
-    let before = count(&js, "DELTAS").await;
+    let before = count(js, "DELTAS").await;
     if lose_store {
-        let mut r = redis_client(&affinity).await;
+        let mut r = kappa_testkit::clients::redis(&affinity)
+            .await
+            .expect("affinity redis");
         let _: () = redis::cmd("FLUSHDB")
             .query_async(&mut r)
             .await
             .expect("flushdb");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(60)).await;
+    let mut delta = dag.spawn("temperature-delta", &[]);
+    wait_ready(&mut delta, Duration::from_secs(60)).await;
     let health = integration_tests::wait_partitions(&delta.http, 4, Duration::from_secs(30))
         .await
         .expect("partitions taken over after the crash");
@@ -83,15 +82,16 @@ async fn crash_and_restart(
         .unwrap_or(0.0);
     let status = thermo
         .wait_exit(Duration::from_secs(60))
+        .await
         .expect("thermometer finished");
     assert!(status.success());
     assert!(
-        wait_drained(&js, Duration::from_secs(90)).await,
+        wait_drained(js, Duration::from_secs(90)).await,
         "did not drain:\n{}",
         delta.log_text()
     );
     let replayed = metric(&delta.http, "kappa_replayed_inputs_total").await;
-    let v = verify_exactly_once(&js).await;
+    let v = verify_exactly_once(js).await;
     assert_eq!(v.readings as u64, readings);
     assert_eq!(
         v.deltas as u64, readings,
@@ -130,52 +130,48 @@ async fn crash_affinity_store_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
     let test = "bad_input";
-    let s = servers(test).await;
-    let env = service_env(&s, &[("KAPPA_PARTITIONS", "1")]);
-    let (c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    register(&c, "s-1", "lab", 0.0, 600).await;
+    let dag = Dag::start(test, &[("KAPPA_PARTITIONS", "1")]).await;
+    let (c, js) = (&dag.client, &dag.js);
+    let mut delta = dag.ready("temperature-delta").await;
+    register(c, "s-1", "lab", 0.0, 600).await;
     let good =
         |c: f64, t: &str| format!(r#"{{"sensor_id":"s-1","celsius":{c},"measured_at":"{t}"}}"#);
-    publish_raw(&js, "s-1", good(20.0, "2026-11-24T17:00:00Z")).await;
-    publish_raw(&js, "s-1", "{not json").await;
-    publish_raw(&js, "s-1", r#"{"sensor_id":"s-1"}"#).await;
+    publish_raw(js, "s-1", good(20.0, "2026-11-24T17:00:00Z")).await;
+    publish_raw(js, "s-1", "{not json").await;
+    publish_raw(js, "s-1", r#"{"sensor_id":"s-1"}"#).await;
     publish_raw(
-        &js,
+        js,
         "s-1",
         r#"{"sensor_id":"s-1","celsius":"hot","measured_at":"2026-11-24T17:00:01Z"}"#,
     )
     .await;
     publish_raw(
-        &js,
+        js,
         "s-1",
         r#"{"sensor_id":"s-1","celsius":1e999,"measured_at":"2026-11-24T17:00:01Z"}"#,
     )
     .await;
     publish_raw(
-        &js,
+        js,
         "s-1",
         r#"{"sensor_id":"s-1","celsius":5000,"measured_at":"2026-11-24T17:00:01Z"}"#,
     )
     .await;
     publish_raw(
-        &js,
+        js,
         "bad!id",
         r#"{"sensor_id":"bad!id","celsius":1,"measured_at":"2026-11-24T17:00:01Z"}"#,
     )
     .await;
     publish_raw(
-        &js,
+        js,
         "s-404",
         r#"{"sensor_id":"s-404","celsius":1,"measured_at":"2026-11-24T17:00:01Z"}"#,
     )
     .await;
-    publish_raw(&js, "s-1", good(19.0, "2026-11-24T16:40:00Z")).await;
+    publish_raw(js, "s-1", good(19.0, "2026-11-24T16:40:00Z")).await;
     publish_raw(
-        &js,
+        js,
         "s-1",
         format!(
             r#"{{"sensor_id":"s-1","celsius":1,"pad":"{}"}}"#,
@@ -183,13 +179,13 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
         ),
     )
     .await;
-    publish_raw(&js, "s-1", good(23.5, "2026-11-24T17:05:00Z")).await;
+    publish_raw(js, "s-1", good(23.5, "2026-11-24T17:05:00Z")).await;
     assert!(
-        wait_drained(&js, Duration::from_secs(30)).await,
+        wait_drained(js, Duration::from_secs(30)).await,
         "did not drain:\n{}",
         delta.log_text()
     );
-    let v = verify_exactly_once(&js).await;
+    let v = verify_exactly_once(js).await;
     assert_eq!(v.deltas, 2, "{v:?}");
     let want: Vec<(&str, usize)> = vec![
         ("invalid_sensor_id", 1),
@@ -215,7 +211,7 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
             .is_success()
     );
     assert_eq!(metric(&delta.http, "kappa_rejected_total").await, 9.0);
-    let dlq = read_stream(&js, "DLQ").await;
+    let dlq = read_stream(js, "DLQ").await;
     assert!(
         dlq.iter()
             .all(|m| m.subject.starts_with("kappa.dlq.temperature-delta.")),
@@ -230,10 +226,7 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
 fn run_expecting_failure(name: &str, env: &[(&str, &str)]) -> (i32, Vec<String>) {
     let mut cmd = Command::new(bin(name));
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    cmd.env(
-        "HTTP_ADDR",
-        format!("127.0.0.1:{}", integration_tests::procs::free_port()),
-    );
+    cmd.env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
     for (k, v) in env {
         cmd.env(k, v);
     }

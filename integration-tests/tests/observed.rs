@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use integration_tests::procs::Proc;
 use integration_tests::proxy::CuttableLink;
 use integration_tests::{
-    count, metric, nats, publish_raw, read_stream, register, servers, service_env, wait_until,
+    Dag, count, healthz, metric, procs, publish_raw, read_stream, ready, register, servers,
+    wait_until,
 };
+use kappa_testkit::streams::wait_count;
 
 fn reading(id: &str, c: f64, at: &str) -> String {
     format!(r#"{{"sensor_id":"{id}","celsius":{c},"measured_at":"{at}"}}"#)
@@ -26,38 +27,25 @@ async fn deltas(js: &async_nats::jetstream::Context) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semi_stateless_sees_a_registry_change_before_the_timeout() {
     let test = "semi_fresh";
-    let s = servers(test).await;
-    let env = service_env(
-        &s,
+    let dag = Dag::start(
+        test,
         &[
             ("KAPPA_OBSERVED", "semi-stateless"),
             ("KAPPA_CACHE_TTL_SECS", "300"),
         ],
-    );
-    let (c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    register(&c, "s-1", "lab", 0.0, 600).await;
-    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(&js, "DELTAS").await == 1
-        })
-        .await
-    );
-    let v2 = register(&c, "s-1", "lab", 5.0, 600).await;
+    )
+    .await;
+    let (c, js) = (&dag.client, &dag.js);
+    let delta = dag.ready("temperature-delta").await;
+    register(c, "s-1", "lab", 0.0, 600).await;
+    publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
+    let v2 = register(c, "s-1", "lab", 5.0, 600).await;
     assert_eq!(v2, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(&js, "DELTAS").await == 2
-        })
-        .await
-    );
-    let d = deltas(&js).await;
+    publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
+    assert!(wait_count(js, "DELTAS", 2, Duration::from_secs(10)).await);
+    let d = deltas(js).await;
     assert_eq!(d[0]["reading_celsius"].as_f64(), Some(20.0));
     assert_eq!(
         d[1]["reading_celsius"].as_f64(),
@@ -83,29 +71,24 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
     let s = servers(test).await;
     let upstream = s.nats_url.trim_start_matches("nats://").to_string();
     let link = CuttableLink::start(&upstream).await;
-    let env = service_env(
-        &s,
+    let dag = Dag::on(
+        s,
+        test,
         &[
             ("KAPPA_OBSERVED", "semi-stateless"),
             ("KAPPA_CACHE_TTL_SECS", "300"),
         ],
-    );
-    let (c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta_env = env.clone();
+    )
+    .await;
+    let (c, js) = (&dag.client, &dag.js);
+    let mut delta_env = dag.env.clone();
     delta_env.retain(|(k, _)| *k != "NATS_URL");
     delta_env.push(("NATS_URL", format!("nats://{}", link.addr)));
-    let mut delta = Proc::start(test, "temperature-delta", &delta_env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    register(&c, "s-1", "lab", 0.0, 600).await;
-    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(&js, "DELTAS").await == 1
-        })
-        .await
-    );
+    let mut delta = procs::start(test, "temperature-delta", &delta_env, &[]);
+    ready(&mut delta).await;
+    register(c, "s-1", "lab", 0.0, 600).await;
+    publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
     assert_eq!(
         metric(&delta.http, "kappa_observed_requests_total").await,
         1.0,
@@ -113,7 +96,7 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
     );
 
     link.cut();
-    let v2 = register(&c, "s-1", "lab", 5.0, 600).await;
+    let v2 = register(c, "s-1", "lab", 5.0, 600).await;
     assert_eq!(v2, 2);
     tokio::time::sleep(Duration::from_secs(1)).await;
     link.heal();
@@ -125,18 +108,15 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
         "the reconnection was not taken as a gap:\n{}",
         delta.log_text()
     );
-    delta.wait_ready(Duration::from_secs(30)).await;
+    ready(&mut delta).await;
 
-    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
+    publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:01Z")).await;
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(&js, "DELTAS").await == 2
-        })
-        .await,
+        wait_count(js, "DELTAS", 2, Duration::from_secs(20)).await,
         "no delta after the gap:\n{}",
         delta.log_text()
     );
-    let d = deltas(&js).await;
+    let d = deltas(js).await;
     assert_eq!(
         d[1]["reading_celsius"].as_f64(),
         Some(25.0),
@@ -150,46 +130,38 @@ async fn semi_stateless_refreshes_a_stale_entry_after_a_gap() {
         "[{test}] registry requests after the gap: {} (1 before it)",
         metric(&delta.http, "kappa_observed_requests_total").await
     );
-    assert_eq!(count(&js, "DLQ").await, 0);
+    assert_eq!(count(js, "DLQ").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semi_stateless_keeps_working_from_cache_when_the_registry_stops() {
     let test = "semi_outage";
-    let s = servers(test).await;
-    let env = service_env(
-        &s,
+    let mut dag = Dag::start(
+        test,
         &[
             ("KAPPA_OBSERVED", "semi-stateless"),
             ("KAPPA_OBSERVED_TIMEOUT_MS", "300"),
         ],
-    );
-    let (c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    register(&c, "s-1", "lab", 0.0, 600).await;
-    register(&c, "s-2", "lab", 0.0, 600).await;
-    publish_raw(&js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            count(&js, "DELTAS").await == 1
-        })
-        .await
-    );
-    registry.kill9();
-    publish_raw(&js, "s-1", reading("s-1", 21.0, "2026-11-24T17:00:01Z")).await;
-    publish_raw(&js, "s-2", reading("s-2", 21.0, "2026-11-24T17:00:01Z")).await;
+    )
+    .await;
+    let (c, js) = (&dag.client, &dag.js);
+    let mut delta = dag.ready("temperature-delta").await;
+    register(c, "s-1", "lab", 0.0, 600).await;
+    register(c, "s-2", "lab", 0.0, 600).await;
+    publish_raw(js, "s-1", reading("s-1", 20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(wait_count(js, "DELTAS", 1, Duration::from_secs(10)).await);
+    dag.registry.kill9();
+    publish_raw(js, "s-1", reading("s-1", 21.0, "2026-11-24T17:00:01Z")).await;
+    publish_raw(js, "s-2", reading("s-2", 21.0, "2026-11-24T17:00:01Z")).await;
     assert!(
         wait_until(Duration::from_secs(20), || async {
-            count(&js, "DELTAS").await == 2 && count(&js, "DLQ").await == 1
+            count(js, "DELTAS").await == 2 && count(js, "DLQ").await == 1
         })
         .await,
         "cached sensor must go on, the miss must be dead-lettered:\n{}",
         delta.log_text()
     );
-    let dlq = read_stream(&js, "DLQ").await;
+    let dlq = read_stream(js, "DLQ").await;
     assert_eq!(
         dlq[0].header("Kappa-Reason").as_deref(),
         Some("registry_unavailable")
@@ -201,11 +173,8 @@ async fn semi_stateless_keeps_working_from_cache_when_the_registry_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
     let test = "stateful_10k";
-    let s = servers(test).await;
-    let env = service_env(&s, &[("KAPPA_OBSERVED", "stateful")]);
-    let (c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
+    let dag = Dag::start(test, &[("KAPPA_OBSERVED", "stateful")]).await;
+    let (c, js) = (&dag.client, &dag.js);
     let n = 10_000usize;
     futures::stream::iter(0..n)
         .for_each_concurrent(32, |i| {
@@ -222,16 +191,12 @@ async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
             }
         })
         .await;
-    assert_eq!(count(&js, "SENSORS").await, n as u64);
+    assert_eq!(count(js, "SENSORS").await, n as u64);
     let t0 = std::time::Instant::now();
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    let url = format!("http://{}/healthz", delta.http);
+    let mut delta = dag.spawn("temperature-delta", &[]);
     let seen_not_ready = std::sync::atomic::AtomicU32::new(0);
-    let ready = wait_until(Duration::from_secs(60), || async {
-        let Ok(r) = reqwest::get(&url).await else {
-            return false;
-        };
-        let Ok(h) = r.json::<serde_json::Value>().await else {
+    let replica_ready = wait_until(Duration::from_secs(60), || async {
+        let Some(h) = healthz(&delta.http).await else {
             return false;
         };
         let obs = &h["checks"]["observed"];
@@ -248,27 +213,26 @@ async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
         }
     })
     .await;
-    assert!(ready, "replica never became ready:\n{}", delta.log_text());
+    assert!(
+        replica_ready,
+        "replica never became ready:\n{}",
+        delta.log_text()
+    );
     eprintln!(
         "[{test}] ready with {n} sensors after {:.2}s ({} not-ready polls)",
         t0.elapsed().as_secs_f64(),
         seen_not_ready.into_inner()
     );
-    delta.wait_ready(Duration::from_secs(30)).await;
+    ready(&mut delta).await;
     for i in 0..200 {
         let id = format!("b-{:05}", i * 37);
-        publish_raw(&js, &id, reading(&id, 20.0, "2026-11-24T17:00:00Z")).await;
+        publish_raw(js, &id, reading(&id, 20.0, "2026-11-24T17:00:00Z")).await;
     }
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(&js, "DELTAS").await == 200
-        })
-        .await
-    );
+    assert!(wait_count(js, "DELTAS", 200, Duration::from_secs(20)).await);
     assert_eq!(
         metric(&delta.http, "kappa_observed_requests_total").await,
         0.0,
         "no request-reply"
     );
-    assert_eq!(count(&js, "DLQ").await, 0);
+    assert_eq!(count(js, "DLQ").await, 0);
 }

@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use integration_tests::oracle::SensorInfo;
-use integration_tests::procs::Proc;
 use integration_tests::{
-    Verified, nats, registry_sensors, servers, service_env, verify_exactly_once, wait_drained,
-    wait_until,
+    Dag, Proc, Verified, registry_sensors, servers, verify_exactly_once, wait_drained, wait_until,
 };
 
 async fn get(api: &Proc, path: &str) -> serde_json::Value {
@@ -131,27 +129,22 @@ async fn check_query_api(
 async fn end_to_end(test: &str, observed: &str, working: &str) {
     let s = servers(test).await;
     let affinity = format!("{}/1", s.redis_url);
-    let env = service_env(
-        &s,
+    let dag = Dag::on(
+        s,
+        test,
         &[
             ("KAPPA_OBSERVED", observed),
             ("KAPPA_WORKING", working),
             ("AFFINITY_REDIS_URL", &affinity),
         ],
-    );
-    let (_c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    let mut delta = Proc::start(test, "temperature-delta", &env, &[]);
-    delta.wait_ready(Duration::from_secs(30)).await;
-    let mut views = Proc::start(test, "view-builder", &env, &[]);
-    views.wait_ready(Duration::from_secs(30)).await;
-    let mut api = Proc::start(test, "query-api", &env, &[]);
-    api.wait_ready(Duration::from_secs(30)).await;
-    let mut thermo = Proc::start(
-        test,
+    )
+    .await;
+    let js = &dag.js;
+    let mut delta = dag.ready("temperature-delta").await;
+    let _views = dag.ready("view-builder").await;
+    let api = dag.ready("query-api").await;
+    let mut thermo = dag.spawn(
         "thermometer",
-        &env,
         &[
             "--sensors",
             "20",
@@ -173,6 +166,7 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
     );
     let status = thermo
         .wait_exit(Duration::from_secs(120))
+        .await
         .expect("thermometer finished");
     assert!(
         status.success(),
@@ -180,11 +174,11 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
         thermo.log_text()
     );
     assert!(
-        wait_drained(&js, Duration::from_secs(90)).await,
+        wait_drained(js, Duration::from_secs(90)).await,
         "pipeline did not drain; delta log:\n{}",
         delta.log_text()
     );
-    let v = verify_exactly_once(&js).await;
+    let v = verify_exactly_once(js).await;
     assert_eq!(v.readings, 3000);
     assert!(v.deltas > 2800, "too few deltas: {v:?}");
     assert!(
@@ -196,7 +190,7 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
         "[{test}] {} readings -> {} deltas, rejected {:?}",
         v.readings, v.deltas, v.rejected
     );
-    check_query_api(&api, &v, &registry_sensors(&js).await).await;
+    check_query_api(&api, &v, &registry_sensors(js).await).await;
     eprintln!("[{test}] query API agrees with the oracle (sensors, sites, top)");
     assert!(
         delta

@@ -3,31 +3,19 @@
 //! exactly-once, in-order check against the oracle.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::procs::Proc;
 use integration_tests::{
-    count, nats, servers, service_env, verify_exactly_once, wait_drained, wait_until,
+    Dag, Proc, count, healthz, procs, ready, running_partitions, verify_exactly_once, wait_drained,
+    wait_until,
 };
 
 const PARTITIONS: usize = 12;
 
 async fn owned(p: &Proc) -> BTreeSet<u32> {
-    let Ok(r) = reqwest::get(format!("http://{}/healthz", p.http)).await else {
-        return BTreeSet::new();
-    };
-    let Ok(h) = r.json::<serde_json::Value>().await else {
-        return BTreeSet::new();
-    };
-    h["checks"]["partitions"]["detail"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| v["state"] == "running")
-                .filter_map(|(k, _)| k.parse().ok())
-                .collect()
-        })
+    healthz(&p.http)
+        .await
+        .map(|h| running_partitions(&h))
         .unwrap_or_default()
 }
 
@@ -61,45 +49,21 @@ async fn wait_balanced(instances: &[&Proc]) -> bool {
     .await
 }
 
-fn signal(p: &Proc, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &p.child.id().to_string()])
-        .status();
-}
-
-struct Rig {
-    env: Vec<(&'static str, String)>,
-    js: async_nats::jetstream::Context,
-    _registry: Proc,
-    _servers: integration_tests::Servers,
-}
-
-async fn rig(test: &str) -> Rig {
-    let s = servers(test).await;
-    let env = service_env(
-        &s,
+async fn rig(test: &str) -> Dag {
+    Dag::start(
+        test,
         &[
             ("KAPPA_PARTITIONS", "12"),
             ("KAPPA_LEASE_TTL_SECS", "3"),
             ("KAPPA_WORKING", "remote"),
         ],
-    );
-    let (_c, js) = nats(&s.nats_url).await;
-    let mut registry = Proc::start(test, "sensor-registry", &env, &[]);
-    registry.wait_ready(Duration::from_secs(30)).await;
-    Rig {
-        env,
-        js,
-        _registry: registry,
-        _servers: s,
-    }
+    )
+    .await
 }
 
-fn load(test: &str, rig: &Rig, count: &str, rate: &str) -> Proc {
-    Proc::start(
-        test,
+fn load(rig: &Dag, count: &str, rate: &str) -> Proc {
+    rig.spawn(
         "thermometer",
-        &rig.env,
         &[
             "--sensors",
             "200",
@@ -117,9 +81,10 @@ fn load(test: &str, rig: &Rig, count: &str, rate: &str) -> Proc {
     )
 }
 
-async fn finish(test: &str, rig: &Rig, mut thermo: Proc, expected: usize) {
+async fn finish(test: &str, rig: &Dag, mut thermo: Proc, expected: usize) {
     let st = thermo
         .wait_exit(Duration::from_secs(120))
+        .await
         .expect("thermometer finished");
     assert!(st.success());
     assert!(
@@ -138,9 +103,9 @@ async fn finish(test: &str, rig: &Rig, mut thermo: Proc, expected: usize) {
 async fn three_instances_kill_one() {
     let test = "scale_kill";
     let rig = rig(test).await;
-    let mut a = Proc::start(test, "temperature-delta", &rig.env, &[]);
-    let b = Proc::start(test, "temperature-delta", &rig.env, &[]);
-    let c = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let mut a = rig.spawn("temperature-delta", &[]);
+    let b = rig.spawn("temperature-delta", &[]);
+    let c = rig.spawn("temperature-delta", &[]);
     // Instances join one after the other; the assignment settles to a fair share.
     let balanced = wait_balanced(&[&a, &b, &c]).await;
     assert!(
@@ -152,7 +117,7 @@ async fn three_instances_kill_one() {
             .await
             .is_some()
     );
-    let thermo = load(test, &rig, "6000", "500");
+    let thermo = load(&rig, "6000", "500");
     assert!(
         wait_until(Duration::from_secs(30), || async {
             count(&rig.js, "DELTAS").await > 1500
@@ -174,22 +139,22 @@ async fn three_instances_kill_one() {
 async fn zombie_instance_is_fenced() {
     let test = "scale_zombie";
     let rig = rig(test).await;
-    let a = Proc::start(test, "temperature-delta", &rig.env, &[]);
-    let b = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let a = rig.spawn("temperature-delta", &[]);
+    let b = rig.spawn("temperature-delta", &[]);
     assert!(
         wait_full_coverage(&[&a, &b], Duration::from_secs(30))
             .await
             .is_some()
     );
     let had = owned(&a).await;
-    let thermo = load(test, &rig, "6000", "500");
+    let thermo = load(&rig, "6000", "500");
     assert!(
         wait_until(Duration::from_secs(30), || async {
             count(&rig.js, "DELTAS").await > 1500
         })
         .await
     );
-    signal(&a, "-STOP");
+    a.signal("-STOP");
     // b takes everything over once a's leases expire.
     let took = wait_until(Duration::from_secs(20), || async {
         owned(&b).await.len() == PARTITIONS
@@ -197,7 +162,7 @@ async fn zombie_instance_is_fenced() {
     .await;
     assert!(took, "b did not take over from the paused instance");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    signal(&a, "-CONT");
+    a.signal("-CONT");
     // The zombie finds out and gives its old partitions up; the fair share is restored later.
     let gave_up = wait_until(Duration::from_secs(20), || async {
         a.log_text().contains("lease lost") || a.log_text().contains("lost the partition")
@@ -220,21 +185,21 @@ async fn zombie_instance_is_fenced() {
 async fn scale_one_three_one_under_load() {
     let test = "scale_131";
     let rig = rig(test).await;
-    let a = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let a = rig.spawn("temperature-delta", &[]);
     assert!(
         wait_full_coverage(&[&a], Duration::from_secs(30))
             .await
             .is_some()
     );
-    let thermo = load(test, &rig, "8000", "500");
+    let thermo = load(&rig, "8000", "500");
     assert!(
         wait_until(Duration::from_secs(30), || async {
             count(&rig.js, "DELTAS").await > 1000
         })
         .await
     );
-    let mut b = Proc::start(test, "temperature-delta", &rig.env, &[]);
-    let mut c = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let mut b = rig.spawn("temperature-delta", &[]);
+    let mut c = rig.spawn("temperature-delta", &[]);
     let t = wait_until(Duration::from_secs(30), || async {
         let (x, y, z) = (
             owned(&a).await.len(),
@@ -282,27 +247,28 @@ async fn views_of(api: &Proc) -> Vec<serde_json::Value> {
 async fn two_view_builders_and_a_rebuild_agree_with_one() {
     let test = "views_scale";
     let rig = rig(test).await;
-    let delta = Proc::start(test, "temperature-delta", &rig.env, &[]);
+    let delta = rig.spawn("temperature-delta", &[]);
     assert!(
         wait_full_coverage(&[&delta], Duration::from_secs(30))
             .await
             .is_some()
     );
-    let thermo = load(test, &rig, "4000", "0");
+    let thermo = load(&rig, "4000", "0");
     let mut thermo = thermo;
     assert!(
         thermo
             .wait_exit(Duration::from_secs(60))
-            .is_some_and(|s| s.success())
+            .await
+            .is_ok_and(|s| s.success())
     );
     assert!(wait_drained(&rig.js, Duration::from_secs(60)).await);
     let deltas = count(&rig.js, "DELTAS").await;
 
     // Two instances build the views in one Redis.
-    let vb1 = Proc::start(test, "view-builder", &rig.env, &[]);
-    let vb2 = Proc::start(test, "view-builder", &rig.env, &[]);
-    let mut api = Proc::start(test, "query-api", &rig.env, &[]);
-    api.wait_ready(Duration::from_secs(30)).await;
+    let vb1 = rig.spawn("view-builder", &[]);
+    let vb2 = rig.spawn("view-builder", &[]);
+    let mut api = rig.spawn("query-api", &[]);
+    ready(&mut api).await;
     assert!(
         wait_balanced(&[&vb1, &vb2]).await,
         "two view-builders never shared the partitions"
@@ -344,9 +310,9 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
     env1.retain(|(k, _)| *k != "REDIS_URL" && *k != "KAPPA_PARTITIONS");
     env1.push(("REDIS_URL", redis_db));
     env1.push(("KAPPA_PARTITIONS", "12".into()));
-    let _vb = Proc::start(test, "view-builder", &env1, &[]);
-    let mut api1 = Proc::start(test, "query-api", &env1, &[]);
-    api1.wait_ready(Duration::from_secs(30)).await;
+    let _vb = procs::start(test, "view-builder", &env1, &[]);
+    let mut api1 = procs::start(test, "query-api", &env1, &[]);
+    ready(&mut api1).await;
     let done1 = wait_until(Duration::from_secs(60), || async {
         let v = views_of(&api1).await;
         v.len() == 200 && v == two
@@ -355,7 +321,7 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
     assert!(done1, "one view-builder built other views than two did");
 
     // Rebuild from sequence 1 while queries keep answering.
-    let mut rebuild = Proc::start(
+    let mut rebuild = procs::start(
         test,
         "view-builder",
         &env1,
@@ -370,7 +336,10 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
         answered += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let st = rebuild.wait_exit(Duration::from_secs(1)).expect("exited");
+    let st = rebuild
+        .wait_exit(Duration::from_secs(1))
+        .await
+        .expect("exited");
     assert!(st.success(), "rebuild failed:\n{}", rebuild.log_text());
     assert_eq!(
         views_of(&api1).await,

@@ -1,121 +1,15 @@
-//! The servers (nats-server, redis-server) and the service binaries as child processes, plus the
-//! probes the benchmarks poll: stream counts, `/healthz`, `/metrics`, RSS.
+//! The servers the benchmark runs against (nats-server and redis-servers it starts on the host,
+//! or the ones `--reuse` names), and the `/proc` readings it reports: RSS and CPU of processes
+//! and of the machine. Child processes, ports, waits and probes are `kappa_testkit`'s.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream;
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A child process killed when dropped.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-    pub log: PathBuf,
-    /// `host:port` of its HTTP listener (services only).
-    pub http: String,
-}
-
-impl Proc {
-    /// Spawns `program` with `args` and `env`, output to `log`.
-    pub fn spawn(
-        name: &str,
-        program: &Path,
-        args: &[String],
-        env: &[(String, String)],
-        log: PathBuf,
-        http: String,
-    ) -> anyhow::Result<Proc> {
-        let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
-        let err = file.try_clone()?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(err));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", program.display()))?;
-        Ok(Proc {
-            child,
-            name: name.to_string(),
-            log,
-            http,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The log so far (last `n` lines).
-    pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then SIGKILL after `timeout`.
-    pub fn terminate(&mut self, timeout: Duration) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill9();
-    }
-
-    /// Waits for exit up to `timeout`; true if it exited successfully.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<bool> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s.success());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        bail!("{} did not exit within {timeout:?}", self.name)
-    }
-
-    /// True while the process runs.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Resident memory in KiB (VmRSS), if readable.
-    pub fn rss_kib(&self) -> Option<u64> {
-        rss_kib(self.pid())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use kappa_testkit::wait::wait_until_every;
+use kappa_testkit::{Proc, clients, ports::free_port, streams};
 
 /// VmRSS of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
@@ -201,26 +95,20 @@ pub struct Servers {
     _procs: Vec<Proc>,
 }
 
+/// Waits until a TCP server listens at `addr`.
 async fn wait_tcp(addr: &str, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    wait_until_every(timeout, Duration::from_millis(50), || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await
 }
 
+/// Waits until a server listens on the unix socket `p`.
 async fn wait_path(p: &Path, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if tokio::net::UnixStream::connect(p).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    wait_until_every(timeout, Duration::from_millis(50), || async {
+        tokio::net::UnixStream::connect(p).await.is_ok()
+    })
+    .await
 }
 
 impl Servers {
@@ -239,47 +127,22 @@ impl Servers {
             let np = free_port()?;
             let js_dir = dir.join("js");
             let _ = std::fs::remove_dir_all(&js_dir);
-            let args: Vec<String> = [
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &np.to_string(),
-                "-sd",
-                &js_dir.to_string_lossy(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut nats = Command::new("nats-server");
+            nats.args(["-js", "-a", "127.0.0.1", "-p", &np.to_string(), "-sd"])
+                .arg(&js_dir);
             procs.push(Proc::spawn(
                 "nats-server",
-                Path::new("nats-server"),
-                &args,
-                &[],
+                nats,
                 dir.join("logs/nats-server.log"),
-                String::new(),
             )?);
             let rp = free_port()?;
-            let args: Vec<String> = [
-                "--port",
-                &rp.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut redis = Command::new("redis-server");
+            redis.args(["--port", &rp.to_string(), "--bind", "127.0.0.1"]);
+            redis.args(["--save", "", "--appendonly", "no"]);
             procs.push(Proc::spawn(
                 "redis-server",
-                Path::new("redis-server"),
-                &args,
-                &[],
+                redis,
                 dir.join("logs/redis-server.log"),
-                String::new(),
             )?);
             let na = format!("127.0.0.1:{np}");
             let ra = format!("127.0.0.1:{rp}");
@@ -296,23 +159,13 @@ impl Servers {
             _ => {
                 let sock = dir.join("r.sock");
                 let _ = std::fs::remove_file(&sock);
-                let args: Vec<String> = vec![
-                    "--unixsocket".into(),
-                    sock.to_string_lossy().into_owned(),
-                    "--port".into(),
-                    "0".into(),
-                    "--save".into(),
-                    String::new(),
-                    "--appendonly".into(),
-                    "no".into(),
-                ];
+                let mut redis = Command::new("redis-server");
+                redis.arg("--unixsocket").arg(&sock).args(["--port", "0"]);
+                redis.args(["--save", "", "--appendonly", "no"]);
                 procs.push(Proc::spawn(
                     "redis-affinity",
-                    Path::new("redis-server"),
-                    &args,
-                    &[],
+                    redis,
                     dir.join("logs/redis-affinity.log"),
-                    String::new(),
                 )?);
                 if !wait_path(&sock, Duration::from_secs(20)).await {
                     bail!("colocated redis-server did not open {}", sock.display());
@@ -332,38 +185,33 @@ impl Servers {
         })
     }
 
+    /// A client of the NATS server, named `kappa-bench`.
     pub async fn nats(&self) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
-        let c = async_nats::ConnectOptions::new()
-            .name("kappa-bench")
-            .connect(&self.nats_url)
-            .await
-            .with_context(|| format!("connect {}", self.nats_url))?;
-        let js = jetstream::new(c.clone());
-        Ok((c, js))
+        clients::nats(&self.nats_url, "kappa-bench").await
     }
 
+    /// A connection to the Redis server at `url` (one of this run's).
     pub async fn redis(&self, url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        redis::Client::open(url)?
-            .get_multiplexed_async_connection()
-            .await
-            .with_context(|| format!("connect {url}"))
+        clients::redis(url).await
     }
 
     /// Deletes the DAG's streams (except the registry's `SENSORS`) and the benchmark's own, and
     /// empties both Redis servers: every scenario starts from nothing but registered sensors.
     pub async fn wipe(&self, js: &jetstream::Context) -> anyhow::Result<()> {
-        for s in [
-            thermo_domain::streams::READINGS,
-            thermo_domain::streams::DELTAS,
-            kappa_runtime::dlq::STREAM,
-            kappa_runtime::working::snapshot::STREAM,
-            thermo_domain::streams::VIEWS,
-            "BENCH_READINGS",
-            "BENCH_DELTAS",
-            "BENCH_HOP",
-        ] {
-            let _ = js.delete_stream(s).await;
-        }
+        streams::delete(
+            js,
+            &[
+                thermo_domain::streams::READINGS,
+                thermo_domain::streams::DELTAS,
+                kappa_runtime::dlq::STREAM,
+                kappa_runtime::working::snapshot::STREAM,
+                thermo_domain::streams::VIEWS,
+                "BENCH_READINGS",
+                "BENCH_DELTAS",
+                "BENCH_HOP",
+            ],
+        )
+        .await;
         // Partition leases (KV buckets) of earlier scenarios: a killed instance's membership and
         // leases would otherwise linger for their TTL and halve the next instance's share.
         let mut names = js.stream_names();
@@ -373,80 +221,13 @@ impl Servers {
                 lease_streams.push(n);
             }
         }
-        for n in lease_streams {
-            let _ = js.delete_stream(&n).await;
-        }
+        let lease_streams: Vec<&str> = lease_streams.iter().map(String::as_str).collect();
+        streams::delete(js, &lease_streams).await;
         for url in [&self.redis_url, &self.affinity_url] {
-            let mut r = self.redis(url).await?;
-            let _: () = redis::cmd("FLUSHALL").query_async(&mut r).await?;
+            clients::flushall(url).await?;
         }
         Ok(())
     }
-}
-
-/// Messages in a stream (0 if it does not exist).
-pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
-/// GET `http://<addr><path>`: status and body.
-pub async fn get(http: &reqwest::Client, addr: &str, path: &str) -> Option<(u16, String)> {
-    let r = http
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    let code = r.status().as_u16();
-    Some((code, r.text().await.ok()?))
-}
-
-/// Polls `/healthz` until 200; returns the time it took, or an error with the log tail.
-pub async fn wait_ready(
-    http: &reqwest::Client,
-    p: &mut Proc,
-    since: Instant,
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let end = since + timeout;
-    while Instant::now() < end {
-        if let Some((200, _)) = get(http, &p.http, "/healthz").await {
-            return Ok(since.elapsed());
-        }
-        if !p.alive() {
-            bail!("{} exited before ready; log:\n{}", p.name, p.log_tail(20));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!(
-        "{} not ready after {timeout:?}; log:\n{}",
-        p.name,
-        p.log_tail(20)
-    )
-}
-
-/// Sum of every series of Prometheus metric `name` (counters and gauges; for histograms pass
-/// `name_sum` or `name_count`).
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
-
-/// Fetches `/metrics` (empty on failure).
-pub async fn metrics(http: &reqwest::Client, addr: &str) -> String {
-    get(http, addr, "/metrics")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default()
 }
 
 /// `(version line)` of a command, or "unknown".

@@ -142,10 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Mode::Smoke => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(PathBuf::from))
-            .unwrap_or_else(|| root.join("target/release"))
+        kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
     });
     let tmp = root.join(format!("target/bench-tmp/{}", std::process::id()));
     let started = Instant::now();
@@ -421,22 +418,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (tdr, td_proc) = services::temperature_delta(&ctx, &c).await?;
             let td_proc = td_proc.ok_or_else(|| anyhow::anyhow!("no td"))?;
             td_dag_rate = Some(tdr.rate);
-            let n_deltas = infra::count(&ctx.js, thermo_domain::streams::DELTAS).await;
+            let n_deltas = kappa_testkit::streams::count(&ctx.js, thermo_domain::streams::DELTAS).await;
             let (rate, vb_ready, vb_proc, vb_cpu) = services::view_builder(&ctx, n_deltas).await?;
             cpu_rows.push(("view-builder".into(), vb_cpu));
             eprintln!("    view-builder {rate:.0} deltas/s (ready {vb_ready:.2}s)");
             vb_rate = Some(rate);
-            dag["view_builder"] = json!({"deltas": n_deltas, "per_s": rate, "ready_secs": vb_ready, "rss_kib": vb_proc.rss_kib()});
+            dag["view_builder"] = json!({"deltas": n_deltas, "per_s": rate, "ready_secs": vb_ready, "rss_kib": infra::rss_kib(vb_proc.pid())});
             if !qa_ok {
                 dag_note = "query-api binary missing: query-api and end-to-end not measured".into();
                 return Ok(());
             }
             let mut qa = ctx.spawn("query-api", &[], &[])?;
-            infra::wait_ready(&ctx.http, &mut qa, Instant::now(), Duration::from_secs(60)).await?;
+            qa.wait_ready(Duration::from_secs(60)).await?;
             // Query API load: hot key, cold keys, top-10; and the constant-body baseline.
             let conc = 16;
             let hot_path = "/v1/sensors/s-0001".to_string();
-            let body = infra::get(&ctx.http, &qa.http, &hot_path).await.map(|(_, b)| b).unwrap_or_default();
+            let body = kappa_testkit::http::get(&ctx.http, &qa.http, &hot_path).await.map(|(_, b)| b).unwrap_or_default();
             let (base_addr, base_task) = services::constant_server(body.clone()).await?;
             let base = services::http_load(&ctx.http, &base_addr, Arc::new(vec![hot_path.clone()]), conc, u64::MAX, plan.http_secs).await?;
             base_task.abort();

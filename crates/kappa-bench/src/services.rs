@@ -12,7 +12,11 @@ use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMes
 use bytes::Bytes;
 
 use crate::baseline::{Lat, histogram, lat};
-use crate::infra::{Proc, Servers, count, free_port, get, metric_sum, metrics, wait_ready};
+use crate::infra::{CpuMeter, Servers, busy_share, machine_ticks, rss_kib};
+use kappa_testkit::http::get;
+use kappa_testkit::metrics::{scrape, sum as metric_sum};
+use kappa_testkit::streams::count;
+use kappa_testkit::{Proc, procs};
 
 pub struct Ctx {
     pub servers: Servers,
@@ -28,11 +32,11 @@ pub struct Ctx {
 impl Ctx {
     /// Starts counting CPU of `service` (`name`, or this process when `pid` is `None`),
     /// nats-server and redis-server.
-    pub fn cpu_meter(&self, name: &'static str, pid: Option<u32>) -> crate::infra::CpuMeter {
+    pub fn cpu_meter(&self, name: &'static str, pid: Option<u32>) -> CpuMeter {
         let mut procs = vec![(name, pid.unwrap_or_else(std::process::id))];
         procs.extend(self.servers.nats_pid.map(|p| ("nats-server", p)));
         procs.extend(self.servers.redis_pid.map(|p| ("redis-server", p)));
-        crate::infra::CpuMeter::start(&procs)
+        CpuMeter::start(&procs)
     }
 
     pub async fn new(servers: Servers, bin_dir: PathBuf) -> anyhow::Result<Ctx> {
@@ -64,39 +68,26 @@ impl Ctx {
         env: &[(&str, String)],
         args: &[String],
     ) -> anyhow::Result<Proc> {
-        let exe = self.bin_dir.join(name);
-        if !exe.exists() {
-            bail!(
-                "{} is missing: run `cargo build --release --bins` first",
-                exe.display()
-            );
-        }
-        let n = self.log_n.fetch_add(1, Ordering::Relaxed);
-        let http = format!("127.0.0.1:{}", free_port()?);
-        let mut all: Vec<(String, String)> = vec![
-            ("NATS_URL".into(), self.servers.nats_url.clone()),
-            ("REDIS_URL".into(), self.servers.redis_url.clone()),
-            ("HTTP_ADDR".into(), http.clone()),
-            ("KAPPA_PARTITIONS".into(), "8".into()),
-            ("RUST_LOG".into(), "info,async_nats=warn".into()),
-        ];
-        for (k, v) in env {
-            all.push(((*k).to_string(), v.clone()));
-        }
-        Proc::spawn(
+        let exe = procs::bin(
+            &self.bin_dir,
             name,
-            &exe,
-            args,
-            &all,
-            self.logs.join(format!("{n:03}-{name}.log")),
-            http,
-        )
+            "run `cargo build --release --bins` first",
+        )?;
+        let n = self.log_n.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(args)
+            .env("NATS_URL", &self.servers.nats_url)
+            .env("REDIS_URL", &self.servers.redis_url)
+            .env("KAPPA_PARTITIONS", "8")
+            .env("RUST_LOG", "info,async_nats=warn")
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        Proc::service(name, cmd, self.logs.join(format!("{n:03}-{name}.log")))
     }
 
     /// Starts the sensor registry once (it keeps the SENSORS stream across scenarios).
     pub async fn start_registry(&mut self) -> anyhow::Result<()> {
         let mut p = self.spawn("sensor-registry", &[], &[])?;
-        wait_ready(&self.http, &mut p, Instant::now(), Duration::from_secs(60)).await?;
+        p.wait_ready(Duration::from_secs(60)).await?;
         self.registry = Some(p);
         Ok(())
     }
@@ -113,7 +104,7 @@ impl Ctx {
         ];
         args.extend(extra.iter().map(|s| (*s).to_string()));
         let mut p = self.spawn("thermometer", &[], &args)?;
-        let ok = p.wait_exit(Duration::from_secs(900)).await?;
+        let ok = p.wait_exit(Duration::from_secs(900)).await?.success();
         let log = std::fs::read_to_string(&p.log).unwrap_or_default();
         if !ok {
             bail!("thermometer failed:\n{}", p.log_tail(20));
@@ -291,9 +282,8 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
     if n < c.readings {
         bail!("READINGS holds {n} of {}", c.readings);
     }
-    let spawned = Instant::now();
     let mut p = ctx.spawn("temperature-delta", &td_env(ctx, c), &[])?;
-    let ready = wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(300)).await?;
+    let ready = p.wait_ready(Duration::from_secs(300)).await?;
     let t_ready = Instant::now();
     let done_at = |js: jetstream::Context| async move {
         count(&js, thermo_domain::streams::DELTAS).await
@@ -317,7 +307,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
     }
     let secs = t_ready.elapsed().as_secs_f64();
     let cpu_us = meter.per_msg(n - m0);
-    let m = metrics(&ctx.http, &p.http).await;
+    let m = scrape(&ctx.http, &p.http).await.unwrap_or_default();
     let requests = metric_sum(&m, "kappa_observed_requests_total");
     let req_sum = metric_sum(&m, "kappa_observed_request_seconds_sum");
     let req_n = metric_sum(&m, "kappa_observed_request_seconds_count");
@@ -332,7 +322,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
         secs,
         rate: (n - m0) as f64 / secs.max(1e-9),
         dead_letters: count(&ctx.js, kappa_runtime::dlq::STREAM).await,
-        rss_kib: p.rss_kib().unwrap_or(0),
+        rss_kib: rss_kib(p.pid()).unwrap_or(0),
         observed_requests: requests,
         // Lookups happen while processing: requests over the processing time.
         observed_req_per_s: requests / secs.max(1e-9),
@@ -362,7 +352,7 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
             .await?;
         let spawned = Instant::now();
         let mut q = ctx.spawn("temperature-delta", &td_env(ctx, c), &[])?;
-        let ready = wait_ready(&ctx.http, &mut q, spawned, Duration::from_secs(300)).await?;
+        let ready = q.wait_ready(Duration::from_secs(300)).await?;
         let mut rec = Recovery {
             ready_secs: ready.as_secs_f64(),
             ..Default::default()
@@ -376,12 +366,12 @@ pub async fn temperature_delta(ctx: &Ctx, c: &TdCase) -> anyhow::Result<(TdResul
             let mut lc = c.clone();
             lc.ownership = "leases";
             let mut a = ctx.spawn("temperature-delta", &td_env(ctx, &lc), &[])?;
-            wait_ready(&ctx.http, &mut a, Instant::now(), Duration::from_secs(120)).await?;
+            a.wait_ready(Duration::from_secs(120)).await?;
             wait_caught_up(ctx, &a, &lasts).await?;
             a.kill9();
             let spawned = Instant::now();
             let mut b = ctx.spawn("temperature-delta", &td_env(ctx, &lc), &[])?;
-            wait_ready(&ctx.http, &mut b, spawned, Duration::from_secs(120)).await?;
+            b.wait_ready(Duration::from_secs(120)).await?;
             wait_caught_up(ctx, &b, &lasts).await?;
             rec.lease_failover_secs = Some(spawned.elapsed().as_secs_f64());
             q = b;
@@ -419,7 +409,7 @@ pub async fn view_builder(
         if ready.is_none() && matches!(get(&ctx.http, &p.http, "/healthz").await, Some((200, _))) {
             ready = Some(spawned.elapsed().as_secs_f64());
         }
-        let d = processed(&metrics(&ctx.http, &p.http).await);
+        let d = processed(&scrape(&ctx.http, &p.http).await.unwrap_or_default());
         if d > 0 && first.is_none() {
             first = Some((Instant::now(), d));
         }
@@ -438,9 +428,7 @@ pub async fn view_builder(
     let cpu = meter.per_msg(n);
     let ready = match ready {
         Some(r) => r,
-        None => wait_ready(&ctx.http, &mut p, spawned, Duration::from_secs(120))
-            .await?
-            .as_secs_f64(),
+        None => p.wait_ready(Duration::from_secs(120)).await?.as_secs_f64(),
     };
     Ok((rate, ready, p, cpu))
 }
@@ -600,7 +588,7 @@ fn reading_message(i: u64, sensors: u64, measured_at: &str, run: &str) -> (Strin
 /// stream acks them (1024 in flight), timed until view-builder has applied all their deltas.
 pub async fn pipeline_max(ctx: &Ctx, vb_http: &str, n: u64, sensors: u64) -> anyhow::Result<f64> {
     let processed = |m: &str| metric_sum(m, "kappa_processed_total") as u64;
-    let before = processed(&metrics(&ctx.http, vb_http).await);
+    let before = processed(&scrape(&ctx.http, vb_http).await.unwrap_or_default());
     let t0 = Instant::now();
     let stamp = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -628,7 +616,7 @@ pub async fn pipeline_max(ctx: &Ctx, vb_http: &str, n: u64, sensors: u64) -> any
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if processed(&metrics(&ctx.http, vb_http).await) >= before + n {
+        if processed(&scrape(&ctx.http, vb_http).await.unwrap_or_default()) >= before + n {
             break;
         }
         if Instant::now() > deadline {
@@ -731,7 +719,7 @@ pub async fn e2e(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let total = (rate * secs).max(1.0) as u64;
-    let ticks0 = crate::infra::machine_ticks();
+    let ticks0 = machine_ticks();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now() + Duration::from_millis(20);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, u64, PublishAckFuture)>(1 << 17);
@@ -776,7 +764,7 @@ pub async fn e2e(
         let _ = tx.send((id, intended, a)).await;
     }
     drop(tx);
-    let busy = crate::infra::busy_share(ticks0, crate::infra::machine_ticks());
+    let busy = busy_share(ticks0, machine_ticks());
     let failed = acker.await?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {

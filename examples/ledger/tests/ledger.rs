@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use integration_tests::procs::Proc;
-use integration_tests::{count, metric, nats, read_stream, servers, service_env, wait_until};
+use integration_tests::procs::start;
+use integration_tests::{
+    count, metric, nats, read_stream, ready, servers, service_env, wait_until,
+};
 
 const OPS: &str = "LEDGER_OPS";
 const BALANCES: &str = "LEDGER_BALANCES";
@@ -231,8 +233,8 @@ async fn crash_while_operations_flow(working: &str) {
     );
     short_dedupe_outputs(&js, 4).await;
     let ops = operations(6_000, 60, 7);
-    let mut ledger = Proc::start(&test, "ledger", &env, &[]);
-    ledger.wait_ready(Duration::from_secs(30)).await;
+    let mut ledger = start(&test, "ledger", &env, &[]);
+    ready(&mut ledger).await;
     let publisher = {
         let (js, ops) = (js.clone(), ops.clone());
         tokio::spawn(async move { publish(&js, &ops, 0, true).await })
@@ -250,8 +252,8 @@ async fn crash_while_operations_flow(working: &str) {
     let crashed_at = outcomes(&js).await;
     // Past the outputs' duplicate window: only the runtime's own bookkeeping prevents doubles.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut ledger = Proc::start(&test, "ledger", &env, &[]);
-    ledger.wait_ready(Duration::from_secs(30)).await;
+    let mut ledger = start(&test, "ledger", &env, &[]);
+    ready(&mut ledger).await;
     publisher.await.expect("publisher");
     let started = Instant::now();
     assert!(

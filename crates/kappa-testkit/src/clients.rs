@@ -1,0 +1,39 @@
+//! Connections to the servers under test: a NATS client with its JetStream context, and a
+//! Redis connection, each with the URL in the error when it is not reachable.
+
+use anyhow::Context;
+use async_nats::jetstream;
+
+/// Connects to NATS at `url` under the client name `name` (shown by the server's monitoring);
+/// returns the client and its JetStream context.
+pub async fn nats(
+    url: &str,
+    name: &str,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+    let c = async_nats::ConnectOptions::new()
+        .name(name)
+        .connect(url)
+        .await
+        .with_context(|| format!("NATS at {url} is not reachable"))?;
+    let js = jetstream::new(c.clone());
+    Ok((c, js))
+}
+
+/// A multiplexed Redis connection to `url` (`redis://host:port[/db]` or `unix://path`).
+pub async fn redis(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)
+        .with_context(|| format!("bad Redis URL {url}"))?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("Redis at {url} is not reachable"))
+}
+
+/// Empties every database of the Redis server at `url` (`FLUSHALL`): scratch servers only.
+pub async fn flushall(url: &str) -> anyhow::Result<()> {
+    let mut r = redis(url).await?;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut r)
+        .await
+        .with_context(|| format!("FLUSHALL on {url}"))?;
+    Ok(())
+}
