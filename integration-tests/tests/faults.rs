@@ -304,3 +304,52 @@ async fn bad_configuration_exits_non_zero_with_one_line() {
         eprintln!("[bad_config] {bin_name}: {}", lines[0]);
     }
 }
+
+/// One message on `thermo.deltas.<id>` that temperature-delta did not write (here even with its
+/// `Kappa-Service` header, and a source sequence far beyond the readings stream) must not
+/// silence the sensor: the runtime refuses to believe it, counts it, and the next reading still
+/// gets its delta, computed from the real window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delta_does_not_silence_a_sensor() {
+    let test = "forged_delta";
+    let dag = Dag::start(test, &[("KAPPA_PARTITIONS", "1")]).await;
+    let js = &dag.js;
+    let delta = dag.ready("temperature-delta").await;
+    register(&dag.client, "s-1", "lab", 0.0, 600).await;
+    let good =
+        |c: f64, t: &str| format!(r#"{{"sensor_id":"s-1","celsius":{c},"measured_at":"{t}"}}"#);
+    publish_raw(js, "s-1", good(20.0, "2026-11-24T17:00:00Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(js, "DELTAS").await == 1
+        })
+        .await
+    );
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Kappa-Service", "temperature-delta");
+    h.insert("Kappa-Source-Seq", "1000000000000");
+    js.publish_with_headers(
+        "thermo.deltas.s-1",
+        h,
+        r#"{"sensor_id":"s-1","site":"lab","delta_celsius":99.0,"oldest_celsius":0.0,"latest_celsius":99.0,"min_celsius":0.0,"max_celsius":99.0,"samples":1,"window_secs":600,"measured_at":"2026-11-24T17:00:30Z","window_end":"2026-11-24T17:00:30Z","reading_celsius":99.0,"calibration_offset":0.0,"sensor_version":1,"source_seq":1000000000000}"#.into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored: nothing but permissions can stop it on the wire");
+    publish_raw(js, "s-1", good(23.0, "2026-11-24T17:01:00Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(js, "DELTAS").await == 3
+        })
+        .await,
+        "the sensor went silent after a forged delta:\n{}",
+        delta.log_text()
+    );
+    let deltas = read_stream(js, "DELTAS").await;
+    let last: serde_json::Value = serde_json::from_slice(&deltas[2].payload).expect("json");
+    assert_eq!(last["samples"].as_u64(), Some(2), "{last}");
+    assert_eq!(last["delta_celsius"].as_f64(), Some(3.0), "{last}");
+    assert!(metric(&delta.http, "kappa_untrusted_outcomes_total").await >= 1.0);
+    assert_eq!(count(js, "DLQ").await, 0);
+}

@@ -10,7 +10,7 @@
 //!   stream's duplicate window is stored once;
 //! - *recognised after a crash*: the last message of an entity's subject says up to which input
 //!   the log already holds outcomes, so a replay never writes one twice, and the runtime folds
-//!   the changes it missed back into the state (see [`crate::engine`]).
+//!   the changes it missed back into the state (see [`crate::compute`]).
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
@@ -35,12 +35,14 @@ pub enum Layout {
 }
 
 /// The last message of an entity in a log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Written {
     /// Its stream sequence (what the entity's next append must expect).
     pub stream_seq: u64,
     /// The input sequence it was decided for (0 when the header is missing).
     pub source_seq: u64,
+    /// The service that says it wrote it (`Kappa-Service`), if any.
+    pub writer: Option<String>,
 }
 
 /// One message of an entity's log.
@@ -50,6 +52,8 @@ pub struct Entry {
     pub stream_seq: u64,
     /// The input sequence it was decided for.
     pub source_seq: u64,
+    /// The service that says it wrote it (`Kappa-Service`), if any.
+    pub writer: Option<String>,
     /// The payload.
     pub payload: Bytes,
 }
@@ -135,6 +139,7 @@ impl EntityLog {
             Ok(m) => Ok(Some(Written {
                 stream_seq: m.sequence,
                 source_seq: source_seq(&m.headers),
+                writer: writer(&m.headers),
             })),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(RuntimeError::JetStream(format!(
@@ -165,6 +170,7 @@ impl EntityLog {
                     out.push(Entry {
                         stream_seq: m.sequence,
                         source_seq: source_seq(&m.headers),
+                        writer: writer(&m.headers),
                         payload: m.payload,
                     });
                 }
@@ -207,6 +213,10 @@ impl EntityLog {
             .await
             .map_err(|e| RuntimeError::JetStream(format!("append to {}: {e}", self.stream)))
     }
+}
+
+fn writer(headers: &HeaderMap) -> Option<String> {
+    headers.get(SERVICE_HEADER).map(|v| v.as_str().to_string())
 }
 
 fn source_seq(headers: &HeaderMap) -> u64 {

@@ -104,6 +104,38 @@ pub(crate) struct Parts<C: Compute> {
     pub working: Arc<dyn WorkingState>,
     /// Subject prefix inputs are published under (for `Kappa-Source-Subject`).
     pub input_prefix: String,
+    /// The input stream (a logged outcome can never name an input beyond its end).
+    pub input_stream: String,
+    /// JetStream, for the input stream's state.
+    pub js: async_nats::jetstream::Context,
+}
+
+/// Which logged outcomes the engine believes: written by this service, for an input that
+/// exists. Anything else on the service's subjects (a forged or foreign message) is counted
+/// and never folded in, so one message cannot silence an entity.
+struct Trust<'a> {
+    service: &'a str,
+    /// Highest input sequence that exists.
+    input_last: u64,
+}
+
+impl Trust<'_> {
+    fn believes(&self, key: &str, stream_seq: u64, writer: Option<&str>, source_seq: u64) -> bool {
+        let ours = writer == Some(self.service);
+        if ours && source_seq > 0 && source_seq <= self.input_last {
+            return true;
+        }
+        metrics::counter!("kappa_untrusted_outcomes_total").increment(1);
+        tracing::error!(
+            key,
+            stream_seq,
+            writer,
+            source_seq,
+            input_last = self.input_last,
+            "a message on this service's subjects was not written by it for an existing input; ignored"
+        );
+        false
+    }
 }
 
 /// Runs a [`Compute`] on one partition (see the module docs).
@@ -131,8 +163,9 @@ impl<C: Compute> Engine<C> {
         }
     }
 
-    /// Loads `keys`: stored state, then whatever the outcome logs hold beyond it.
-    async fn load(&mut self, keys: Vec<String>) -> Result<(), ProcessError> {
+    /// Loads `keys`: stored state, then whatever the outcome logs hold beyond it. `batch_last`
+    /// is the last input sequence of the batch in hand.
+    async fn load(&mut self, keys: Vec<String>, batch_last: u64) -> Result<(), ProcessError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -143,12 +176,38 @@ impl<C: Compute> Engine<C> {
             async move { tokio::try_join!(p.changes.log().last(k), p.dlq.last(k)) }
         }))
         .await;
+        // A logged outcome beyond the batch's inputs is legitimate only if a previous owner got
+        // further; beyond the input stream's end it cannot be ours. Ask the stream only then.
+        let beyond = lasts.iter().any(|l| match l {
+            Ok((c, d)) => [c, d]
+                .iter()
+                .any(|w| w.as_ref().is_some_and(|w| w.source_seq > batch_last)),
+            Err(_) => false,
+        });
+        let input_last = if beyond {
+            let mut s =
+                p.js.get_stream(&p.input_stream)
+                    .await
+                    .map_err(RuntimeError::js)?;
+            s.info()
+                .await
+                .map_err(RuntimeError::js)?
+                .state
+                .last_sequence
+        } else {
+            batch_last
+        };
+        let trust = Trust {
+            service: &p.service,
+            input_last,
+        };
         let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
             |((key, value), last)| {
-                let p = &p;
+                let (p, trust) = (&p, &trust);
                 async move {
                     let (last_change, last_dlq) = last?;
-                    let entity = recover_entity::<C>(p, &key, value, last_change, last_dlq).await?;
+                    let entity =
+                        recover_entity::<C>(p, trust, &key, value, last_change, last_dlq).await?;
                     Ok::<_, RuntimeError>((key, entity))
                 }
             },
@@ -202,7 +261,8 @@ impl<C: Compute> Engine<C> {
                 missing.push(k.to_string());
             }
         }
-        self.load(missing).await?;
+        self.load(missing, batch.last().map_or(0, |i| i.seq))
+            .await?;
         // 3. Reference data, once per key.
         let ref_keys: Vec<Option<String>> = (0..batch.len())
             .map(|i| match &decoded[i] {
@@ -363,6 +423,7 @@ impl<C: Compute> Engine<C> {
 /// Builds an entity from its stored form and its logs: folds in the changes the store missed.
 async fn recover_entity<C: Compute>(
     p: &Parts<C>,
+    trust: &Trust<'_>,
     key: &str,
     stored: Option<Bytes>,
     last_change: Option<Written>,
@@ -389,6 +450,10 @@ async fn recover_entity<C: Compute>(
             .await?;
         let n = missed.len();
         for m in missed {
+            if !trust.believes(key, m.stream_seq, m.writer.as_deref(), m.source_seq) {
+                entity.change_seq = m.stream_seq;
+                continue;
+            }
             match serde_json::from_slice::<C::Change>(&m.payload) {
                 Ok(change) => {
                     p.compute.evolve(&mut entity.state, &change);
@@ -406,7 +471,14 @@ async fn recover_entity<C: Compute>(
         metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
     }
     if let Some(last) = last_dlq {
-        entity.decided = entity.decided.max(last.source_seq);
+        if trust.believes(
+            key,
+            last.stream_seq,
+            last.writer.as_deref(),
+            last.source_seq,
+        ) {
+            entity.decided = entity.decided.max(last.source_seq);
+        }
         if last.stream_seq != entity.dlq_seq {
             entity.dlq_seq = last.stream_seq;
             entity.dirty = true;

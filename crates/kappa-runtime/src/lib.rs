@@ -1,17 +1,20 @@
 //! Runtime for *domain kappa services* on NATS JetStream.
 //!
 //! A domain kappa service owns its state; only its compute changes that state, and every change
-//! is appended to a JetStream stream. This crate gives such a service its plumbing:
+//! is appended to a JetStream stream. An author writes the compute and the state's types; this
+//! crate does everything else (`docs/runtime.md` is the guide):
 //!
-//! - [`config`]: flags and environment shared by every service, and the seed's option choices;
-//! - [`nats`]: connecting, and declaring streams idempotently;
-//! - [`partition`]: the partitioned, ordered input reader and the processing driver
-//!   ([`partition::Processor`]): pull a batch, compute, publish, commit, ack;
-//! - [`observed`]: the seed's three options for *observed* state behind one trait;
-//! - [`working`]: the seed's three options for *working* state behind one trait;
-//! - [`dlq`]: the dead-letter stream, with a reason on every rejected input;
-//! - [`http`]: `/healthz` (readiness) and Prometheus `/metrics`, plus a service's own routes;
-//! - [`shutdown`]: SIGTERM/SIGINT handling and draining.
+//! - what an author touches: [`compute`] (the [`compute::Compute`] trait: decode, a pure
+//!   `decide`, and `evolve`, the only way state changes), [`service`] (the
+//!   [`service::DomainService`] builder) and [`config::Settings`] (one `KAPPA_` surface);
+//! - what the runtime guarantees with it: [`changelog`] (the service's change log and the
+//!   outcome logs, fenced and deduplicated, read back after a crash), [`dlq`] (dead letters
+//!   with a reason, one outcome per input), [`partition`] (the partitioned, ordered input and
+//!   the driver), [`lease`] (ownership shared between instances, with fencing epochs);
+//! - the seed's options, chosen by configuration: [`observed`] (`stateful`, `stateless`,
+//!   `semi-stateless`) and [`working`] (`local`, `remote`, `affinity`);
+//! - plumbing: [`app`] (start, health check subcommand, CLI errors), [`nats`], [`http`]
+//!   (`/healthz`, `/metrics`), [`telemetry`], [`shutdown`] (an injectable token).
 //!
 //! # Allocator
 //!
@@ -20,6 +23,8 @@
 //! `mimalloc.workspace = true`), as every binary of this workspace does. A service handles many
 //! small, short-lived buffers per message, and glibc's malloc was about 30% of
 //! temperature-delta's CPU in a profile (`docs/BENCHMARKS.md`, "CPU per message").
+
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod changelog;

@@ -215,6 +215,8 @@ impl<C: Compute> DomainService<C> {
             observed,
             working,
             input_prefix: in_prefix,
+            input_stream: input.stream.clone(),
+            js: js.clone(),
         });
         let driver = DriverConfig {
             input,
