@@ -453,3 +453,65 @@ async fn store_wiped_remote() {
 async fn store_wiped_affinity() {
     store_wiped("store_wiped_affinity", "affinity").await;
 }
+
+/// READINGS deleted and created again while temperature-delta runs (the only way to change its
+/// partition count): the new stream's sequences start at 1 again, below the stored positions.
+/// The runtime must notice (the stream's identity changed), say so, and process the new stream
+/// from its first message, with the windows kept: nothing skipped in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_readings_stream_is_detected_and_processed_from_its_start() {
+    let test = "readings_recreated";
+    let dag = Dag::start(test, &[("KAPPA_PARTITIONS", "2")]).await;
+    let js = &dag.js;
+    let delta = dag.ready("temperature-delta").await;
+    register(&dag.client, "s-1", "lab", 0.0, 600).await;
+    let good =
+        |c: f64, t: &str| format!(r#"{{"sensor_id":"s-1","celsius":{c},"measured_at":"{t}"}}"#);
+    for (c, t) in [
+        (20.0, "2026-11-24T17:00:00Z"),
+        (21.0, "2026-11-24T17:00:10Z"),
+        (22.0, "2026-11-24T17:00:20Z"),
+    ] {
+        publish_raw(js, "s-1", good(c, t)).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(js, "DELTAS").await == 3
+        })
+        .await
+    );
+    js.delete_stream("READINGS").await.expect("delete READINGS");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "READINGS".into(),
+        subjects: vec!["thermo.readings.*".into()],
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "thermo.readings.*".into(),
+            destination: "thermo.readings.{{partition(2,1)}}.{{wildcard(1)}}".into(),
+        }),
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create READINGS again");
+    publish_raw(js, "s-1", good(23.0, "2026-11-24T17:00:30Z")).await;
+    publish_raw(js, "s-1", good(25.0, "2026-11-24T17:00:40Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(js, "DELTAS").await == 5
+        })
+        .await,
+        "readings of the new stream were skipped:\n{}",
+        delta.log_text()
+    );
+    let deltas = read_stream(js, "DELTAS").await;
+    let last: serde_json::Value = serde_json::from_slice(&deltas[4].payload).expect("json");
+    assert_eq!(last["source_seq"].as_u64(), Some(2), "{last}");
+    assert_eq!(
+        last["samples"].as_u64(),
+        Some(5),
+        "the window was kept: {last}"
+    );
+    assert_eq!(last["delta_celsius"].as_f64(), Some(5.0), "{last}");
+    assert!(metric(&delta.http, "kappa_input_stream_replaced_total").await >= 1.0);
+    assert_eq!(count(js, "DLQ").await, 0);
+}

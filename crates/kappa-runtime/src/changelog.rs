@@ -20,6 +20,9 @@ use crate::RuntimeError;
 
 /// Header naming the input stream sequence a message was decided for.
 pub const SOURCE_SEQ_HEADER: &str = "Kappa-Source-Seq";
+/// Header naming the input stream (its identity: creation time in ns) a message was decided
+/// for; with `Kappa-Source-Seq` it names the input exactly, even across a replaced stream.
+pub const SOURCE_STREAM_HEADER: &str = "Kappa-Source-Stream";
 /// Header naming the schema of a change.
 pub const SCHEMA_HEADER: &str = "Kappa-Schema";
 /// Header naming the service that wrote a message.
@@ -41,6 +44,8 @@ pub struct Written {
     pub stream_seq: u64,
     /// The input sequence it was decided for (0 when the header is missing).
     pub source_seq: u64,
+    /// The identity of the input stream it was decided for (0 when missing).
+    pub source_stream: u64,
     /// The service that says it wrote it (`Kappa-Service`), if any.
     pub writer: Option<String>,
 }
@@ -52,6 +57,8 @@ pub struct Entry {
     pub stream_seq: u64,
     /// The input sequence it was decided for.
     pub source_seq: u64,
+    /// The identity of the input stream it was decided for (0 when missing).
+    pub source_stream: u64,
     /// The service that says it wrote it (`Kappa-Service`), if any.
     pub writer: Option<String>,
     /// The payload.
@@ -139,6 +146,7 @@ impl EntityLog {
             Ok(m) => Ok(Some(Written {
                 stream_seq: m.sequence,
                 source_seq: source_seq(&m.headers),
+                source_stream: number(&m.headers, SOURCE_STREAM_HEADER),
                 writer: writer(&m.headers),
             })),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
@@ -170,6 +178,7 @@ impl EntityLog {
                     out.push(Entry {
                         stream_seq: m.sequence,
                         source_seq: source_seq(&m.headers),
+                        source_stream: number(&m.headers, SOURCE_STREAM_HEADER),
                         writer: writer(&m.headers),
                         payload: m.payload,
                     });
@@ -187,7 +196,8 @@ impl EntityLog {
         Ok(out)
     }
 
-    /// Sends one message for `key`, decided for input `source_seq`, that must directly follow
+    /// Sends one message for `key`, decided for input `source` (input stream identity,
+    /// sequence), that must directly follow
     /// the entity's message at stream sequence `expected` (`Some(0)`: the entity has none;
     /// `None`: not fenced). Returns the ack future; the append is durable once it resolves.
     pub async fn append(
@@ -196,10 +206,11 @@ impl EntityLog {
         payload: Bytes,
         mut headers: HeaderMap,
         msg_id: String,
-        source_seq: u64,
+        source: (u64, u64),
         expected: Option<u64>,
     ) -> Result<PublishAckFuture, RuntimeError> {
-        headers.insert(SOURCE_SEQ_HEADER, source_seq.to_string().as_str());
+        headers.insert(SOURCE_SEQ_HEADER, source.1.to_string().as_str());
+        headers.insert(SOURCE_STREAM_HEADER, source.0.to_string().as_str());
         headers.insert(SERVICE_HEADER, self.service.as_str());
         let mut msg = PublishMessage::build()
             .payload(payload)
@@ -219,11 +230,15 @@ fn writer(headers: &HeaderMap) -> Option<String> {
     headers.get(SERVICE_HEADER).map(|v| v.as_str().to_string())
 }
 
-fn source_seq(headers: &HeaderMap) -> u64 {
+fn number(headers: &HeaderMap, name: &str) -> u64 {
     headers
-        .get(SOURCE_SEQ_HEADER)
+        .get(name)
         .and_then(|v| v.as_str().parse().ok())
         .unwrap_or(0)
+}
+
+fn source_seq(headers: &HeaderMap) -> u64 {
+    number(headers, SOURCE_SEQ_HEADER)
 }
 
 /// A service's change log: its state changes, one subject per entity.
@@ -249,12 +264,13 @@ impl ChangeLog {
         &self.log
     }
 
-    /// Appends the change decided for input `source_seq` of `key` (see [`EntityLog::append`]).
+    /// Appends the change decided for input `source` (input stream identity, sequence) of
+    /// `key` (see [`EntityLog::append`]).
     pub async fn append(
         &self,
         key: &str,
         payload: Bytes,
-        source_seq: u64,
+        source: (u64, u64),
         expected: u64,
     ) -> Result<PublishAckFuture, RuntimeError> {
         let mut headers = HeaderMap::new();
@@ -264,8 +280,8 @@ impl ChangeLog {
                 key,
                 payload,
                 headers,
-                format!("{}:{source_seq}", self.service),
-                source_seq,
+                format!("{}:{}:{}", self.service, source.0, source.1),
+                source,
                 Some(expected),
             )
             .await

@@ -77,7 +77,8 @@ impl DeadLetters {
         self.log.last(key).await
     }
 
-    /// Publishes the dead letter of input `source_seq` (from `source_subject`) about `key`, that
+    /// Publishes the dead letter of input `source` (its subject, its stream's identity, its
+    /// sequence) about `key`, that
     /// must follow the entity's dead letter at stream sequence `expected` (`Some(0)`: none yet;
     /// `None`: not fenced, for outcomes that are a pure function of the input). Returns the ack
     /// future: await it before the input's position is committed. `Nats-Msg-Id` is derived
@@ -85,12 +86,12 @@ impl DeadLetters {
     pub async fn append(
         &self,
         key: &str,
-        source: (&str, u64),
+        source: (&str, u64, u64),
         payload: Bytes,
         rejection: &Rejection,
         expected: Option<u64>,
     ) -> Result<PublishAckFuture, RuntimeError> {
-        let (source_subject, source_seq) = source;
+        let (source_subject, source_stream, source_seq) = source;
         let reason: &str = &rejection.reason;
         let mut headers = HeaderMap::new();
         headers.insert(REASON_HEADER, reason);
@@ -110,8 +111,8 @@ impl DeadLetters {
                 key,
                 payload,
                 headers,
-                format!("dlq:{}:{source_seq}", self.service),
-                source_seq,
+                format!("dlq:{}:{source_stream}:{source_seq}", self.service),
+                (source_stream, source_seq),
                 expected,
             )
             .await

@@ -35,9 +35,12 @@ use crate::partition::{Input, ProcessError, Processor};
 use crate::working::WorkingState;
 
 /// Version of the stored form of an entity.
-const STORED_VERSION: u8 = 1;
-/// Bytes before the state in the stored form: version, decided, change_seq, dlq_seq.
-const STORED_HEADER: usize = 1 + 3 * 8;
+const STORED_VERSION: u8 = 2;
+/// Bytes before the state in the stored form: version, decided, change_seq, dlq_seq, source.
+const STORED_HEADER: usize = 1 + 4 * 8;
+/// Key of the input stream's identity in a partition's working state (a space is never in a
+/// subject token, so no entity has this key).
+const SOURCE_KEY: &str = "kappa input";
 
 /// One entity as the engine holds it.
 #[derive(Debug)]
@@ -49,6 +52,8 @@ struct Entity<S> {
     change_seq: u64,
     /// Stream sequence of the entity's last dead letter.
     dlq_seq: u64,
+    /// Identity of the input stream `decided` refers to (its creation time).
+    source: u64,
     dirty: bool,
 }
 
@@ -59,6 +64,7 @@ impl<S: Default> Default for Entity<S> {
             decided: 0,
             change_seq: 0,
             dlq_seq: 0,
+            source: 0,
             dirty: false,
         }
     }
@@ -70,6 +76,7 @@ fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Vec<u8>, RuntimeError> {
     out.extend_from_slice(&e.decided.to_le_bytes());
     out.extend_from_slice(&e.change_seq.to_le_bytes());
     out.extend_from_slice(&e.dlq_seq.to_le_bytes());
+    out.extend_from_slice(&e.source.to_le_bytes());
     postcard::to_io(&e.state, &mut out)
         .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")))?;
     Ok(out)
@@ -90,6 +97,7 @@ fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
         decided: u(0),
         change_seq: u(1),
         dlq_seq: u(2),
+        source: u(3),
         dirty: false,
     })
 }
@@ -112,18 +120,45 @@ pub(crate) struct Parts<C: Compute> {
 
 /// Which logged outcomes the engine believes: written by this service, for an input that
 /// exists. Anything else on the service's subjects (a forged or foreign message) is counted
-/// and never folded in, so one message cannot silence an entity.
+/// and never folded in, so one message cannot silence an entity. An outcome decided for an
+/// input of a stream that was since replaced is folded into the state (the state is the fold
+/// of the change log) but decides nothing about the new stream's inputs.
 struct Trust<'a> {
     service: &'a str,
+    /// Identity of the current input stream.
+    source: u64,
     /// Highest input sequence that exists.
     input_last: u64,
 }
 
+/// What a logged outcome is worth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Belief {
+    /// Ours, for an input of the current stream: fold it, and its input is decided.
+    Decided,
+    /// Ours, for an input of a replaced stream: fold it, decide nothing.
+    FoldOnly,
+    /// Not ours: ignore it.
+    Ignored,
+}
+
 impl Trust<'_> {
-    fn believes(&self, key: &str, stream_seq: u64, writer: Option<&str>, source_seq: u64) -> bool {
-        let ours = writer == Some(self.service);
-        if ours && source_seq > 0 && source_seq <= self.input_last {
-            return true;
+    fn weigh(
+        &self,
+        key: &str,
+        stream_seq: u64,
+        writer: Option<&str>,
+        source: (u64, u64),
+    ) -> Belief {
+        let (source_stream, source_seq) = source;
+        let ours = writer == Some(self.service) && source_seq > 0 && source_stream > 0;
+        if ours && source_stream < self.source {
+            // An older stream of the same name: created before the current one.
+            return Belief::FoldOnly;
+        }
+        let ours = ours && source_stream == self.source;
+        if ours && source_seq <= self.input_last {
+            return Belief::Decided;
         }
         metrics::counter!("kappa_untrusted_outcomes_total").increment(1);
         tracing::error!(
@@ -134,7 +169,7 @@ impl Trust<'_> {
             input_last = self.input_last,
             "a message on this service's subjects was not written by it for an existing input; ignored"
         );
-        false
+        Belief::Ignored
     }
 }
 
@@ -143,6 +178,10 @@ pub(crate) struct Engine<C: Compute> {
     parts: Arc<Parts<C>>,
     partition: u32,
     epoch: u64,
+    /// Identity of the input stream as this partition was opened (its creation time).
+    source: u64,
+    /// The identity is not yet in the working state (written with the next commit).
+    source_unrecorded: bool,
     entities: HashMap<String, Entity<C::State>>,
 }
 
@@ -159,6 +198,8 @@ impl<C: Compute> Engine<C> {
             parts,
             partition,
             epoch: 0,
+            source: 0,
+            source_unrecorded: false,
             entities: HashMap::new(),
         }
     }
@@ -178,10 +219,12 @@ impl<C: Compute> Engine<C> {
         .await;
         // A logged outcome beyond the batch's inputs is legitimate only if a previous owner got
         // further; beyond the input stream's end it cannot be ours. Ask the stream only then.
+        let source = self.source;
         let beyond = lasts.iter().any(|l| match l {
-            Ok((c, d)) => [c, d]
-                .iter()
-                .any(|w| w.as_ref().is_some_and(|w| w.source_seq > batch_last)),
+            Ok((c, d)) => [c, d].iter().any(|w| {
+                w.as_ref()
+                    .is_some_and(|w| w.source_stream == source && w.source_seq > batch_last)
+            }),
             Err(_) => false,
         });
         let input_last = if beyond {
@@ -199,6 +242,7 @@ impl<C: Compute> Engine<C> {
         };
         let trust = Trust {
             service: &p.service,
+            source,
             input_last,
         };
         let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
@@ -350,7 +394,7 @@ impl<C: Compute> Engine<C> {
                         true,
                         parts
                             .changes
-                            .append(key, body, batch[i].seq, change_seq)
+                            .append(key, body, (self.source, batch[i].seq), change_seq)
                             .await?,
                     ),
                     Outcome::Dead(r, payload) => (
@@ -359,7 +403,7 @@ impl<C: Compute> Engine<C> {
                             .dlq
                             .append(
                                 key,
-                                (&subjects[i], batch[i].seq),
+                                (&subjects[i], self.source, batch[i].seq),
                                 payload,
                                 &r,
                                 Some(dlq_seq),
@@ -401,6 +445,12 @@ impl<C: Compute> Engine<C> {
         // 6. Commit the changed entities with the position.
         // Every dirty entity is one of the batch's (decided now, or refolded when loaded).
         let mut writes = Vec::new();
+        if self.source_unrecorded {
+            writes.push((
+                SOURCE_KEY.to_string(),
+                Bytes::copy_from_slice(&self.source.to_le_bytes()),
+            ));
+        }
         for input in batch {
             let key = input.entity();
             if let Some(e) = self.entities.get_mut(key)
@@ -416,6 +466,7 @@ impl<C: Compute> Engine<C> {
             .working
             .commit(self.partition, self.epoch, position, writes)
             .await?;
+        self.source_unrecorded = false;
         Ok(())
     }
 }
@@ -440,6 +491,13 @@ async fn recover_entity<C: Compute>(
             Entity::default()
         }),
     };
+    if entity.source != trust.source {
+        // Decided against a stream that was replaced (or never): its sequences say nothing
+        // about the current stream's inputs. The state itself stays.
+        entity.decided = 0;
+        entity.source = trust.source;
+        entity.dirty = true;
+    }
     if let Some(last) = last_change
         && last.stream_seq > entity.change_seq
     {
@@ -450,14 +508,22 @@ async fn recover_entity<C: Compute>(
             .await?;
         let n = missed.len();
         for m in missed {
-            if !trust.believes(key, m.stream_seq, m.writer.as_deref(), m.source_seq) {
+            let belief = trust.weigh(
+                key,
+                m.stream_seq,
+                m.writer.as_deref(),
+                (m.source_stream, m.source_seq),
+            );
+            if belief == Belief::Ignored {
                 entity.change_seq = m.stream_seq;
                 continue;
             }
             match serde_json::from_slice::<C::Change>(&m.payload) {
                 Ok(change) => {
                     p.compute.evolve(&mut entity.state, &change);
-                    entity.decided = entity.decided.max(m.source_seq);
+                    if belief == Belief::Decided {
+                        entity.decided = entity.decided.max(m.source_seq);
+                    }
                 }
                 Err(e) => {
                     metrics::counter!("kappa_changelog_undecodable_total").increment(1);
@@ -471,12 +537,13 @@ async fn recover_entity<C: Compute>(
         metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
     }
     if let Some(last) = last_dlq {
-        if trust.believes(
+        let belief = trust.weigh(
             key,
             last.stream_seq,
             last.writer.as_deref(),
-            last.source_seq,
-        ) {
+            (last.source_stream, last.source_seq),
+        );
+        if belief == Belief::Decided {
             entity.decided = entity.decided.max(last.source_seq);
         }
         if last.stream_seq != entity.dlq_seq {
@@ -495,7 +562,31 @@ impl<C: Compute> Processor for Engine<C> {
     async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {
         self.partition = partition;
         self.entities.clear();
-        Ok(self.parts.working.open(partition, self.epoch).await?)
+        let p = self.parts.clone();
+        let mut position = p.working.open(partition, self.epoch).await?;
+        let (source, last) = crate::partition::stream_identity(&p.js, &p.input_stream).await?;
+        let recorded = p
+            .working
+            .load(partition, &[SOURCE_KEY.to_string()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_le_bytes);
+        let replaced = recorded.is_some_and(|r| r != source);
+        if replaced || position > last {
+            // The position refers to another stream of the same name (deleted and created
+            // again, the only way to change its partitions) or to messages it no longer has.
+            metrics::counter!("kappa_input_stream_replaced_total").increment(1);
+            tracing::error!(partition, stream = %p.input_stream, position, stream_last = last,
+                recorded = ?recorded, current = source,
+                "the input stream is not the one the stored position refers to; processing it from its first message (states are kept, decisions about the old stream's inputs no longer count)");
+            p.working.rebase(partition, self.epoch, 0).await?;
+            position = 0;
+        }
+        self.source = source;
+        self.source_unrecorded = recorded != Some(source);
+        Ok(position)
     }
 
     async fn process(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
@@ -527,12 +618,16 @@ mod tests {
             decided: 42,
             change_seq: 7,
             dlq_seq: 9,
+            source: 5,
             dirty: true,
         };
         let bytes = encode_entity(&e).expect("encodable");
         let back: Entity<Vec<i64>> = decode_entity(&bytes).expect("decodable");
         assert_eq!(back.state, e.state);
-        assert_eq!((back.decided, back.change_seq, back.dlq_seq), (42, 7, 9));
+        assert_eq!(
+            (back.decided, back.change_seq, back.dlq_seq, back.source),
+            (42, 7, 9, 5)
+        );
         assert!(!back.dirty);
         assert!(decode_entity::<Vec<i64>>(&bytes[..10]).is_none());
         let mut wrong = bytes.clone();

@@ -240,204 +240,238 @@ pub async fn run_partition_at<P: Processor>(
 ) -> Result<(), RuntimeError> {
     processor.set_epoch(epoch);
     let p_label = partition.to_string();
-    set_status(&board, partition, |s| s.state = PartitionState::Recovering);
-    let started = Instant::now();
-    let mut position = loop {
-        match processor.open(partition).await {
-            Ok(pos) => break pos,
-            Err(ProcessError::Fenced(m)) => {
-                set_status(&board, partition, |s| s.state = PartitionState::Fenced);
-                return Err(RuntimeError::Fenced(m));
-            }
-            Err(ProcessError::Transient(m)) => {
-                tracing::warn!(partition, error = %m, "opening partition failed; retrying");
-                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                    return Ok(());
+    let mut position;
+    // Reopened when the input stream turns out to have been replaced while running.
+    'open: loop {
+        set_status(&board, partition, |s| s.state = PartitionState::Recovering);
+        let started = Instant::now();
+        position = loop {
+            match processor.open(partition).await {
+                Ok(pos) => break pos,
+                Err(ProcessError::Fenced(m)) => {
+                    set_status(&board, partition, |s| s.state = PartitionState::Fenced);
+                    return Err(RuntimeError::Fenced(m));
                 }
-            }
-        }
-    };
-    let recovery = started.elapsed().as_secs_f64();
-    metrics::gauge!("kappa_recovery_seconds", "partition" => p_label.clone()).set(recovery);
-    tracing::info!(
-        partition,
-        position,
-        recovery_secs = recovery,
-        "partition open"
-    );
-    set_status(&board, partition, |s| {
-        s.state = PartitionState::Running;
-        s.position = position;
-        s.recovery_secs = recovery;
-    });
-
-    'consumer: loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        let mut consumer = match reset_consumer(&js, &cfg, partition, position).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "creating consumer failed; retrying");
-                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                    break;
+                Err(ProcessError::Transient(m)) => {
+                    tracing::warn!(partition, error = %m, "opening partition failed; retrying");
+                    if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                        return Ok(());
+                    }
                 }
-                continue;
             }
         };
-        let messages = match consumer
-            .stream()
-            .max_messages_per_batch(cfg.batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
+        let recovery = started.elapsed().as_secs_f64();
+        metrics::gauge!("kappa_recovery_seconds", "partition" => p_label.clone()).set(recovery);
+        tracing::info!(
+            partition,
+            position,
+            recovery_secs = recovery,
+            "partition open"
+        );
+        set_status(&board, partition, |s| {
+            s.state = PartitionState::Running;
+            s.position = position;
+            s.recovery_secs = recovery;
+        });
+        let identity = stream_identity(&js, &cfg.input.stream)
             .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "pull failed; retrying");
-                if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                    break;
-                }
-                continue;
+            .ok()
+            .map(|i| i.0);
+
+        'consumer: loop {
+            if shutdown.is_cancelled() {
+                break;
             }
-        };
-        let mut chunks = messages.ready_chunks(cfg.batch);
-        // Consumer sequence of the last delivery taken.
-        let mut delivered = 0u64;
-        let mut last_batch_end: Option<Instant> = None;
-        loop {
-            let chunk = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'consumer,
-                c = tokio::time::timeout(IDLE_CHECK, chunks.next()) => match c {
-                    Ok(c) => c,
-                    Err(_) => {
-                        // Nothing delivered for a while: make sure that is because there is
-                        // nothing to deliver, not a pull that went astray.
-                        match consumer.info().await {
-                            Ok(info) if info.num_pending > 0 => {
-                                tracing::warn!(partition, pending = info.num_pending,
-                                    "no delivery although inputs are pending; recreating consumer");
-                                metrics::counter!("kappa_consumer_recreated_total").increment(1);
-                                continue 'consumer;
-                            }
-                            _ => continue,
-                        }
+            let mut consumer = match reset_consumer(&js, &cfg, partition, position).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "creating consumer failed; retrying");
+                    if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                        break;
                     }
-                },
+                    continue;
+                }
             };
-            let Some(mut chunk) = chunk else {
-                tracing::warn!(partition, "pull stream ended; recreating consumer");
-                continue 'consumer;
+            // A consumer is (re)created after every break in delivery, so this is where a stream
+            // deleted and created again under the same name shows: its sequences start again, and
+            // the position means nothing in it. The processor decides what to do when it reopens.
+            if let (Some(id), Ok((now, _))) =
+                (identity, stream_identity(&js, &cfg.input.stream).await)
+                && now != id
+            {
+                tracing::error!(partition, stream = %cfg.input.stream,
+                "the input stream was replaced while running; reopening the partition");
+                metrics::counter!("kappa_input_stream_replaced_total").increment(1);
+                continue 'open;
+            }
+            let messages = match consumer
+                .stream()
+                .max_messages_per_batch(cfg.batch)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "pull failed; retrying");
+                    if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
             };
-            // Linger only while inputs arrive densely (this one came within `linger` of the
-            // previous batch's end): at low rates a lone input goes through at once, at high
-            // rates batches fill up and cost fewer round trips per input.
-            let dense = last_batch_end.is_some_and(|t: Instant| t.elapsed() < cfg.linger);
-            if dense && chunk.len() < cfg.batch {
-                let until = tokio::time::Instant::now() + cfg.linger;
-                while chunk.len() < cfg.batch {
-                    match tokio::time::timeout_at(until, chunks.next()).await {
-                        Ok(Some(more)) => chunk.extend(more),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            }
-            let mut inputs = Vec::with_capacity(chunk.len());
-            let mut delivered_any = false;
-            let mut lag = 0;
-            let mut gap = false;
-            for m in chunk {
-                match m {
-                    Ok(msg) => {
-                        let Ok(info) = msg.info() else { continue };
-                        // Deliveries are numbered without holes; a hole means a message was
-                        // lost on the way (the consumer does not wait for acks to resend it).
-                        if info.consumer_sequence != delivered + 1 {
-                            gap = true;
-                            break;
-                        }
-                        delivered = info.consumer_sequence;
-                        delivered_any = true;
-                        let seq = info.stream_sequence;
-                        lag = info.pending;
-                        let published = info.published;
-                        if seq > position {
-                            let (msg, _acker) = msg.split();
-                            inputs.push(Input {
-                                subject: msg.subject.to_string(),
-                                payload: msg.payload,
-                                headers: msg.headers,
-                                seq,
-                                published,
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(partition, error = %e, "pull error");
-                    }
-                }
-            }
-            if !delivered_any && !gap {
-                continue;
-            }
-            if !inputs.is_empty() {
-                let t0 = Instant::now();
-                let mut backoff = Duration::from_millis(50);
-                loop {
-                    match processor.process(&inputs).await {
-                        Ok(()) => break,
-                        Err(ProcessError::Fenced(m)) => {
-                            tracing::warn!(partition, reason = %m, "lost the partition; stopping it");
-                            set_status(&board, partition, |s| s.state = PartitionState::Fenced);
-                            processor.close().await;
-                            return Err(RuntimeError::Fenced(m));
-                        }
-                        Err(ProcessError::Transient(m)) => {
-                            metrics::counter!("kappa_batch_retries_total").increment(1);
-                            tracing::warn!(partition, error = %m, "batch failed; retrying");
-                            if sleep_or_cancel(backoff, &shutdown).await {
-                                break 'consumer;
+            let mut chunks = messages.ready_chunks(cfg.batch);
+            // Consumer sequence of the last delivery taken.
+            let mut delivered = 0u64;
+            let mut last_batch_end: Option<Instant> = None;
+            loop {
+                let chunk = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'consumer,
+                    c = tokio::time::timeout(IDLE_CHECK, chunks.next()) => match c {
+                        Ok(c) => c,
+                        Err(_) => {
+                            // Nothing delivered for a while: make sure that is because there is
+                            // nothing to deliver, not a pull that went astray.
+                            match consumer.info().await {
+                                Ok(info) if info.num_pending > 0 => {
+                                    tracing::warn!(partition, pending = info.num_pending,
+                                        "no delivery although inputs are pending; recreating consumer");
+                                    metrics::counter!("kappa_consumer_recreated_total").increment(1);
+                                    continue 'consumer;
+                                }
+                                _ => continue,
                             }
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    },
+                };
+                let Some(mut chunk) = chunk else {
+                    tracing::warn!(partition, "pull stream ended; recreating consumer");
+                    continue 'consumer;
+                };
+                // Linger only while inputs arrive densely (this one came within `linger` of the
+                // previous batch's end): at low rates a lone input goes through at once, at high
+                // rates batches fill up and cost fewer round trips per input.
+                let dense = last_batch_end.is_some_and(|t: Instant| t.elapsed() < cfg.linger);
+                if dense && chunk.len() < cfg.batch {
+                    let until = tokio::time::Instant::now() + cfg.linger;
+                    while chunk.len() < cfg.batch {
+                        match tokio::time::timeout_at(until, chunks.next()).await {
+                            Ok(Some(more)) => chunk.extend(more),
+                            Ok(None) | Err(_) => break,
                         }
                     }
                 }
-                let now = time::OffsetDateTime::now_utc();
-                let elapsed = t0.elapsed().as_secs_f64();
-                metrics::histogram!("kappa_batch_seconds").record(elapsed);
-                metrics::histogram!("kappa_batch_size").record(inputs.len() as f64);
-                metrics::counter!("kappa_processed_total").increment(inputs.len() as u64);
-                if let Some(first) = inputs.first() {
-                    let age = (now - first.published).as_seconds_f64().max(0.0);
-                    metrics::histogram!("kappa_input_age_seconds").record(age);
+                let mut inputs = Vec::with_capacity(chunk.len());
+                let mut delivered_any = false;
+                let mut lag = 0;
+                let mut gap = false;
+                for m in chunk {
+                    match m {
+                        Ok(msg) => {
+                            let Ok(info) = msg.info() else { continue };
+                            // Deliveries are numbered without holes; a hole means a message was
+                            // lost on the way (the consumer does not wait for acks to resend it).
+                            if info.consumer_sequence != delivered + 1 {
+                                gap = true;
+                                break;
+                            }
+                            delivered = info.consumer_sequence;
+                            delivered_any = true;
+                            let seq = info.stream_sequence;
+                            lag = info.pending;
+                            let published = info.published;
+                            if seq > position {
+                                let (msg, _acker) = msg.split();
+                                inputs.push(Input {
+                                    subject: msg.subject.to_string(),
+                                    payload: msg.payload,
+                                    headers: msg.headers,
+                                    seq,
+                                    published,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(partition, error = %e, "pull error");
+                        }
+                    }
                 }
-                position = inputs.last().map_or(position, |i| i.seq);
-            }
-            metrics::gauge!("kappa_partition_lag", "partition" => p_label.clone()).set(lag as f64);
-            metrics::gauge!("kappa_partition_position", "partition" => p_label.clone())
-                .set(position as f64);
-            set_status(&board, partition, |s| {
-                s.position = position;
-                s.lag = lag;
-            });
-            last_batch_end = Some(Instant::now());
-            if gap {
-                tracing::warn!(
-                    partition,
-                    position,
-                    "a delivery was lost; recreating consumer"
-                );
-                metrics::counter!("kappa_consumer_recreated_total").increment(1);
-                continue 'consumer;
+                if !delivered_any && !gap {
+                    continue;
+                }
+                if !inputs.is_empty() {
+                    let t0 = Instant::now();
+                    let mut backoff = Duration::from_millis(50);
+                    loop {
+                        match processor.process(&inputs).await {
+                            Ok(()) => break,
+                            Err(ProcessError::Fenced(m)) => {
+                                tracing::warn!(partition, reason = %m, "lost the partition; stopping it");
+                                set_status(&board, partition, |s| s.state = PartitionState::Fenced);
+                                processor.close().await;
+                                return Err(RuntimeError::Fenced(m));
+                            }
+                            Err(ProcessError::Transient(m)) => {
+                                metrics::counter!("kappa_batch_retries_total").increment(1);
+                                tracing::warn!(partition, error = %m, "batch failed; retrying");
+                                if sleep_or_cancel(backoff, &shutdown).await {
+                                    break 'consumer;
+                                }
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                    let now = time::OffsetDateTime::now_utc();
+                    let elapsed = t0.elapsed().as_secs_f64();
+                    metrics::histogram!("kappa_batch_seconds").record(elapsed);
+                    metrics::histogram!("kappa_batch_size").record(inputs.len() as f64);
+                    metrics::counter!("kappa_processed_total").increment(inputs.len() as u64);
+                    if let Some(first) = inputs.first() {
+                        let age = (now - first.published).as_seconds_f64().max(0.0);
+                        metrics::histogram!("kappa_input_age_seconds").record(age);
+                    }
+                    position = inputs.last().map_or(position, |i| i.seq);
+                }
+                metrics::gauge!("kappa_partition_lag", "partition" => p_label.clone())
+                    .set(lag as f64);
+                metrics::gauge!("kappa_partition_position", "partition" => p_label.clone())
+                    .set(position as f64);
+                set_status(&board, partition, |s| {
+                    s.position = position;
+                    s.lag = lag;
+                });
+                last_batch_end = Some(Instant::now());
+                if gap {
+                    tracing::warn!(
+                        partition,
+                        position,
+                        "a delivery was lost; recreating consumer"
+                    );
+                    metrics::counter!("kappa_consumer_recreated_total").increment(1);
+                    continue 'consumer;
+                }
             }
         }
+        break 'open;
     }
     processor.close().await;
     set_status(&board, partition, |s| s.state = PartitionState::Stopped);
     tracing::info!(partition, position, "partition stopped");
     Ok(())
+}
+
+/// A stream's identity (its creation time, ns since the epoch: a stream deleted and created
+/// again under the same name has another) and its last sequence.
+pub async fn stream_identity(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<(u64, u64), RuntimeError> {
+    let s = js.get_stream(stream).await.map_err(RuntimeError::js)?;
+    let info = s.cached_info();
+    let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
+    Ok((created, info.state.last_sequence))
 }
 
 /// Deletes and recreates the partition's durable consumer so delivery starts right after

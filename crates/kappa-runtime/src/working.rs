@@ -44,6 +44,15 @@ pub trait WorkingState: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Flushes what must outlive the partition's handover (snapshots) and forgets it.
     fn close(&self, partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>>;
+    /// Sets the partition's position to `position` even when it is behind the stored one:
+    /// the input stream was replaced (deleted and created again), so its sequences start
+    /// again. Values are kept. Fails with [`RuntimeError::Fenced`] under a newer epoch.
+    fn rebase(
+        &self,
+        partition: u32,
+        epoch: u64,
+        position: u64,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Which option this is (`local`, `remote`, `affinity`).
     fn kind(&self) -> &'static str;
 }

@@ -137,6 +137,13 @@ impl DeltaWindow {
         if sample.seq <= self.last_seq {
             return WindowOutcome::AlreadyApplied;
         }
+        self.fold(sample, window_secs)
+    }
+
+    /// Folds in a calibrated reading whatever its sequence: the runtime folds each change
+    /// exactly once, and input sequences start again when the input stream is replaced, so
+    /// `apply`'s sequence check would drop a reading there. Ties keep arrival order.
+    pub fn fold(&mut self, sample: Sample, window_secs: u32) -> WindowOutcome {
         let window_ns = i64::from(window_secs).saturating_mul(NS_PER_SEC);
         if let Some(t) = self.latest_ns
             && sample.at_ns <= t.saturating_sub(window_ns)

@@ -109,7 +109,7 @@ impl Compute for TemperatureDelta {
             celsius: delta.reading_celsius,
             seq: delta.source_seq,
         };
-        window.apply(sample, delta.window_secs);
+        window.fold(sample, delta.window_secs);
     }
 }
 

@@ -206,7 +206,7 @@ impl Processor for ViewProcessor {
                         .dlq
                         .append(
                             input.entity(),
-                            (&subject, input.seq),
+                            (&subject, 0, input.seq),
                             input.payload.clone(),
                             &kappa_runtime::compute::Rejection::new(r.code())
                                 .with_detail(r.detail()),

@@ -77,6 +77,18 @@ impl WorkingState for AffinityState {
         Box::pin(async move { self.snapshots.flush(Some(partition)).await })
     }
 
+    fn rebase(
+        &self,
+        partition: u32,
+        epoch: u64,
+        position: u64,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.snapshots.rebase(partition, position);
+            self.store.rebase(partition, epoch, position).await
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "affinity"
     }

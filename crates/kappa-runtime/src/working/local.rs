@@ -106,6 +106,7 @@ impl WorkingState for LocalState {
                 .parts
                 .lock()
                 .map_err(|_| RuntimeError::Corrupt("state lock poisoned".into()))?;
+            // Positions only grow between rebases (see `rebase`).
             let p = parts.entry(partition).or_default();
             p.position = p.position.max(position);
             p.values.extend(writes);
@@ -119,6 +120,23 @@ impl WorkingState for LocalState {
             if let Ok(mut parts) = self.parts.lock() {
                 parts.remove(&partition);
             }
+            Ok(())
+        })
+    }
+
+    fn rebase(
+        &self,
+        partition: u32,
+        _epoch: u64,
+        position: u64,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.snapshots.rebase(partition, position);
+            let mut parts = self
+                .parts
+                .lock()
+                .map_err(|_| RuntimeError::Corrupt("state lock poisoned".into()))?;
+            parts.entry(partition).or_default().position = position;
             Ok(())
         })
     }

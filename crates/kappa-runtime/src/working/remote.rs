@@ -37,6 +37,15 @@ redis.call('HSET', meta, 'epoch', ARGV[1])
 return tonumber(redis.call('HGET', meta, 'position') or '0')
 ";
 
+const REBASE: &str = r"
+local meta = KEYS[1]
+local epoch = tonumber(ARGV[1])
+local cur_epoch = tonumber(redis.call('HGET', meta, 'epoch') or '0')
+if cur_epoch > epoch then return -1 end
+redis.call('HSET', meta, 'position', ARGV[2], 'epoch', ARGV[1])
+return 1
+";
+
 /// Redis-backed working state (`remote`, and the store of `affinity`).
 #[derive(Clone)]
 pub struct RedisState {
@@ -45,6 +54,7 @@ pub struct RedisState {
     kind: &'static str,
     commit: redis::Script,
     open: redis::Script,
+    rebase: redis::Script,
 }
 
 /// Connects to `url` (checking it answers PING) with a clear error.
@@ -85,6 +95,7 @@ impl RedisState {
             kind,
             commit: redis::Script::new(COMMIT),
             open: redis::Script::new(OPEN),
+            rebase: redis::Script::new(REBASE),
         }
     }
 
@@ -179,6 +190,30 @@ impl WorkingState for RedisState {
 
     fn close(&self, _partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn rebase(
+        &self,
+        partition: u32,
+        epoch: u64,
+        position: u64,
+    ) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let r: i64 = self
+                .rebase
+                .key(self.meta_key(partition))
+                .arg(epoch)
+                .arg(position)
+                .invoke_async(&mut conn)
+                .await?;
+            if r < 0 {
+                return Err(RuntimeError::Fenced(format!(
+                    "partition {partition} was taken over (epoch {epoch} is stale)"
+                )));
+            }
+            Ok(())
+        })
     }
 
     fn kind(&self) -> &'static str {

@@ -104,6 +104,14 @@ impl Snapshotter {
         }
     }
 
+    /// The input stream was replaced: the next snapshot of `partition` records `position` even
+    /// if an earlier, larger one is pending.
+    pub fn rebase(&self, partition: u32, position: u64) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.entry(partition).or_default().position = position;
+        }
+    }
+
     /// Flushes the changes of `partition` (or of all partitions when `None`).
     pub async fn flush(&self, partition: Option<u32>) -> Result<(), RuntimeError> {
         let _guard = self.flush_lock.lock().await;
