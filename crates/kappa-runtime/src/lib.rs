@@ -9,6 +9,10 @@
 //!   ([`partition::Processor`]): pull a batch, compute, publish, commit, ack;
 //! - [`observed`]: the seed's three options for *observed* state behind one trait;
 //! - [`working`]: the seed's three options for *working* state behind one trait;
+//! - [`service`]: [`service::DomainService`], the one builder of a domain kappa service
+//!   (the author's [`compute::Compute`] plus everything around it);
+//! - [`view`]: [`view::ViewService`], its read side: an author's [`view::View`] (a persisted
+//!   projection of a change log) kept with its position, fenced, and rebuildable from sequence 1;
 //! - [`dlq`]: the dead-letter stream, with a reason on every rejected input;
 //! - [`http`]: `/healthz` (readiness) and Prometheus `/metrics`, plus a service's own routes;
 //! - [`shutdown`]: SIGTERM/SIGINT handling and draining.
@@ -36,6 +40,7 @@ pub mod partition;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod view;
 pub mod working;
 
 pub use error::RuntimeError;
