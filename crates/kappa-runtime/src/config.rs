@@ -144,6 +144,18 @@ pub struct Settings {
 impl Settings {
     /// Checks what clap cannot; the error names the setting.
     pub fn validate(&self) -> Result<(), crate::RuntimeError> {
+        self.validate_input()?;
+        if self.working == WorkingMode::Affinity && self.affinity_redis_url.is_none() {
+            return Err(crate::RuntimeError::Config(
+                "KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the settings of the partitioned input, its batches and its ownership: all that a
+    /// [view](crate::view) uses (it has no working state).
+    pub fn validate_input(&self) -> Result<(), crate::RuntimeError> {
         let bad = |m: String| Err(crate::RuntimeError::Config(m));
         if self.partitions == 0 || self.partitions > 1024 {
             return bad(format!(
@@ -153,9 +165,6 @@ impl Settings {
         }
         if self.batch == 0 || self.batch > 10_000 {
             return bad(format!("KAPPA_BATCH={} must be in 1..=10000", self.batch));
-        }
-        if self.working == WorkingMode::Affinity && self.affinity_redis_url.is_none() {
-            return bad("KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into());
         }
         self.owned_partitions(self.partitions).map(|_| ())
     }

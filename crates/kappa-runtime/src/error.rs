@@ -21,6 +21,9 @@ pub enum RuntimeError {
     /// Another instance owns what we tried to change.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// A view's store failed or refused (see [`crate::view::View`]).
+    #[error("view store: {0}")]
+    View(String),
     /// Stored state could not be decoded.
     #[error("corrupt state: {0}")]
     Corrupt(String),

@@ -7,6 +7,8 @@
 //! - what an author touches: [`compute`] (the [`compute::Compute`] trait: decode, a pure
 //!   `decide`, and `evolve`, the only way state changes), [`service`] (the
 //!   [`service::DomainService`] builder) and [`config::Settings`] (one `KAPPA_` surface);
+//!   the read side: [`view`] ([`view::ViewService`] runs an author's [`view::View`], a persisted
+//!   projection of a change log kept with its position, fenced, rebuildable from sequence 1);
 //! - what the runtime guarantees with it: [`changelog`] (the service's change log and the
 //!   outcome logs, fenced and deduplicated, read back after a crash), [`dlq`] (dead letters
 //!   with a reason, one outcome per input), [`partition`] (the partitioned, ordered input and
@@ -41,6 +43,7 @@ pub mod partition;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod view;
 pub mod working;
 
 pub use error::RuntimeError;

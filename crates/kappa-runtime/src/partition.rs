@@ -98,6 +98,17 @@ pub fn entity_of(subject: &str) -> &str {
     subject.rsplit('.').next().unwrap_or(subject)
 }
 
+/// The partition of a stored, partitioned subject `<prefix>.<p>.<id>` (`None` for any other
+/// subject).
+pub fn partition_of(prefix: &str, stored: &str) -> Option<u32> {
+    let rest = stored.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (p, id) = rest.split_once('.')?;
+    if id.is_empty() || id.contains('.') {
+        return None;
+    }
+    p.parse().ok()
+}
+
 /// The original subject of a stored, partitioned subject `<prefix>.<p>.<id>`.
 pub fn original_subject(prefix: &str, stored: &str) -> String {
     format!("{prefix}.{}", entity_of(stored))
@@ -540,5 +551,16 @@ mod tests {
             original_subject("thermo.readings", "thermo.readings.3.s-1"),
             "thermo.readings.s-1"
         );
+    }
+
+    #[test]
+    fn partition_from_stored_subject() {
+        assert_eq!(
+            partition_of("thermo.deltas", "thermo.deltas.3.s-1"),
+            Some(3)
+        );
+        assert_eq!(partition_of("thermo.deltas", "thermo.deltas.s-1"), None);
+        assert_eq!(partition_of("thermo.deltas", "thermo.deltas.x.s-1"), None);
+        assert_eq!(partition_of("thermo.deltas", "thermo.readings.3.s-1"), None);
     }
 }

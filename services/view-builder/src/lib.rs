@@ -1,6 +1,14 @@
 //! view-builder: turns the deltas stream into read-optimised views in Redis, and announces every
 //! changed view on `thermo.views.sensor.<sensor_id>` (core NATS) so caches stay current.
 //!
+//! It is a [`kappa_runtime::view::View`], [`SensorViews`], run by
+//! [`kappa_runtime::view::ViewService`]: the runtime owns partitions and ownership, positions
+//! and fencing epochs (passed to the store), dead letters, registry lookups (`KAPPA_OBSERVED`),
+//! health, metrics, draining and the [rebuild](rebuild) from sequence 1. What is this
+//! service's: validating a delta and folding a batch ([`view`], pure), the Redis layout and its
+//! Lua scripts ([`store`]), the view-change subjects, and the registry feed that moves sensors
+//! between site views without waiting for their next delta.
+//!
 //! # Views
 //!
 //! The Redis key layout, the view JSON and the read protocol are the wire contract between
@@ -22,6 +30,7 @@ pub mod rebuild;
 pub mod store;
 pub mod view;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,55 +38,37 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
-use kappa_runtime::config::{NatsArgs, ObservedMode, parse_listen_addr};
-use kappa_runtime::observed::ObservedState;
-use kappa_runtime::partition::{
-    DriverConfig, Input, PartitionBoard, PartitionedStream, ProcessError, Processor,
-};
+use kappa_runtime::compute::{Context, Lookup, Rejection};
+use kappa_runtime::config::{Settings, parse_listen_addr};
+use kappa_runtime::partition::PartitionedStream;
 use kappa_runtime::shutdown::CancellationToken;
-use thermo_domain::ObservedSensor;
+use kappa_runtime::view::{Announcement, Applied, Batch, Opened, Swap, Target, View, ViewService};
+use thermo_domain::{Delta, ObservedSensor};
 use thermo_domain::{streams, subjects};
 
-use crate::store::{Applied, Store, Target};
+use crate::store::{Store, StoreError};
 use crate::view::{SensorMeta, SensorView, fold_batch, parse_delta};
 
-/// The service's name (consumer prefix, DLQ subject, NATS client name).
+/// The service's name (consumer and lease names, DLQ subject, NATS client name).
 pub const SERVICE: &str = "view-builder";
 
-/// Configuration (every flag is also an environment variable).
+/// Configuration: the runtime's shared settings (`KAPPA_*`, `NATS_URL`, `REDIS_URL`) plus this
+/// service's own (every flag is also an environment variable).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// NATS connection.
+    /// Settings every kappa service shares; `REDIS_URL` holds the views unless
+    /// `VIEWS_REDIS_URL` names another Redis. The working-state settings do not apply.
     #[command(flatten)]
-    pub nats: NatsArgs,
-    /// Redis of the views, unless `--views-redis-url` names another one.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    pub kappa: Settings,
     /// Redis that holds the views (default: `REDIS_URL`).
     #[arg(long, env = "VIEWS_REDIS_URL")]
     pub views_redis_url: Option<String>,
     /// Health and metrics listener.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9104", value_parser = parse_listen_addr)]
     pub http_addr: SocketAddr,
-    /// How the sensor registry is observed.
-    #[arg(long, env = "KAPPA_OBSERVED", value_enum, default_value_t = ObservedMode::SemiStateless)]
-    pub observed: ObservedMode,
-    /// Partitions of the deltas stream (an existing stream keeps its own count).
-    #[arg(long, env = "KAPPA_PARTITIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub partitions: u32,
     /// Points kept in a sensor's history.
     #[arg(long, env = "HISTORY_LEN", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub history_len: u64,
-    /// Largest batch applied at once.
-    #[arg(long, env = "BATCH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub batch: u64,
-    /// Milliseconds a partial batch may wait for more deltas while they arrive densely (0 =
-    /// never: lowest latency; 2 ms cut CPU by a fifth at 8k readings/s, see docs/operations.md).
-    #[arg(long, env = "KAPPA_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
-    pub linger_ms: u64,
-    /// Lease time-to-live in seconds: a crashed instance's partitions move after this.
-    #[arg(long, env = "KAPPA_LEASE_TTL_SECS", default_value_t = 6)]
-    pub lease_ttl_secs: u64,
 }
 
 impl Config {
@@ -85,7 +76,7 @@ impl Config {
     pub fn views_url(&self) -> (&str, &'static str) {
         match &self.views_redis_url {
             Some(u) => (u, "VIEWS_REDIS_URL"),
-            None => (&self.redis_url, "REDIS_URL"),
+            None => (&self.kappa.redis_url, "REDIS_URL"),
         }
     }
 
@@ -95,169 +86,128 @@ impl Config {
 
     /// The deltas stream, as the wire contract declares it.
     pub fn deltas(&self) -> PartitionedStream {
-        thermo_domain::runtime::deltas_stream(self.partitions)
+        thermo_domain::runtime::deltas_stream(self.kappa.partitions)
     }
 }
 
 /// Subject of a sensor's view change (the wire contract's).
 pub use thermo_domain::subjects::sensor_view as view_subject;
 
+/// The announcements of changed views: each view's JSON on its subject.
+pub fn announcements(views: &[SensorView]) -> Vec<Announcement> {
+    views
+        .iter()
+        .filter_map(|v| match serde_json::to_vec(v) {
+            Ok(body) => Some(Announcement {
+                subject: view_subject(&v.sensor_id),
+                payload: body.into(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "view not encodable");
+                None
+            }
+        })
+        .collect()
+}
+
 /// Publishes view changes on core NATS (best effort: caches also expire).
 pub async fn announce(client: &async_nats::Client, views: &[SensorView]) {
-    for v in views {
-        match serde_json::to_vec(v) {
-            Ok(body) => {
-                if let Err(e) = client
-                    .publish(view_subject(&v.sensor_id), body.into())
-                    .await
-                {
-                    tracing::debug!(error = %e, "view change not announced");
-                } else {
-                    metrics::counter!("kappa_views_announced_total").increment(1);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "view not encodable"),
-        }
-    }
+    kappa_runtime::view::announce(client, announcements(views)).await;
 }
 
-/// What the partitions share.
-struct Shared {
-    store: Store,
-    client: async_nats::Client,
-    dlq: kappa_runtime::dlq::DeadLetters,
-    observed: Arc<dyn ObservedState<ObservedSensor>>,
-    history_len: usize,
+/// The views of the sensors: deltas in, Redis views (per sensor, per site, ranking, history)
+/// out, in [`Store`].
+#[derive(Debug, Clone)]
+pub struct SensorViews {
+    /// The views' store.
+    pub store: Store,
+    /// Points kept in a sensor's history.
+    pub history_len: usize,
 }
 
-/// The view-building processor of one partition.
-pub struct ViewProcessor {
-    shared: Arc<Shared>,
-    partition: u32,
-    epoch: u64,
-}
+impl View for SensorViews {
+    type Change = Delta;
+    type Reference = ObservedSensor;
+    type Error = StoreError;
 
-fn transient(e: impl std::fmt::Display) -> ProcessError {
-    ProcessError::Transient(e.to_string())
-}
-
-impl ViewProcessor {
-    async fn lookup_metas(&self, ids: &[&str]) -> Vec<Option<SensorMeta>> {
-        let lookups = futures::future::join_all(ids.iter().map(|id| self.shared.observed.get(id)));
-        match tokio::time::timeout(Duration::from_secs(2), lookups).await {
-            Ok(results) => results
-                .into_iter()
-                .map(|r| match r {
-                    Ok(v) => v.map(|s| SensorMeta::from_sensor(&s.0)),
-                    Err(e) => {
-                        metrics::counter!("kappa_views_lookup_failures_total").increment(1);
-                        tracing::debug!(error = %e, "registry lookup failed; using the delta's");
-                        None
-                    }
-                })
-                .collect(),
-            Err(_) => {
-                metrics::counter!("kappa_views_lookup_failures_total").increment(1);
-                vec![None; ids.len()]
-            }
-        }
-    }
-}
-
-impl Processor for ViewProcessor {
-    fn set_epoch(&mut self, epoch: u64) {
-        // The lease revision: a later owner fences an earlier one.
-        self.epoch = epoch;
+    fn decode(&self, ctx: &Context<'_>, payload: &[u8]) -> Result<Delta, Rejection> {
+        parse_delta(payload, ctx.key).map_err(|r| Rejection::new(r.code()).with_detail(r.detail()))
     }
 
-    async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {
-        self.partition = partition;
-        match self
-            .shared
-            .store
-            .open(&Target::Active, partition, self.epoch)
-            .await
-            .map_err(transient)?
-        {
-            Some(pos) => Ok(pos),
-            None => Err(ProcessError::Fenced(format!(
-                "partition {partition} has a newer writer than epoch {}",
-                self.epoch
-            ))),
-        }
+    async fn open(
+        &self,
+        target: &Target,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<Opened, StoreError> {
+        Ok(match self.store.open(target, partition, epoch).await? {
+            Some(position) => Opened::At(position),
+            None => Opened::Fenced,
+        })
     }
 
-    async fn process(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
-        let Some(last) = batch.last().map(|i| i.seq) else {
-            return Ok(());
-        };
-        let mut items = Vec::with_capacity(batch.len());
-        let mut rejected = Vec::new();
-        for input in batch {
-            match parse_delta(&input.payload, input.entity()) {
-                Ok(d) => items.push((input.seq, d)),
-                Err(r) => {
-                    let subject = kappa_runtime::partition::original_subject(
-                        subjects::DELTAS_PREFIX,
-                        &input.subject,
-                    );
-                    let ack = self
-                        .shared
-                        .dlq
-                        .append(
-                            input.entity(),
-                            (&subject, 0, input.seq),
-                            input.payload.clone(),
-                            &kappa_runtime::compute::Rejection::new(r.code())
-                                .with_detail(r.detail()),
-                            // Undecodable is a pure function of the input: not fenced.
-                            None,
-                        )
-                        .await
-                        .map_err(ProcessError::from)?;
-                    rejected.push(ack);
-                }
-            }
+    async fn apply(
+        &self,
+        target: &Target,
+        batch: Batch<'_, Delta, ObservedSensor>,
+    ) -> Result<Applied, StoreError> {
+        // The registry's metadata of each sensor; a failed lookup falls back to the delta's.
+        let mut metas: HashMap<String, Option<SensorMeta>> = HashMap::new();
+        for item in &batch.items {
+            let meta = match &item.reference {
+                Lookup::Found(s) => Some(SensorMeta::from_sensor(&s.0)),
+                _ => None,
+            };
+            metas.insert(item.key.to_string(), meta);
         }
-        for ack in rejected {
-            ack.await.map_err(transient)?;
-        }
-        let applied_points = items.len();
-        let updates = fold_batch(items, self.shared.history_len);
-        let ids: Vec<&str> = updates.iter().map(|u| u.delta.sensor_id.as_str()).collect();
-        let metas = self.lookup_metas(&ids).await;
-        let t0 = std::time::Instant::now();
-        let outcome = self
-            .shared
+        let items = batch.items.into_iter().map(|i| (i.seq, i.change)).collect();
+        let updates = fold_batch(items, self.history_len);
+        let metas: Vec<Option<SensorMeta>> = updates
+            .iter()
+            .map(|u| metas.get(&u.delta.sensor_id).cloned().flatten())
+            .collect();
+        let applied = self
             .store
             .apply(
-                &Target::Active,
-                self.partition,
-                self.epoch,
-                last,
-                self.shared.history_len,
+                target,
+                batch.partition,
+                batch.epoch,
+                batch.position,
+                self.history_len,
                 &updates,
                 &metas,
             )
-            .await
-            .map_err(transient)?;
-        metrics::histogram!("kappa_views_apply_seconds").record(t0.elapsed().as_secs_f64());
-        match outcome {
-            Applied::Fenced => Err(ProcessError::Fenced(format!(
-                "partition {} was taken over (epoch {} is stale)",
-                self.partition, self.epoch
-            ))),
-            Applied::Skipped => {
-                metrics::counter!("kappa_views_replayed_batches_total").increment(1);
-                Ok(())
-            }
-            Applied::Changed(views) => {
-                metrics::counter!("kappa_views_applied_total").increment(applied_points as u64);
-                metrics::counter!("kappa_views_batches_total").increment(1);
-                announce(&self.shared.client, &views).await;
-                Ok(())
-            }
-        }
+            .await?;
+        Ok(match applied {
+            store::Applied::Fenced => Applied::Fenced,
+            store::Applied::Skipped => Applied::Skipped,
+            store::Applied::Changed(views) => Applied::Committed(announcements(&views)),
+        })
+    }
+
+    async fn begin_rebuild(&self, force: bool) -> Result<String, StoreError> {
+        self.store.begin_rebuild(force).await
+    }
+
+    async fn swap(&self, generation: &str) -> Result<Swap, StoreError> {
+        let (swapped, previous) = self.store.swap(generation).await?;
+        Ok(if swapped {
+            Swap::Swapped { previous }
+        } else {
+            Swap::Behind { active: previous }
+        })
+    }
+
+    async fn abandon(&self, generation: &str) -> Result<(), StoreError> {
+        self.store.abandon(generation).await
+    }
+
+    async fn drop_generation(&self, generation: &str) -> Result<u64, StoreError> {
+        self.store.drop_generation(generation).await
+    }
+
+    async fn ping(&self) -> bool {
+        self.store.ping().await
     }
 }
 
@@ -366,163 +316,36 @@ pub async fn connect_views(cfg: &Config) -> anyhow::Result<Store> {
     Ok(Store::new(conn))
 }
 
-/// Runs the service until SIGTERM.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let service = kappa_runtime::app::Service::start(SERVICE, &cfg.nats).await?;
+/// Runs the service until `shutdown` is cancelled, then drains.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = connect_views(&cfg).await?;
-    let js = service.nats.js.clone();
-    let mut deltas = cfg.deltas();
-    deltas.declare(&js).await?;
-    kappa_runtime::nats::declare_stream(
-        &js,
-        thermo_domain::runtime::sensors_stream().stream_config(),
-    )
-    .await?;
-
-    // Readiness: Redis answers, the registry is observed, every partition runs.
-    let redis_up = Arc::new(AtomicBool::new(true));
-    {
-        let up = redis_up.clone();
-        let mut conn = store.conn();
-        let stop = service.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let ok = redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok();
-                up.store(ok, Ordering::Relaxed);
-                if kappa_runtime::partition::sleep_or_cancel(Duration::from_secs(2), &stop).await {
-                    return;
-                }
-            }
-        });
-        let up = redis_up.clone();
-        service.health.register(
-            "redis",
-            Arc::new(move || (up.load(Ordering::Relaxed), serde_json::json!(null))),
-        );
-    }
-    let observed = kappa_runtime::observed::build::<ObservedSensor>(
-        cfg.observed,
-        &service.nats,
-        thermo_domain::runtime::registry_source(Duration::from_secs(1)),
-        kappa_runtime::observed::semi_stateless::CacheConfig::default(),
-        service.shutdown.clone(),
-    )
-    .await?;
-    {
-        let o = observed.clone();
-        service.health.register(
-            "observed",
-            Arc::new(move || {
-                (
-                    o.ready(),
-                    serde_json::json!({ "kind": o.kind(), "held": o.held() }),
-                )
-            }),
-        );
-    }
-    let feed_ready = Arc::new(AtomicBool::new(false));
-    {
-        let r = feed_ready.clone();
-        service.health.register(
-            "registry_feed",
-            Arc::new(move || (r.load(Ordering::Relaxed), serde_json::json!(null))),
-        );
-    }
-    let board: PartitionBoard = PartitionBoard::default();
-    {
-        let b = board.clone();
-        service.health.register(
-            "partitions",
-            Arc::new(move || match b.read() {
-                Ok(b) => {
-                    let running = b
-                        .values()
-                        .filter(|s| s.state == kappa_runtime::partition::PartitionState::Running)
-                        .count();
-                    (
-                        running == b.len(),
-                        serde_json::to_value(&*b).unwrap_or_default(),
-                    )
-                }
-                Err(_) => (false, serde_json::json!(null)),
-            }),
-        );
-    }
-    let http = service
-        .serve_http(cfg.http_addr, axum::Router::new())
-        .await?;
-
-    let feed = tokio::spawn(follow_registry(
-        js.clone(),
-        store.clone(),
-        service.nats.client.clone(),
-        feed_ready,
-        service.shutdown.clone(),
-    ));
-    let shared = Arc::new(Shared {
-        store,
-        client: service.nats.client.clone(),
-        dlq: kappa_runtime::dlq::DeadLetters::new(js.clone(), SERVICE),
-        observed,
+    let views = SensorViews {
+        store: store.clone(),
         history_len: cfg.history_len(),
-    });
-    let driver = DriverConfig {
-        input: deltas.clone(),
-        consumer_prefix: SERVICE.into(),
-        batch: usize::try_from(cfg.batch).unwrap_or(256),
-        linger: Duration::from_millis(cfg.linger_ms),
     };
-    tracing::info!(partitions = deltas.partitions, observed = %cfg.observed, "view-builder running");
-    // Partitions are shared with other view-builder instances through leases.
-    let lease = kappa_runtime::lease::LeaseConfig {
-        service: SERVICE.into(),
-        partitions: deltas.partitions,
-        ttl: std::time::Duration::from_secs(cfg.lease_ttl_secs.max(1)),
-    };
-    let start = |g: kappa_runtime::lease::Grant| {
-        let (js, driver, shared, board) =
-            (js.clone(), driver.clone(), shared.clone(), board.clone());
-        tokio::spawn(async move {
-            let p = g.partition;
-            let processor = ViewProcessor {
-                shared,
-                partition: p,
-                epoch: g.epoch,
-            };
-            let r = kappa_runtime::partition::run_partition_at(
-                js,
-                driver,
-                p,
-                g.epoch,
-                processor,
-                g.stop,
-                board.clone(),
+    ViewService::new(SERVICE, views, cfg.kappa)
+        .input(streams::DELTAS, subjects::DELTAS_PREFIX)
+        .observe(thermo_domain::runtime::registry_source(
+            Duration::from_secs(1),
+        ))
+        .declare(thermo_domain::runtime::sensors_stream().stream_config())
+        .http(cfg.http_addr)
+        .beside(move |rt| {
+            let feed_ready = Arc::new(AtomicBool::new(false));
+            let r = feed_ready.clone();
+            rt.health.register(
+                "registry_feed",
+                Arc::new(move || (r.load(Ordering::Relaxed), serde_json::json!(null))),
+            );
+            follow_registry(
+                rt.nats.js.clone(),
+                store,
+                rt.nats.client.clone(),
+                feed_ready,
+                rt.shutdown.clone(),
             )
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(partition = p, error = %e, "partition stopped");
-            }
-            if let Ok(mut b) = board.write() {
-                b.remove(&p);
-            }
         })
-    };
-    let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
-    let failure =
-        kappa_runtime::lease::keep(js.clone(), lease, service.shutdown.clone(), owned, start)
-            .await
-            .err()
-            .map(|e| e.to_string());
-    let requested = service.shutdown.is_cancelled();
-    service.shutdown.cancel();
-    let _ = feed.await;
-    let _ = http.await;
-    service.drain().await;
-    match failure {
-        Some(f) if !requested => anyhow::bail!("every partition stopped ({f})"),
-        _ => Ok(()),
-    }
+        .run(shutdown)
+        .await?;
+    Ok(())
 }

@@ -30,7 +30,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = kappa_runtime::app::parse_cli("view-builder");
     let result = match cli.cmd {
         Some(Cmd::Healthcheck) => return kappa_runtime::app::healthcheck(cli.cfg.http_addr).await,
         Some(Cmd::Rebuild(args)) => view_builder::rebuild::run(cli.cfg, args).await.map(|r| {
@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
                 r.generation, r.previous, r.deltas, r.skipped, r.dropped_keys
             );
         }),
-        None => view_builder::run(cli.cfg).await,
+        None => view_builder::run(cli.cfg, kappa_runtime::shutdown::on_signal()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -157,21 +157,13 @@ if redis.call('GET', 'views:building') == new then redis.call('DEL', 'views:buil
 return {'1', old}
 ";
 
-/// Which generation a write goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Whatever `views:active` names at the time of the write.
-    Active,
-    /// A given generation (a rebuild filling it).
-    Generation(String),
-}
+/// Which generation a write goes to (`Active`: whatever `views:active` names at the time).
+pub use kappa_runtime::view::Target;
 
-impl Target {
-    fn arg(&self) -> &str {
-        match self {
-            Self::Active => "",
-            Self::Generation(g) => g,
-        }
+fn target_arg(t: &Target) -> &str {
+    match t {
+        Target::Active => "",
+        Target::Generation(g) => g,
     }
 }
 
@@ -192,6 +184,9 @@ pub enum StoreError {
     /// Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Another rebuild holds `views:building` (the generation it names).
+    #[error("another rebuild is running (views:building = {0}); pass --force if it died")]
+    Busy(String),
     /// A script answered something unexpected.
     #[error("unexpected answer from redis: {0}")]
     Protocol(String),
@@ -254,7 +249,7 @@ impl Store {
         let mut conn = self.conn.clone();
         let r: Vec<String> = self
             .open
-            .arg(target.arg())
+            .arg(target_arg(target))
             .arg(partition)
             .arg(epoch)
             .invoke_async(&mut conn)
@@ -282,7 +277,7 @@ impl Store {
         metas: &[Option<SensorMeta>],
     ) -> Result<Applied, StoreError> {
         let mut inv = self.apply.prepare_invoke();
-        inv.arg(target.arg())
+        inv.arg(target_arg(target))
             .arg(partition)
             .arg(epoch)
             .arg(last_seq)
@@ -391,6 +386,62 @@ impl Store {
             [ok, old] => Ok((ok == "1", old.clone())),
             other => Err(StoreError::Protocol(format!("swap answered {other:?}"))),
         }
+    }
+
+    /// Takes a fresh generation number (never the active one) and claims `views:building`
+    /// for it; refused while another rebuild holds it, unless `force`.
+    pub async fn begin_rebuild(&self, force: bool) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let active = self.active_generation().await?;
+        let generation = loop {
+            let g: u64 = redis::cmd("INCR")
+                .arg(NEXT_GEN_KEY)
+                .query_async(&mut conn)
+                .await?;
+            if g.to_string() != active {
+                break g.to_string();
+            }
+        };
+        let mut claim = redis::cmd("SET");
+        claim.arg(BUILDING_KEY).arg(&generation);
+        if !force {
+            claim.arg("NX");
+        }
+        let claimed: Option<String> = claim.query_async(&mut conn).await?;
+        if claimed.is_none() {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(BUILDING_KEY)
+                .query_async(&mut conn)
+                .await?;
+            return Err(StoreError::Busy(holder.unwrap_or_default()));
+        }
+        Ok(generation)
+    }
+
+    /// Gives up the rebuild of `generation`: releases `views:building` if it still names it,
+    /// and deletes the generation.
+    pub async fn abandon(&self, generation: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(BUILDING_KEY)
+            .query_async(&mut conn)
+            .await?;
+        if holder.as_deref() == Some(generation) {
+            let _: i64 = redis::cmd("DEL")
+                .arg(BUILDING_KEY)
+                .query_async(&mut conn)
+                .await?;
+        }
+        self.drop_generation(generation).await.map(|_| ())
+    }
+
+    /// Whether Redis answers a `PING`.
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
     }
 
     /// The active generation.

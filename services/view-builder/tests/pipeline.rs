@@ -109,7 +109,11 @@ async fn deltas_become_views() {
         .subscribe("thermo.views.sensor.>")
         .await
         .expect("sub");
-    tokio::spawn(view_builder::run(cfg(&nats_url, &views_url)));
+    let shutdown = kappa_runtime::shutdown::CancellationToken::new();
+    let service = tokio::spawn(view_builder::run(
+        cfg(&nats_url, &views_url),
+        shutdown.clone(),
+    ));
 
     let mut last_seq = std::collections::HashMap::new();
     let inputs = [
@@ -220,6 +224,14 @@ async fn deltas_become_views() {
         store.sensor("s-3").await.ok().flatten().map(|v| v.view_seq) == Some(ack.sequence)
     })
     .await;
+
+    // The injected token stops the service, which drains and returns.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), service)
+        .await
+        .expect("the service stops on its token")
+        .expect("join")
+        .expect("a clean stop");
 }
 
 fn cfg(nats_url: &str, views_url: &str) -> view_builder::Config {
