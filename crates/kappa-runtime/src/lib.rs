@@ -7,6 +7,7 @@
 //! - [`nats`]: connecting, and declaring streams idempotently;
 //! - [`partition`]: the partitioned, ordered input reader and the processing driver
 //!   ([`partition::Processor`]): pull a batch, compute, publish, commit, ack;
+//! - [`feed`]: the one change-feed follower (bootstrap, caught-up, tail, gaps, resume);
 //! - [`observed`]: the seed's three options for *observed* state behind one trait;
 //! - [`working`]: the seed's three options for *working* state behind one trait;
 //! - [`dlq`]: the dead-letter stream, with a reason on every rejected input;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dlq;
 pub(crate) mod engine;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod lease;
 pub mod nats;
