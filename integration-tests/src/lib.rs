@@ -38,10 +38,11 @@ pub struct Servers {
     pub nats_url: String,
     /// Redis URL to give the services.
     pub redis_url: String,
-    /// `docker` or `env`.
+    /// `docker`, `env` or `cluster` ([`nats_cluster`]).
     pub backend: &'static str,
     _nats: Option<ContainerAsync<GenericImage>>,
     _redis: Option<ContainerAsync<GenericImage>>,
+    _procs: Vec<Proc>,
     _guard: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
@@ -97,6 +98,7 @@ pub async fn servers(test: &str) -> Servers {
             backend: "docker",
             _nats: Some(nats),
             _redis: Some(redis),
+            _procs: Vec::new(),
             _guard: Some(guard),
         };
         say(format!(
@@ -118,9 +120,82 @@ pub async fn servers(test: &str) -> Servers {
             backend: "env",
             _nats: None,
             _redis: None,
+            _procs: Vec::new(),
             _guard: Some(guard),
         }
     }
+}
+
+/// A JetStream cluster of `nodes` nats-server processes started by the test itself (on free
+/// ports, storage under the test's log folder, killed with the returned [`Servers`]), for what
+/// only a replicated stream shows; Redis is `REDIS_URL`'s (or the default), not wiped. `None`
+/// (with a line on stderr saying so) when `nats-server` is not on PATH.
+pub async fn nats_cluster(test: &str, nodes: usize) -> Option<Servers> {
+    if std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        say(format!("[{test}] nats-server is not on PATH: no cluster"));
+        return None;
+    }
+    let _ = std::fs::remove_dir_all(procs::log_dir(test));
+    let guard = ENV_LOCK.lock().await;
+    let dir = procs::log_dir(test);
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let ports: Vec<(u16, u16)> = (0..nodes)
+        .map(|_| (procs::free_port(), procs::free_port()))
+        .collect();
+    let routes = ports
+        .iter()
+        .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut started = Vec::new();
+    for (i, (client, cluster)) in ports.iter().enumerate() {
+        let mut cmd = std::process::Command::new("nats-server");
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &client.to_string()])
+            .args(["-sd", &dir.join(format!("js-{i}")).display().to_string()])
+            .args(["--server_name", &format!("n{i}"), "--cluster_name", test])
+            .args(["--cluster", &format!("nats://127.0.0.1:{cluster}")])
+            .args(["--routes", &routes]);
+        let log = dir.join(format!("nats-{i}.log"));
+        started.push(Proc::spawn(&format!("nats-{i}"), cmd, log).expect("start nats-server"));
+    }
+    let nats_url = format!("nats://127.0.0.1:{}", ports[0].0);
+    // Ready once the cluster has a meta leader: a replicated stream can be created.
+    let ok = wait_until(Duration::from_secs(30), || async {
+        let Ok((_, js)) = clients::nats(&nats_url, "integration-tests").await else {
+            return false;
+        };
+        let probe = jetstream::stream::Config {
+            name: "PROBE".into(),
+            subjects: vec!["probe.cluster".into()],
+            num_replicas: nodes,
+            ..Default::default()
+        };
+        let created = js.get_or_create_stream(probe).await.is_ok();
+        created && js.delete_stream("PROBE").await.is_ok()
+    })
+    .await;
+    assert!(
+        ok,
+        "{test}: the {nodes}-node NATS cluster did not form (logs in {})",
+        dir.display()
+    );
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    say(format!(
+        "[{test}] backend: {nodes}-node nats-server cluster at {nats_url}"
+    ));
+    Some(Servers {
+        nats_url,
+        redis_url,
+        backend: "cluster",
+        _nats: None,
+        _redis: None,
+        _procs: started,
+        _guard: Some(guard),
+    })
 }
 
 /// Deletes the project's streams and Redis keys (env backend only: scratch servers).

@@ -12,7 +12,8 @@
 //! - what the runtime guarantees with it: [`changelog`] (the service's change log and the
 //!   outcome logs, fenced and deduplicated, read back after a crash), [`dlq`] (dead letters
 //!   with a reason, one outcome per input), [`partition`] (the partitioned, ordered input and
-//!   the driver), [`lease`] (ownership shared between instances, with fencing epochs);
+//!   the driver), [`feed`] (the one change-feed follower: bootstrap, caught-up, tail, gaps,
+//!   resume), [`lease`] (ownership shared between instances, with fencing epochs);
 //! - the seed's options, chosen by configuration: [`observed`] (`stateful`, `stateless`,
 //!   `semi-stateless`) and [`working`] (`local`, `remote`, `affinity`);
 //! - plumbing: [`app`] (start, health check subcommand, CLI errors), [`nats`], [`http`]
@@ -35,6 +36,7 @@ pub mod config;
 pub mod dlq;
 pub(crate) mod engine;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod lease;
 pub mod nats;

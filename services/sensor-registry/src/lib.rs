@@ -2,23 +2,51 @@
 //! offset, window). Commands arrive by request-reply; every accepted change is appended to the
 //! `SENSORS` stream, which is also where the registry's own state is recovered from at start.
 //!
-//! Concurrency: each change is published with `Nats-Expected-Last-Subject-Sequence`, so two
-//! registry instances (or a stale one) can never both apply a change to one sensor; the loser
-//! re-reads the sensor and answers with a version conflict.
+//! # Writing: the runtime's change log
+//!
+//! Every change goes through [`kappa_runtime::changelog::EntityLog::append`] on
+//! `registry.sensors.<id>`, with the runtime's headers (`Kappa-Service`, `Kappa-Source-Seq`) and
+//! `Kappa-Schema: thermo.sensor/1`:
+//! - *fenced*: `Nats-Expected-Last-Subject-Sequence` is the stream sequence of the sensor's
+//!   last change this instance knows, so two registry instances (or a stale one) can never both
+//!   apply a change to one sensor; the loser re-reads the sensor and decides again (a version
+//!   conflict when the command names `expected_version`);
+//! - *no input sequence*: commands come by request-reply, not from a stream, so what `append`
+//!   records as the input position (`Kappa-Source-Seq`) is the sensor's **new version**: per
+//!   sensor it grows by one with every change, which is what the header is read for (up to which
+//!   decision a log holds the outcomes);
+//! - *deduplicated by content*: `Nats-Msg-Id` is `sensor:<id>:v<N>:<hash of the change>`. A
+//!   retry of the same change is stored once; two *different* changes racing for version `N`
+//!   have different ids and meet the fence. With an id of `sensor:<id>:v<N>` alone they did not
+//!   on a replicated stream, which checks duplicates before the fence: the loser got a duplicate
+//!   ack, answered `ok` and served a change that was never stored (a lost update). A duplicate
+//!   ack is still verified against the stored message before it counts as success.
+//!
+//! # Reading: the runtime's change feed
+//!
+//! The registry's own state is recovered at start from `SENSORS` by a
+//! [`Feed`](kappa_runtime::feed::Feed) (last change per sensor; ready once caught up) that then
+//! keeps following it, so changes made by other instances are seen. If the feed has to replay
+//! (the stream was truncated or recreated), the state is rebuilt from what the stream holds.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use async_nats::jetstream::{
-    self, consumer, context::PublishErrorKind, message::PublishMessage, stream,
-};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use kappa_runtime::RuntimeError;
 use kappa_runtime::app::Service;
+use kappa_runtime::changelog::{EntityLog, Layout, SCHEMA_HEADER, is_conflict};
 use kappa_runtime::config::NatsArgs;
+use kappa_runtime::feed::{Change, Feed, FeedConfig, FeedHandler, Gap, Start};
 use thermo_domain::{Sensor, SensorUpsert, UpsertReply, streams, subjects};
+
+/// The service's name (`Kappa-Service` header, NATS client name, queue group).
+pub const SERVICE: &str = "sensor-registry";
+/// Schema of the changes published by this version (`Kappa-Schema` header).
+pub const SCHEMA: &str = "thermo.sensor/1";
 
 /// Configuration (flags and environment).
 #[derive(Debug, Clone, clap::Args)]
@@ -49,11 +77,11 @@ impl Registry {
         self.sensors.read().ok()?.get(id).cloned()
     }
 
+    /// Applies a sensor's change stored at stream sequence `seq`, unless a later one is
+    /// already applied (changes arrive both from this instance's acks and from the feed).
     fn apply(&self, sensor: Sensor, seq: u64) {
         if let Ok(mut m) = self.sensors.write() {
-            let newer = m
-                .get(&sensor.sensor_id)
-                .is_none_or(|e| e.sensor.version < sensor.version || e.subject_seq < seq);
+            let newer = m.get(&sensor.sensor_id).is_none_or(|e| e.subject_seq < seq);
             if newer {
                 m.insert(
                     sensor.sensor_id.clone(),
@@ -63,6 +91,12 @@ impl Registry {
                     },
                 );
             }
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.sensors.write() {
+            m.clear();
         }
     }
 
@@ -83,65 +117,91 @@ pub fn stream_config() -> stream::Config {
     thermo_domain::runtime::sensors_stream().stream_config()
 }
 
-/// Reads the stream into `registry` (last change of every sensor) and then keeps following
-/// it, so changes made by another instance are seen. Returns once caught up.
-async fn recover_and_follow(
-    js: jetstream::Context,
-    registry: Registry,
-    shutdown: kappa_runtime::shutdown::CancellationToken,
-) -> Result<(), RuntimeError> {
-    let stream = js
-        .get_stream_no_info(streams::SENSORS)
-        .await
-        .map_err(RuntimeError::js)?;
-    let c = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.>", subjects::SENSORS_PREFIX),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .map_err(RuntimeError::js)?;
-    let pending = c.cached_info().num_pending;
-    let mut msgs = c.messages().await.map_err(RuntimeError::js)?;
-    let (caught_up_tx, caught_up_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut caught_up_tx = Some(caught_up_tx);
-    if pending == 0
-        && let Some(tx) = caught_up_tx.take()
-    {
-        let _ = tx.send(());
-    }
-    tokio::spawn(async move {
-        loop {
-            let m = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                m = msgs.next() => m,
-            };
-            let Some(Ok(m)) = m else {
-                tracing::warn!("registry stream follow ended");
-                return;
-            };
-            let (seq, left) = m
-                .info()
-                .map(|i| (i.stream_sequence, i.pending))
-                .unwrap_or((0, 0));
-            match serde_json::from_slice::<Sensor>(&m.payload) {
-                Ok(s) => registry.apply(s, seq),
-                Err(e) => tracing::warn!(error = %e, "undecodable sensor change"),
-            }
-            if left == 0
-                && let Some(tx) = caught_up_tx.take()
-            {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let _ = caught_up_rx.await;
-    Ok(())
+/// The registry's change log: `registry.sensors.<id>` in `SENSORS`.
+pub fn change_log(js: jetstream::Context) -> EntityLog {
+    EntityLog::new(
+        js,
+        streams::SENSORS,
+        subjects::SENSORS_PREFIX,
+        Layout::Flat,
+        SERVICE,
+    )
 }
 
-/// Applies an upsert command: validates, checks the expected version, appends the change.
-pub async fn upsert(js: &jetstream::Context, registry: &Registry, payload: &[u8]) -> UpsertReply {
+/// Applies the stream's changes to the registry (its own and other instances').
+struct Follow {
+    registry: Registry,
+}
+
+impl FeedHandler for Follow {
+    async fn apply(&mut self, change: Change) {
+        match serde_json::from_slice::<Sensor>(&change.payload) {
+            Ok(s) if s.sensor_id == change.key() => self.registry.apply(s, change.stream_seq),
+            Ok(_) => {
+                tracing::warn!(subject = %change.subject, "sensor change for another id ignored")
+            }
+            Err(e) => {
+                tracing::warn!(subject = %change.subject, error = %e, "undecodable sensor change")
+            }
+        }
+    }
+
+    async fn gap(&mut self, gap: Gap) {
+        if gap.replay {
+            tracing::warn!(cause = %gap.cause, "registry stream replays; rebuilding the state from it");
+            self.registry.clear();
+        }
+    }
+}
+
+/// Starts following `SENSORS` into `registry` and returns once caught up, so changes made by
+/// another instance keep being seen.
+async fn recover_and_follow(
+    nats: &kappa_runtime::nats::Nats,
+    registry: Registry,
+    shutdown: kappa_runtime::shutdown::CancellationToken,
+) -> Result<Feed, kappa_runtime::RuntimeError> {
+    let cfg = FeedConfig::new(
+        streams::SENSORS,
+        format!("{}.>", subjects::SENSORS_PREFIX),
+        Start::LastPerSubject,
+    );
+    let feed = Feed::start(nats, cfg, Follow { registry }, shutdown);
+    feed.caught_up().await?;
+    Ok(feed)
+}
+
+/// `Nats-Msg-Id` of a change: the sensor, its new version and a hash of the stored bytes, so
+/// only a retry of the same change is a duplicate (FNV-1a, stable across builds).
+fn change_id(sensor: &Sensor, body: &[u8]) -> String {
+    let hash = body.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!(
+        "sensor:{}:v{}:{hash:016x}",
+        sensor.sensor_id, sensor.version
+    )
+}
+
+/// True if the stream holds exactly `body` for the sensor at `seq`.
+async fn stored_at(js: &jetstream::Context, id: &str, seq: u64, body: &[u8]) -> bool {
+    let Ok(stream) = js.get_stream_no_info(streams::SENSORS).await else {
+        return false;
+    };
+    match stream.direct_get(seq).await {
+        Ok(m) => m.subject.as_str() == subjects::sensor(id) && m.payload.as_ref() == body,
+        Err(_) => false,
+    }
+}
+
+/// Applies an upsert command: validates, checks the expected version, appends the change to
+/// `log` (fenced on the sensor's last change; see the crate docs) and applies it.
+pub async fn upsert(
+    js: &jetstream::Context,
+    log: &EntityLog,
+    registry: &Registry,
+    payload: &[u8],
+) -> UpsertReply {
     let fail = |e: String| UpsertReply {
         ok: false,
         version: None,
@@ -191,20 +251,36 @@ pub async fn upsert(js: &jetstream::Context, registry: &Registry, payload: &[u8]
             Ok(b) => b,
             Err(e) => return fail(e.to_string()),
         };
-        let msg = PublishMessage::build()
-            .payload(Bytes::from(body))
-            .message_id(format!("sensor:{}:v{}", sensor.sensor_id, sensor.version))
-            .expected_last_subject_sequence(current.as_ref().map_or(0, |e| e.subject_seq));
-        let ack = match js
-            .send_publish(subjects::sensor(&sensor.sensor_id), msg)
+        let msg_id = change_id(&sensor, &body);
+        let mut headers = HeaderMap::new();
+        headers.insert(SCHEMA_HEADER, SCHEMA);
+        let expected = current.as_ref().map_or(0, |e| e.subject_seq);
+        let body = Bytes::from(body);
+        // The sensor's new version stands for the input sequence (crate docs); commands come
+        // by request-reply, from no input stream, so the stream identity is 0.
+        let ack = match log
+            .append(
+                &sensor.sensor_id,
+                body.clone(),
+                headers,
+                msg_id,
+                (0, sensor.version),
+                Some(expected),
+            )
             .await
         {
             Ok(f) => f.await,
             Err(e) => return fail(format!("registry unavailable: {e}")),
         };
         match ack {
+            Ok(a) if a.duplicate && !stored_at(js, &sensor.sensor_id, a.sequence, &body).await => {
+                // The id names another change than the one stored: decide again.
+                refresh(js, registry, &cmd.sensor_id).await;
+            }
             Ok(a) => {
-                metrics::counter!("registry_changes_total").increment(1);
+                if !a.duplicate {
+                    metrics::counter!("registry_changes_total").increment(1);
+                }
                 let version = sensor.version;
                 registry.apply(sensor, a.sequence);
                 return UpsertReply {
@@ -213,8 +289,9 @@ pub async fn upsert(js: &jetstream::Context, registry: &Registry, payload: &[u8]
                     error: None,
                 };
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                // Another instance changed it first: re-read and decide again.
+            Err(e) if is_conflict(&e) || e.to_string().contains("10158") => {
+                // Another instance changed it first (or the same change is being stored right
+                // now): re-read and decide again.
                 refresh(js, registry, &cmd.sensor_id).await;
             }
             Err(e) => return fail(format!("registry unavailable: {e}")),
@@ -246,7 +323,7 @@ pub fn lookup(registry: &Registry, id: &str) -> serde_json::Value {
 
 /// Runs the registry until shutdown.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let svc = Service::start("sensor-registry", &cfg.nats).await?;
+    let svc = Service::start(SERVICE, &cfg.nats).await?;
     kappa_runtime::nats::declare_stream(&svc.nats.js, stream_config()).await?;
     let registry = Registry::default();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -263,18 +340,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let http = svc.serve_http(cfg.http_addr, axum::Router::new()).await?;
-    recover_and_follow(svc.nats.js.clone(), registry.clone(), svc.shutdown.clone()).await?;
+    let feed = match recover_and_follow(&svc.nats, registry.clone(), svc.shutdown.clone()).await {
+        Ok(feed) => feed,
+        // SIGTERM before the state was recovered: nothing to drain.
+        Err(_) if svc.shutdown.is_cancelled() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let log = change_log(svc.nats.js.clone());
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sensors = registry.len(), "registry recovered");
 
     let client = svc.nats.client.clone();
     let mut cmds = client
-        .queue_subscribe(subjects::REGISTRY_UPSERT, "sensor-registry".into())
+        .queue_subscribe(subjects::REGISTRY_UPSERT, SERVICE.into())
         .await?;
     let mut gets = client
         .queue_subscribe(
             format!("{}.*", subjects::REGISTRY_GET_PREFIX),
-            "sensor-registry".into(),
+            SERVICE.into(),
         )
         .await?;
     loop {
@@ -282,7 +365,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = svc.shutdown.cancelled() => break,
             Some(m) = cmds.next() => {
                 // Commands are applied one at a time: the registry is their only writer here.
-                let reply = upsert(&svc.nats.js, &registry, &m.payload).await;
+                let reply = upsert(&svc.nats.js, &log, &registry, &m.payload).await;
                 if let Some(to) = m.reply {
                     let body = serde_json::to_vec(&reply).unwrap_or_default();
                     let _ = client.publish(to, body.into()).await;
@@ -301,6 +384,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = cmds.unsubscribe().await;
     let _ = gets.unsubscribe().await;
     svc.drain().await;
+    feed.stopped().await;
     let _ = http.await;
     Ok(())
 }

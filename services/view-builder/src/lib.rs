@@ -36,10 +36,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 use kappa_runtime::compute::{Context, Lookup, Rejection};
 use kappa_runtime::config::{Settings, parse_listen_addr};
+use kappa_runtime::feed::{Change, Feed, FeedConfig, FeedHandler, Gap, Start};
 use kappa_runtime::partition::PartitionedStream;
 use kappa_runtime::shutdown::CancellationToken;
 use kappa_runtime::view::{Announcement, Applied, Batch, Opened, Swap, Target, View, ViewService};
@@ -211,101 +210,80 @@ impl View for SensorViews {
     }
 }
 
-/// Follows the registry's change stream (last value per sensor first, then every change) and
-/// applies sensor metadata to the views; a site change moves the sensor between site views.
+/// Follows the registry's change stream with the runtime's [`Feed`] (last value per sensor
+/// first, then every change) and applies sensor metadata to the views; a site change moves the
+/// sensor between site views. `ready` is set once the feed has caught up. Runs until shutdown.
 async fn follow_registry(
-    js: async_nats::jetstream::Context,
+    nats: kappa_runtime::nats::Nats,
     store: Store,
     client: async_nats::Client,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let mut last_seq = 0u64;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
+    let cfg = FeedConfig::new(
+        streams::SENSORS,
+        format!("{}.>", subjects::SENSORS_PREFIX),
+        Start::LastPerSubject,
+    );
+    let handler = RegistryFeed {
+        store,
+        client,
+        shutdown: shutdown.clone(),
+    };
+    let feed = Feed::start(&nats, cfg, handler, shutdown);
+    let caught_up = feed.when_caught_up();
+    tokio::spawn(async move {
+        if caught_up.await.is_ok() {
+            ready.store(true, Ordering::Relaxed);
         }
-        let result: Result<(), String> = async {
-            let stream = js
-                .get_stream_no_info(streams::SENSORS)
-                .await
-                .map_err(|e| e.to_string())?;
-            let deliver = match last_seq {
-                0 => consumer::DeliverPolicy::LastPerSubject,
-                n => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: n + 1,
-                },
-            };
-            let c = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: format!("{}.>", subjects::SENSORS_PREFIX),
-                    deliver_policy: deliver,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            if c.cached_info().num_pending == 0 {
-                ready.store(true, Ordering::Relaxed);
-            }
-            let mut msgs = c.messages().await.map_err(|e| e.to_string())?;
-            loop {
-                let m = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    m = msgs.next() => m,
-                };
-                let Some(m) = m else { return Err("registry feed ended".into()) };
-                let m = m.map_err(|e| e.to_string())?;
-                let (seq, pending) = m
-                    .info()
-                    .map(|i| (i.stream_sequence, i.pending))
-                    .unwrap_or((0, 1));
-                let id = kappa_runtime::partition::entity_of(m.subject.as_str()).to_string();
-                match serde_json::from_slice::<ObservedSensor>(&m.payload) {
-                    Ok(s) if s.0.sensor_id == id => {
-                        let meta = SensorMeta::from_sensor(&s.0);
-                        // Keep trying this change: skipping it could leave a stale site.
-                        loop {
-                            match store.apply_meta(&id, &meta).await {
-                                Ok(Some(view)) => {
-                                    metrics::counter!("kappa_views_meta_updates_total").increment(1);
-                                    announce(&client, &[view]).await;
-                                    break;
-                                }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "applying a registry change failed; retrying");
-                                    if kappa_runtime::partition::sleep_or_cancel(
-                                        Duration::from_secs(1),
-                                        &shutdown,
-                                    )
-                                    .await
-                                    {
-                                        return Ok(());
-                                    }
-                                }
+    });
+    feed.stopped().await;
+}
+
+/// Applies registry changes to the views (the handler of [`follow_registry`]'s feed).
+struct RegistryFeed {
+    store: Store,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+}
+
+impl FeedHandler for RegistryFeed {
+    async fn apply(&mut self, change: Change) {
+        let id = change.key();
+        match serde_json::from_slice::<ObservedSensor>(&change.payload) {
+            Ok(s) if s.0.sensor_id == id => {
+                let meta = SensorMeta::from_sensor(&s.0);
+                // Keep trying this change: skipping it could leave a stale site.
+                loop {
+                    match self.store.apply_meta(id, &meta).await {
+                        Ok(Some(view)) => {
+                            metrics::counter!("kappa_views_meta_updates_total").increment(1);
+                            announce(&self.client, &[view]).await;
+                            return;
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "applying a registry change failed; retrying");
+                            if kappa_runtime::partition::sleep_or_cancel(
+                                Duration::from_secs(1),
+                                &self.shutdown,
+                            )
+                            .await
+                            {
+                                return;
                             }
                         }
                     }
-                    _ => tracing::warn!(subject = %m.subject, "undecodable registry change ignored"),
-                }
-                last_seq = seq;
-                if pending == 0 {
-                    ready.store(true, Ordering::Relaxed);
                 }
             }
+            _ => tracing::warn!(subject = %change.subject, "undecodable registry change ignored"),
         }
-        .await;
-        match result {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "registry feed failed; resuming");
-                if kappa_runtime::partition::sleep_or_cancel(Duration::from_secs(1), &shutdown)
-                    .await
-                {
-                    return;
-                }
-            }
-        }
+    }
+
+    async fn gap(&mut self, gap: Gap) {
+        // The highest registry version wins in the views, so a replay or a late change is
+        // harmless; the feed resumes after the last change applied.
+        tracing::warn!(cause = %gap.cause, replay = gap.replay, "gap in the registry feed");
     }
 }
 
@@ -338,7 +316,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 Arc::new(move || (r.load(Ordering::Relaxed), serde_json::json!(null))),
             );
             follow_registry(
-                rt.nats.js.clone(),
+                rt.nats.clone(),
                 store,
                 rt.nats.client.clone(),
                 feed_ready,

@@ -1,15 +1,13 @@
 //! `semi-stateless` observed state: a moka cache bounded in size and time. A miss asks the
 //! owner by request-reply (concurrent misses for one key share one request); the owner's change
-//! stream updates cached entries at once, so a change shows before the time-out. A gap in the
-//! change stream (a sequence jump, a broken subscription or a reconnection to NATS) clears the
-//! cache, since an update may have been missed.
+//! stream (a [`Feed`] of new changes) updates cached entries at once, so a change shows before
+//! the time-out. Every gap the feed reports (a sequence jump, a truncated or recreated stream, a
+//! broken subscription or a reconnection to NATS) clears the cache, since an update may have
+//! been missed or may arrive late; `kappa_observed_gaps_total{cause}` counts them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use moka::future::Cache;
 use moka::ops::compute::Op;
@@ -17,6 +15,7 @@ use moka::ops::compute::Op;
 use super::stateless::Requester;
 use super::{ObservedError, ObservedSource, ObservedState, Versioned};
 use crate::RuntimeError;
+use crate::feed::{Change, Feed, FeedConfig, FeedHandler, Gap, Start};
 use crate::nats::Nats;
 use crate::shutdown::CancellationToken;
 
@@ -44,7 +43,7 @@ pub struct Cached<V> {
     /// Versions seen on the change stream recently, to catch a fetch that raced an update.
     seen: Cache<String, u64>,
     requester: Requester<V>,
-    subscribed: Arc<AtomicBool>,
+    feed: Feed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,20 +75,21 @@ impl<V: Versioned + std::fmt::Debug> Cached<V> {
             .max_capacity(cfg.max_entries)
             .time_to_live(Duration::from_secs(60))
             .build();
-        let subscribed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(follow(
-            cache.clone(),
-            seen.clone(),
-            nats.clone(),
-            source.clone(),
-            subscribed.clone(),
-            shutdown,
-        ));
+        let cfg = FeedConfig::new(
+            source.stream.clone(),
+            format!("{}.>", source.change_prefix),
+            Start::New,
+        );
+        let handler = Follow {
+            cache: cache.clone(),
+            seen: seen.clone(),
+        };
+        let feed = Feed::start(&nats, cfg, handler, shutdown);
         Ok(Self {
             cache,
             seen,
             requester: Requester::with_kind(nats.client.clone(), source, "semi-stateless"),
-            subscribed,
+            feed,
         })
     }
 
@@ -108,105 +108,46 @@ impl<V: Versioned + std::fmt::Debug> Cached<V> {
     }
 }
 
-async fn follow<V: Versioned + std::fmt::Debug>(
+/// Keeps cached entries current from the change stream and clears the cache on every gap.
+struct Follow<V> {
     cache: Cache<String, Arc<V>>,
     seen: Cache<String, u64>,
-    nats: Nats,
-    source: ObservedSource,
-    subscribed: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let result = async {
-            let stream = nats
-                .js
-                .get_stream_no_info(&source.stream)
-                .await
-                .map_err(RuntimeError::js)?;
-            let c = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: format!("{}.>", source.change_prefix),
-                    deliver_policy: consumer::DeliverPolicy::New,
-                    ..Default::default()
-                })
-                .await
-                .map_err(RuntimeError::js)?;
-            let mut msgs = c.messages().await.map_err(RuntimeError::js)?;
-            let mut reconnects = nats.reconnects();
-            reconnects.borrow_and_update();
-            // Anything cached before this subscription may have missed updates.
-            cache.invalidate_all();
-            subscribed.store(true, Ordering::Relaxed);
-            let mut last_seq = 0u64;
-            let mut watching = true;
-            loop {
-                let m = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok::<(), RuntimeError>(()),
-                    changed = reconnects.changed(), if watching => {
-                        watching = changed.is_ok();
-                        if watching {
-                            // Changes published while the connection was down may never
-                            // arrive here: what is cached may be stale.
-                            tracing::warn!("reconnected to NATS; clearing the cache");
-                            metrics::counter!("kappa_observed_gaps_total", "cause" => "reconnect")
-                                .increment(1);
-                            cache.invalidate_all();
-                        }
-                        continue;
-                    }
-                    m = msgs.next() => m,
+}
+
+impl<V: Versioned + std::fmt::Debug> FeedHandler for Follow<V> {
+    async fn apply(&mut self, change: Change) {
+        let Ok(v) = serde_json::from_slice::<V>(&change.payload) else {
+            tracing::warn!(subject = %change.subject, "undecodable change");
+            return;
+        };
+        let key = change.key().to_string();
+        let version = v.version();
+        self.seen.insert(key.clone(), version).await;
+        let v = Arc::new(v);
+        // Update only what is cached; a later miss fetches the rest.
+        self.cache
+            .entry(key)
+            .and_compute_with(|old| {
+                let op = match old {
+                    Some(e) if e.value().version() < version => Op::Put(v),
+                    _ => Op::Nop,
                 };
-                let Some(m) = m else {
-                    return Err(RuntimeError::JetStream("change stream ended".into()));
-                };
-                let m = m.map_err(RuntimeError::js)?;
-                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                if last_seq != 0 && seq != last_seq + 1 {
-                    tracing::warn!(
-                        last_seq,
-                        seq,
-                        "gap in the change stream; clearing the cache"
-                    );
-                    metrics::counter!("kappa_observed_gaps_total", "cause" => "sequence")
-                        .increment(1);
-                    cache.invalidate_all();
-                }
-                last_seq = seq;
-                let key = crate::partition::entity_of(m.subject.as_str()).to_string();
-                let Ok(v) = serde_json::from_slice::<V>(&m.payload) else {
-                    tracing::warn!(subject = %m.subject, "undecodable change");
-                    continue;
-                };
-                let version = v.version();
-                seen.insert(key.clone(), version).await;
-                let v = Arc::new(v);
-                // Update only what is cached; a later miss fetches the rest.
-                cache
-                    .entry(key)
-                    .and_compute_with(|old| {
-                        let op = match old {
-                            Some(e) if e.value().version() < version => Op::Put(v),
-                            _ => Op::Nop,
-                        };
-                        std::future::ready(op)
-                    })
-                    .await;
-            }
-        }
-        .await;
-        subscribed.store(false, Ordering::Relaxed);
-        cache.invalidate_all();
-        match result {
-            Ok(()) => return,
-            Err(e) => {
-                metrics::counter!("kappa_observed_gaps_total", "cause" => "subscription")
-                    .increment(1);
-                tracing::warn!(error = %e, "change-stream subscription lost; cache cleared");
-                if crate::partition::sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
-                    return;
-                }
-            }
-        }
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    async fn gap(&mut self, gap: Gap) {
+        // Whatever is cached may have missed an update (or, after a broken subscription or a
+        // reconnection, receive it late): clear it.
+        tracing::warn!(cause = %gap.cause, "gap in the change stream; clearing the cache");
+        metrics::counter!("kappa_observed_gaps_total", "cause" => gap.cause.as_str()).increment(1);
+        self.cache.invalidate_all();
+    }
+
+    async fn subscribed(&mut self, _after_seq: u64) {
+        // Anything cached before this subscription may have missed updates.
+        self.cache.invalidate_all();
     }
 }
 
@@ -236,7 +177,7 @@ impl<V: Versioned + std::fmt::Debug> ObservedState<V> for Cached<V> {
         })
     }
     fn ready(&self) -> bool {
-        self.subscribed.load(Ordering::Relaxed)
+        self.feed.is_subscribed()
     }
     fn held(&self) -> u64 {
         self.cache.entry_count()
