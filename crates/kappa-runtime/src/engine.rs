@@ -19,7 +19,7 @@
 //!
 //! Any failure drops what is held in memory; the retry starts again from step 2.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -71,7 +71,9 @@ impl<S: Default> Default for Entity<S> {
 }
 
 fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Vec<u8>, RuntimeError> {
-    let mut out = Vec::with_capacity(STORED_HEADER + 64);
+    // Most states are a few hundred bytes to a few KiB (a window of samples): start big enough
+    // that encoding rarely grows the buffer.
+    let mut out = Vec::with_capacity(STORED_HEADER + 1024);
     out.push(STORED_VERSION);
     out.extend_from_slice(&e.decided.to_le_bytes());
     out.extend_from_slice(&e.change_seq.to_le_bytes());
@@ -298,10 +300,11 @@ impl<C: Compute> Engine<C> {
             .map(|i| compute.decode(&ctx(i), &batch[i].payload))
             .collect();
         // 2. Load the entities not held.
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
         let mut missing: Vec<String> = Vec::new();
         for input in batch {
             let k = input.entity();
-            if !self.entities.contains_key(k) && !missing.iter().any(|m| m == k) {
+            if !self.entities.contains_key(k) && seen.insert(k) {
                 missing.push(k.to_string());
             }
         }
@@ -314,9 +317,10 @@ impl<C: Compute> Engine<C> {
                 _ => None,
             })
             .collect();
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
         let mut wanted: Vec<String> = Vec::new();
         for k in ref_keys.iter().flatten() {
-            if !wanted.contains(k) {
+            if seen.insert(k.as_str()) {
                 wanted.push(k.clone());
             }
         }
