@@ -23,6 +23,18 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// Wraps a client connected elsewhere (a tool, a test). Its reconnections are not
+    /// watched, so a [`crate::feed::Feed`] on it detects gaps by sequence and stream state only.
+    pub fn from_client(client: async_nats::Client) -> Self {
+        let (_, reconnects) = tokio::sync::watch::channel(0);
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            connected: Arc::new(AtomicBool::new(true)),
+            reconnects,
+        }
+    }
+
     /// True while the client is connected (readiness).
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)

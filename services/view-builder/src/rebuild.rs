@@ -16,11 +16,10 @@
 //! 5. after a grace period (queries that read the old pointer finish), delete the old
 //!    generation's keys.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
+use kappa_runtime::feed::{Change, Feed, FeedConfig, FeedHandler, Gap, Start};
+use kappa_runtime::nats::Nats;
 use kappa_runtime::view::{Rebuild, RebuildOptions};
 use thermo_domain::ObservedSensor;
 use thermo_domain::{streams, subjects};
@@ -70,12 +69,12 @@ pub async fn run(cfg: Config, args: RebuildArgs) -> anyhow::Result<Report> {
         thermo_domain::runtime::sensors_stream().stream_config(),
     )
     .await?;
-    rebuild(&nats.js, &store, &cfg, &args).await
+    rebuild(&nats, &store, &cfg, &args).await
 }
 
-/// Rebuilds the views in `store` from the streams behind `js`.
+/// Rebuilds the views in `store` from the streams behind `nats`.
 pub async fn rebuild(
-    js: &async_nats::jetstream::Context,
+    nats: &Nats,
     store: &Store,
     cfg: &Config,
     args: &RebuildArgs,
@@ -90,10 +89,10 @@ pub async fn rebuild(
         stall: Duration::from_secs(args.stall_secs),
         batch: cfg.kappa.batch,
     };
-    let rebuild = Rebuild::begin(js, views, cfg.deltas(), options).await?;
+    let rebuild = Rebuild::begin(&nats.js, views, cfg.deltas(), options).await?;
     let stop = kappa_runtime::shutdown::CancellationToken::new();
     let meta_task = tokio::spawn(follow_registry_into(
-        js.clone(),
+        nats.clone(),
         store.clone(),
         rebuild.generation().to_string(),
         stop.clone(),
@@ -111,43 +110,45 @@ pub async fn rebuild(
     })
 }
 
-/// Applies the registry's sensors (last value each, then changes) to `generation` until stopped.
+/// Applies the registry's sensors (last value each, then changes) to `generation` until
+/// stopped: the runtime's change feed, like the service's own registry feed.
 async fn follow_registry_into(
-    js: async_nats::jetstream::Context,
+    nats: Nats,
     store: Store,
     generation: String,
     stop: kappa_runtime::shutdown::CancellationToken,
 ) {
-    let store = Arc::new(store);
-    let run = async {
-        let stream = js.get_stream_no_info(streams::SENSORS).await.ok()?;
-        let c = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("{}.>", subjects::SENSORS_PREFIX),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        let mut msgs = c.messages().await.ok()?;
-        loop {
-            let m = tokio::select! {
-                _ = stop.cancelled() => return Some(()),
-                m = msgs.next() => m,
-            };
-            let m = m?.ok()?;
-            let id = kappa_runtime::partition::entity_of(m.subject.as_str());
-            if let Ok(s) = serde_json::from_slice::<ObservedSensor>(&m.payload)
-                && s.0.sensor_id == id
-            {
-                let meta = SensorMeta::from_sensor(&s.0);
-                if let Err(e) = store.apply_meta_to(&generation, id, &meta).await {
-                    tracing::warn!(error = %e, "registry change not applied to the new generation");
-                }
+    let cfg = FeedConfig::new(
+        streams::SENSORS,
+        format!("{}.>", subjects::SENSORS_PREFIX),
+        Start::LastPerSubject,
+    );
+    let feed = Feed::start(&nats, cfg, IntoGeneration { store, generation }, stop);
+    feed.stopped().await;
+}
+
+/// Writes registry changes into the generation being built.
+struct IntoGeneration {
+    store: Store,
+    generation: String,
+}
+
+impl FeedHandler for IntoGeneration {
+    async fn apply(&mut self, change: Change) {
+        let id = change.key();
+        if let Ok(s) = serde_json::from_slice::<ObservedSensor>(&change.payload)
+            && s.0.sensor_id == id
+        {
+            let meta = SensorMeta::from_sensor(&s.0);
+            if let Err(e) = self.store.apply_meta_to(&self.generation, id, &meta).await {
+                tracing::warn!(error = %e, "registry change not applied to the new generation");
             }
         }
-    };
-    if run.await.is_none() {
-        tracing::warn!("registry feed of the rebuild stopped");
+    }
+
+    async fn gap(&mut self, gap: Gap) {
+        // Metadata writes are version-checked, and a replay of the last value per sensor
+        // follows a reset, so a gap needs no undoing here.
+        tracing::warn!(?gap, "registry feed of the rebuild saw a gap");
     }
 }

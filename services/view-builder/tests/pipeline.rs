@@ -195,7 +195,8 @@ async fn deltas_become_views() {
         force: false,
         stall_secs: 10,
     };
-    let report = view_builder::rebuild::rebuild(&js, &store, &cfg(&nats_url, &views_url), &args)
+    let nats = kappa_runtime::nats::Nats::from_client(client.clone());
+    let report = view_builder::rebuild::rebuild(&nats, &store, &cfg(&nats_url, &views_url), &args)
         .await
         .expect("rebuild");
     assert_eq!(report.previous, "0");
