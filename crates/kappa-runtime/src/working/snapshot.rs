@@ -115,14 +115,17 @@ impl Snapshotter {
     /// Flushes the changes of `partition` (or of all partitions when `None`).
     pub async fn flush(&self, partition: Option<u32>) -> Result<(), RuntimeError> {
         let _guard = self.flush_lock.lock().await;
-        let taken: Vec<(u32, Pending)> = match self.pending.lock() {
+        let mut taken: Vec<(u32, Pending)> = match self.pending.lock() {
             Ok(mut pending) => match partition {
                 Some(p) => pending.remove(&p).map(|x| vec![(p, x)]).unwrap_or_default(),
                 None => pending.drain().collect(),
             },
             Err(_) => Vec::new(),
         };
-        for (p, snap) in taken {
+        // In partition order, so a failure leaves a predictable rest.
+        taken.sort_by_key(|(p, _)| *p);
+        let mut taken = taken.into_iter();
+        while let Some((p, snap)) = taken.next() {
             let t = Instant::now();
             let n = snap.writes.len();
             let prefix = self.entry_prefix(p);
@@ -150,12 +153,13 @@ impl Snapshotter {
             }
             .await;
             if let Err(e) = result {
-                // Put the changes back so the next flush retries them.
-                self.record(
-                    p,
-                    snap.position,
-                    &snap.writes.into_iter().collect::<Vec<_>>(),
-                );
+                // Put the changes back so the next flush retries them: this partition's, and
+                // those of every partition not reached yet (one failure must lose nothing).
+                metrics::counter!("kappa_snapshot_failures_total").increment(1);
+                self.restore_pending(p, snap);
+                for (rest, snap) in taken {
+                    self.restore_pending(rest, snap);
+                }
                 return Err(e);
             }
             metrics::histogram!("kappa_snapshot_seconds").record(t.elapsed().as_secs_f64());
@@ -168,6 +172,17 @@ impl Snapshotter {
             );
         }
         Ok(())
+    }
+
+    /// Puts taken changes back under whatever was recorded since (newer values win).
+    fn restore_pending(&self, partition: u32, snap: Pending) {
+        if let Ok(mut pending) = self.pending.lock() {
+            let entry = pending.entry(partition).or_default();
+            entry.position = entry.position.max(snap.position);
+            for (k, v) in snap.writes {
+                entry.writes.entry(k).or_insert(v);
+            }
+        }
     }
 
     /// Reads the latest snapshot of `partition`: its position and every key's last value.
