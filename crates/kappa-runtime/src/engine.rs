@@ -28,7 +28,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::RuntimeError;
 use crate::changelog::{ChangeLog, Written};
-use crate::compute::{Compute, Context, Decision, Lookup, Rejection};
+use crate::compute::{Compute, Decision, Lookup, Rejection};
 use crate::dlq::DeadLetters;
 use crate::observed::{ObservedError, ObservedState};
 use crate::partition::{Input, ProcessError, Processor};
@@ -282,19 +282,9 @@ impl<C: Compute> Engine<C> {
     async fn process_batch(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
         let parts = self.parts.clone();
         let compute = &*parts.compute;
-        let subjects: Vec<String> = batch
-            .iter()
-            .map(|i| crate::partition::original_subject(&parts.input_prefix, &i.subject))
-            .collect();
+        let subjects = crate::partition::original_subjects(&parts.input_prefix, batch);
         let partition = self.partition;
-        let ctx = |i: usize| Context {
-            key: batch[i].entity(),
-            seq: batch[i].seq,
-            partition,
-            subject: &subjects[i],
-            published: batch[i].published,
-            headers: batch[i].headers.as_ref(),
-        };
+        let ctx = |i: usize| batch[i].context(partition, &subjects[i]);
         // 1. Decode.
         let decoded: Vec<Result<C::Input, Rejection>> = (0..batch.len())
             .map(|i| compute.decode(&ctx(i), &batch[i].payload))

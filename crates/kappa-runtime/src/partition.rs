@@ -134,6 +134,27 @@ impl Input {
     pub fn entity(&self) -> &str {
         entity_of(&self.subject)
     }
+
+    /// What an author's code is told about this input, in `partition`; `subject` is the one
+    /// the producer published to (see [`original_subjects`]).
+    pub fn context<'a>(&'a self, partition: u32, subject: &'a str) -> crate::compute::Context<'a> {
+        crate::compute::Context {
+            key: self.entity(),
+            seq: self.seq,
+            partition,
+            subject,
+            published: self.published,
+            headers: self.headers.as_ref(),
+        }
+    }
+}
+
+/// The subjects a batch's inputs were published to (`<prefix>.<id>`), in order.
+pub fn original_subjects(prefix: &str, batch: &[Input]) -> Vec<String> {
+    batch
+        .iter()
+        .map(|i| original_subject(prefix, &i.subject))
+        .collect()
 }
 
 /// Why a batch could not be processed.

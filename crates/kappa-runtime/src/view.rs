@@ -563,19 +563,9 @@ impl<V: View> Processor for ViewProcessor<V> {
             return Ok(());
         };
         let sh = self.shared.clone();
-        let subjects: Vec<String> = batch
-            .iter()
-            .map(|i| original_subject(&sh.input_prefix, &i.subject))
-            .collect();
+        let subjects = crate::partition::original_subjects(&sh.input_prefix, batch);
         let partition = self.partition;
-        let ctx = |i: usize| Context {
-            key: batch[i].entity(),
-            seq: batch[i].seq,
-            partition,
-            subject: &subjects[i],
-            published: batch[i].published,
-            headers: batch[i].headers.as_ref(),
-        };
+        let ctx = |i: usize| batch[i].context(partition, &subjects[i]);
         // 1. Decode; dead-letter what does not decode (a pure function of the input: unfenced).
         let mut decoded = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
