@@ -13,6 +13,7 @@
 pub mod oracle;
 pub mod procs;
 pub mod proxy;
+pub mod secured;
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ pub struct Servers {
     pub nats_url: String,
     /// Redis URL to give the services.
     pub redis_url: String,
-    /// `docker`, `env` or `cluster` ([`nats_cluster`]).
+    /// `docker`, `env`, `cluster` ([`nats_cluster`]) or `secured` ([`secured::secured_nats`]).
     pub backend: &'static str,
     _nats: Option<ContainerAsync<GenericImage>>,
     _redis: Option<ContainerAsync<GenericImage>>,

@@ -9,8 +9,9 @@ pub enum RuntimeError {
     /// NATS could not be reached or refused us.
     #[error("nats: {0}")]
     Nats(String),
-    /// A JetStream API call failed.
-    #[error("jetstream: {0}")]
+    /// A JetStream API call failed. Its text names the server's last permissions violation when
+    /// one was reported recently ([`crate::nats::explain`]): a refused request only times out.
+    #[error("jetstream: {}", crate::nats::explain(.0))]
     JetStream(String),
     /// Redis failed.
     #[error("redis: {0}")]

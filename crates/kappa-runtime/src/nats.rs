@@ -48,6 +48,39 @@ impl Nats {
     }
 }
 
+/// The last permissions violation the server reported to this process, and when.
+static LAST_REFUSAL: std::sync::Mutex<Option<(std::time::Instant, String)>> =
+    std::sync::Mutex::new(None);
+
+/// How long after a permissions violation a failed request is explained by it.
+const REFUSAL_RELEVANCE: Duration = Duration::from_secs(30);
+
+/// Remembers (and says) a permissions violation: the server reports it asynchronously, and the
+/// request it refused only times out, so [`explain`] adds it to the error of that request.
+fn record_refusal(msg: &str) {
+    tracing::error!(refusal = %msg, "the NATS server refused a publish or subscription of this service");
+    metrics::counter!("kappa_nats_permission_violations_total").increment(1);
+    if let Ok(mut last) = LAST_REFUSAL.lock() {
+        *last = Some((std::time::Instant::now(), msg.to_string()));
+    }
+}
+
+/// `error`'s text, followed by the server's last permissions violation when one was reported
+/// recently: a refused JetStream request otherwise fails only as "timed out".
+pub fn explain(error: impl std::fmt::Display) -> String {
+    let recent = LAST_REFUSAL.lock().ok().and_then(|last| {
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < REFUSAL_RELEVANCE)
+            .map(|(_, m)| m.clone())
+    });
+    match recent {
+        Some(m) => format!(
+            "{error} (the server refused: {m}; check this service's NATS user and its permissions)"
+        ),
+        None => error.to_string(),
+    }
+}
+
 /// Parses the comma-separated URL list, with a clear error for a bad entry.
 pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, RuntimeError> {
     let list: Vec<&str> = urls
@@ -100,6 +133,11 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
                             tracing::info!("nats connected");
                         }
                     }
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(msg))
+                        if msg.to_ascii_lowercase().contains("permissions violation") =>
+                    {
+                        record_refusal(&msg);
+                    }
                     async_nats::Event::Disconnected => {
                         flag.store(false, Ordering::Relaxed);
                         was_lost.store(true, Ordering::Relaxed);
@@ -117,6 +155,12 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
     }
     if let (Some(user), Some(pass)) = (&args.nats_user, &args.nats_password) {
         opts = opts.user_and_password(user.clone(), pass.clone());
+    } else if let Some((user, pass)) = addrs
+        .iter()
+        .find_map(|a| Some((a.username()?.to_string(), a.password()?.to_string())))
+    {
+        // `nats://user:password@host` (async-nats does not use a URL's user info by itself).
+        opts = opts.user_and_password(user, pass);
     }
     if let Some(token) = &args.nats_token {
         opts = opts.token(token.clone());
@@ -125,7 +169,22 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
     let client = tokio::time::timeout(timeout, opts.connect(addrs))
         .await
         .map_err(|_| RuntimeError::Nats(format!("no NATS server answered at {}", args.nats_url)))?
-        .map_err(|e| RuntimeError::Nats(format!("cannot connect to {}: {e}", args.nats_url)))?;
+        .map_err(|e| {
+            let who = match (&args.nats_user, &args.nats_creds) {
+                (Some(user), _) => format!(" as user '{user}'"),
+                (None, Some(path)) => format!(" with credentials {}", path.display()),
+                (None, None) => String::new(),
+            };
+            if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
+                RuntimeError::Nats(format!(
+                    "{} refused the connection{who}: authorization violation (check NATS_USER and \
+                     NATS_PASSWORD, or NATS_CREDS)",
+                    args.nats_url
+                ))
+            } else {
+                RuntimeError::Nats(format!("cannot connect to {}{who}: {e}", args.nats_url))
+            }
+        })?;
     connected.store(true, Ordering::Relaxed);
     let js = jetstream::new(client.clone());
     Ok(Nats {

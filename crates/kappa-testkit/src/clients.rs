@@ -10,8 +10,14 @@ pub async fn nats(
     url: &str,
     name: &str,
 ) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
-    let c = async_nats::ConnectOptions::new()
-        .name(name)
+    let mut opts = async_nats::ConnectOptions::new().name(name);
+    // `nats://user:password@host`: async-nats does not use a URL's user info by itself.
+    if let Ok(addr) = url.parse::<async_nats::ServerAddr>()
+        && let (Some(user), Some(pass)) = (addr.username(), addr.password())
+    {
+        opts = opts.user_and_password(user.to_string(), pass.to_string());
+    }
+    let c = opts
         .connect(url)
         .await
         .with_context(|| format!("NATS at {url} is not reachable"))?;

@@ -1,0 +1,230 @@
+//! Only the owner may write (issue "Beyond one box, and only the owner may write", item 3): the
+//! DAG runs on a nats-server that enforces `docker/nats/permissions.conf`, each service with its
+//! own user; a forged delta, a forged sensor change and a stream deletion by a user who does not
+//! own them are refused by the server and never reach a stream; a service with wrong
+//! credentials, or with a user that lacks its rights, exits non-zero with one clear line.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use integration_tests::procs::{self, bin, free_port};
+use integration_tests::secured::{Secured, secured_nats};
+use integration_tests::*;
+
+/// A client of `user` that records the server's asynchronous errors (permissions violations).
+async fn client_of(
+    s: &Secured,
+    user: &str,
+) -> (
+    async_nats::Client,
+    async_nats::jetstream::Context,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = errors.clone();
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(user.to_string(), s.passwords[user].clone())
+        .event_callback(move |e| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = e
+                    && let Ok(mut v) = seen.lock()
+                {
+                    v.push(e.to_string());
+                }
+            }
+        })
+        .connect(s.url_of(user))
+        .await
+        .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+    let js = async_nats::jetstream::new(client.clone());
+    (client, js, errors)
+}
+
+/// Publishes to `subject` through JetStream and says whether a stream acknowledged it.
+async fn stored(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: &'static [u8],
+) -> bool {
+    match js.publish(subject.to_string(), payload.into()).await {
+        Ok(ack) => tokio::time::timeout(Duration::from_secs(3), ack)
+            .await
+            .is_ok_and(|r| r.is_ok()),
+        Err(_) => false,
+    }
+}
+
+fn run_expecting_failure(name: &str, env: &[(&'static str, String)]) -> (i32, Vec<String>) {
+    let mut cmd = Command::new(bin(name));
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_may_write() {
+    let test = "only_the_owner_may_write";
+    let Some(s) = secured_nats(test).await else {
+        return;
+    };
+    let base = service_env(&s.servers, &[]);
+    let (_admin, js, _) = client_of(&s, "admin").await;
+    let start = |name: &str, args: &[&str]| procs::start(test, name, &s.env_of(name, &base), args);
+
+    let mut registry = start("sensor-registry", &[]);
+    ready(&mut registry).await;
+    let mut delta = start("temperature-delta", &[]);
+    ready(&mut delta).await;
+    let mut views = start("view-builder", &[]);
+    ready(&mut views).await;
+    let mut api = start("query-api", &[]);
+    ready(&mut api).await;
+    let mut thermo = start(
+        "thermometer",
+        &[
+            "--sensors",
+            "20",
+            "--count",
+            "2000",
+            "--rate",
+            "1000",
+            "--seed",
+            "11",
+        ],
+    );
+    let status = thermo
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("thermometer finished");
+    assert!(status.success(), "thermometer:\n{}", thermo.log_text());
+    assert!(
+        wait_drained(&js, Duration::from_secs(60)).await,
+        "did not drain under permissions:\n{}",
+        delta.log_text()
+    );
+    let v = verify_exactly_once(&js).await;
+    assert_eq!(v.readings, 2000);
+    assert_eq!(v.deltas + v.rejected.values().sum::<usize>(), 2000);
+    // The views were built and are served under their own users too.
+    let http = reqwest::Client::new();
+    let served = wait_until(Duration::from_secs(30), || async {
+        let Some((200, body)) = kappa_testkit::http::get(&http, &api.http, "/v1/sensors").await
+        else {
+            return false;
+        };
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|b| b["sensors"].as_array().map(|a| a.len() == 20))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(
+        served,
+        "query-api did not serve 20 sensors:\n{}",
+        views.log_text()
+    );
+
+    // Forgeries, each by a user who does not own the subject.
+    let deltas_before = count(&js, "DELTAS").await;
+    let sensors_before = count(&js, "SENSORS").await;
+    let forgeries = [
+        ("thermometer", "thermo.deltas.s-0001"),
+        ("view-builder", "thermo.deltas.s-0001"),
+        ("thermometer", "registry.sensors.s-0001"),
+        ("temperature-delta", "registry.sensors.s-0001"),
+        ("query-api", "thermo.readings.s-0001"),
+    ];
+    for (user, subject) in forgeries {
+        let (_c, forger, errors) = client_of(&s, user).await;
+        assert!(
+            !stored(&forger, subject, b"{\"forged\":true}").await,
+            "{user} could store a message on {subject}"
+        );
+        let refused = wait_until(Duration::from_secs(5), || async {
+            errors
+                .lock()
+                .map(|e| {
+                    e.iter()
+                        .any(|m| m.to_lowercase().contains("permissions violation"))
+                })
+                .unwrap_or(false)
+        })
+        .await;
+        assert!(
+            refused,
+            "{user} on {subject}: no permissions violation reported"
+        );
+        eprintln!(
+            "[{test}] {user} -> {subject}: refused ({:?})",
+            errors.lock().map(|e| e.clone())
+        );
+    }
+    // Deleting a stream is the admin's alone.
+    let (_c, td, errors) = client_of(&s, "temperature-delta").await;
+    assert!(
+        td.delete_stream("DELTAS").await.is_err(),
+        "temperature-delta deleted DELTAS"
+    );
+    assert!(
+        errors
+            .lock()
+            .map(|e| e
+                .iter()
+                .any(|m| m.to_lowercase().contains("permissions violation")))
+            .unwrap_or(false),
+        "the deletion was not refused by permissions"
+    );
+    assert_eq!(
+        count(&js, "DELTAS").await,
+        deltas_before,
+        "a forged delta reached DELTAS"
+    );
+    assert_eq!(
+        count(&js, "SENSORS").await,
+        sensors_before,
+        "a forged change reached SENSORS"
+    );
+    let forged = read_stream(&js, "DELTAS")
+        .await
+        .into_iter()
+        .chain(read_stream(&js, "SENSORS").await)
+        .chain(read_stream(&js, "READINGS").await)
+        .filter(|m| m.payload.as_ref() == b"{\"forged\":true}")
+        .count();
+    assert_eq!(forged, 0, "forged messages were stored");
+
+    // Wrong credentials, and a user without the service's rights: one clear line each.
+    let mut wrong = s.env_of("temperature-delta", &base);
+    wrong.retain(|(k, _)| *k != "NATS_PASSWORD");
+    wrong.push(("NATS_PASSWORD", "not-the-password".into()));
+    let (code, lines) = run_expecting_failure("temperature-delta", &wrong);
+    assert_ne!(code, 0);
+    assert_eq!(lines.len(), 1, "one line, got {lines:?}");
+    assert!(
+        lines[0].contains("authorization violation") && lines[0].contains("temperature-delta"),
+        "{}",
+        lines[0]
+    );
+    eprintln!("[{test}] wrong password: {}", lines[0]);
+    let as_api = s.env_of("query-api", &base);
+    let (code, lines) = run_expecting_failure("temperature-delta", &as_api);
+    assert_ne!(code, 0);
+    assert_eq!(lines.len(), 1, "one line, got {lines:?}");
+    assert!(
+        lines[0].to_lowercase().contains("permissions violation"),
+        "the error should name the refusal: {}",
+        lines[0]
+    );
+    eprintln!("[{test}] temperature-delta as query-api: {}", lines[0]);
+}
