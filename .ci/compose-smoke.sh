@@ -30,7 +30,8 @@ export DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" COMPOSE_DOCKER_CLI_BUILD="${COMPO
 export KAPPA_NATS_PORT="${KAPPA_NATS_PORT:-24222}" KAPPA_NATS_MONITOR_PORT="${KAPPA_NATS_MONITOR_PORT:-28222}" \
   KAPPA_HTTP_PORT="${KAPPA_HTTP_PORT:-28080}"
 API="http://127.0.0.1:$KAPPA_HTTP_PORT"
-NATS_URL_HOST="nats://127.0.0.1:$KAPPA_NATS_PORT"
+# The admin user of docker/nats/permissions.conf (docker-compose.yml's default password).
+NATS_URL_HOST="nats://admin:${KAPPA_NATS_ADMIN_PASSWORD:-admin-dev}@127.0.0.1:$KAPPA_NATS_PORT"
 
 step() { printf '\n==> %s (%s)\n' "$*" "$(date +%T)"; }
 fail() { printf '\nSMOKE FAILED: %s\n' "$*" >&2; FAILED=1; exit 1; }

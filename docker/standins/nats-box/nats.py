@@ -14,7 +14,8 @@ documents (docs/docker.md), printing in the same shape as the real CLI:
     nats consumer report STREAM
 
 Global options: -s/--server URL (default $NATS_URL, else nats://127.0.0.1:4222),
---timeout seconds for connect and requests.
+--timeout seconds for connect and requests. Credentials, as the real CLI: $NATS_USER and
+$NATS_PASSWORD, or nats://user:password@host in the URL.
 """
 
 import argparse
@@ -86,9 +87,13 @@ async def _connect(args):
     async def _quiet(_exc):
         return None
 
+    auth = {}
+    if os.environ.get("NATS_USER"):
+        auth = {"user": os.environ["NATS_USER"], "password": os.environ.get("NATS_PASSWORD", "")}
     try:
         return await nats.connect(
             servers=servers,
+            **auth,
             connect_timeout=args.timeout,
             max_reconnect_attempts=-1 if args.cmd == "sub" else 0,
             allow_reconnect=args.cmd == "sub",
