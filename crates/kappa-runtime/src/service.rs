@@ -142,13 +142,14 @@ impl<C: Compute> DomainService<C> {
             prefix: in_prefix.clone(),
             partitions: s.partitions,
         };
-        input.declare(&js).await?;
+        let window = s.nats.duplicate_window()?;
+        input.declare_with_window(&js, window).await?;
         PartitionedStream {
             stream: out_stream.clone(),
             prefix: out_prefix.clone(),
             partitions: input.partitions,
         }
-        .declare(&js)
+        .declare_with_window(&js, window)
         .await?;
         for c in &self.declare {
             crate::nats::declare_stream(&js, c.clone()).await?;
