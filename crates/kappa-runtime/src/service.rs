@@ -188,9 +188,13 @@ impl<C: Compute> DomainService<C> {
             );
         }
         let kind = working.kind();
+        let w = working.clone();
         svc.health.register(
             "working",
-            Arc::new(move || (true, serde_json::json!({ "kind": kind }))),
+            Arc::new(move || match w.degraded() {
+                None => (true, serde_json::json!({ "kind": kind })),
+                Some(why) => (false, serde_json::json!({ "kind": kind, "degraded": why })),
+            }),
         );
         let http = match self.http {
             Some(addr) => Some(svc.serve_http(addr, self.routes.clone()).await?),

@@ -46,6 +46,10 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
         snaps.flush(None).await.is_err(),
         "the oversized entry cannot be stored"
     );
+    assert!(
+        snaps.failing().is_some_and(|why| why.contains("[0]")),
+        "the failure is reported (health)"
+    );
     // Partition 0's entry shrinks (its state changed); the next flush stores everything.
     snaps
         .record(
@@ -56,6 +60,7 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
         )
         .expect("record");
     snaps.flush(None).await.expect("second flush");
+    assert_eq!(snaps.failing(), None);
     let (pos0, e0) = snaps.recover(0).await.expect("recover 0");
     let (pos1, e1) = snaps.recover(1).await.expect("recover 1");
     let (pos2, e2) = snaps.recover(2).await.expect("recover 2");

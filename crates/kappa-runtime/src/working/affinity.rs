@@ -33,22 +33,32 @@ impl AffinityState {
 impl WorkingState for AffinityState {
     fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.open(partition, epoch).await?;
+            let snapshot = self.snapshots.open(partition, epoch).await?;
             if self.store.has_partition(partition).await? {
                 let pos = self.store.open(partition, epoch).await?;
+                if pos >= snapshot {
+                    tracing::info!(
+                        partition,
+                        position = pos,
+                        "affinity store kept the partition"
+                    );
+                    return Ok(pos);
+                }
+                // Another owner ran the partition since this store last did: the stream
+                // snapshot is newer (restoring from it replays less).
                 tracing::info!(
                     partition,
                     position = pos,
-                    "affinity store kept the partition"
+                    snapshot,
+                    "affinity store is behind the stream snapshot; restoring from the snapshot"
                 );
-                return Ok(pos);
             }
             let (position, entries) = self.snapshots.recover(partition).await?;
             tracing::info!(
                 partition,
                 position,
                 keys = entries.len(),
-                "affinity store lost the partition; restoring from stream snapshot"
+                "affinity partition restored from the stream snapshot"
             );
             self.store
                 .restore(partition, epoch, position, entries)
@@ -96,5 +106,9 @@ impl WorkingState for AffinityState {
 
     fn kind(&self) -> &'static str {
         "affinity"
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.snapshots.failing()
     }
 }

@@ -192,4 +192,8 @@ impl WorkingState for LocalState {
     fn kind(&self) -> &'static str {
         "local"
     }
+
+    fn degraded(&self) -> Option<String> {
+        self.snapshots.failing()
+    }
 }

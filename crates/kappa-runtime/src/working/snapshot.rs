@@ -85,6 +85,9 @@ struct Inner {
     /// Highest epoch each partition was opened or recorded with in this process, or found in
     /// its marker by a refused flush.
     epochs: HashMap<u32, u64>,
+    /// Partitions whose last flush failed, with the error (cleared by a flush that stores or
+    /// is refused).
+    failing: HashMap<u32, String>,
     /// Keys (partition, token) whose last stored value is chunked: their parts are purged when
     /// a plain value replaces them.
     chunked: HashSet<(u32, String)>,
@@ -276,8 +279,8 @@ impl Snapshotter {
     /// are refused, here and (through the marker) in every other instance. Pending changes of
     /// an older epoch of this process are dropped (the partition is recovered from the
     /// snapshot and replayed). Fails with [`RuntimeError::Fenced`] if a newer epoch holds the
-    /// partition.
-    pub async fn open(&self, partition: u32, epoch: u64) -> Result<(), RuntimeError> {
+    /// partition. Returns the position of the partition's snapshot.
+    pub async fn open(&self, partition: u32, epoch: u64) -> Result<u64, RuntimeError> {
         {
             let mut inner = self.lock()?;
             let known = inner.epochs.get(&partition).copied().unwrap_or(0);
@@ -304,7 +307,7 @@ impl Snapshotter {
                 return Err(fenced(partition, epoch, m.epoch));
             }
             if m.epoch == epoch {
-                return Ok(());
+                return Ok(m.position);
             }
             if self
                 .publish_marker(partition, epoch, m.position, m.seq)
@@ -317,7 +320,7 @@ impl Snapshotter {
                     position = m.position,
                     "snapshot marker claimed"
                 );
-                return Ok(());
+                return Ok(m.position);
             }
         }
         Err(RuntimeError::JetStream(format!(
@@ -388,6 +391,9 @@ impl Snapshotter {
             let n = snap.writes.len();
             match self.flush_one(p, &snap).await {
                 Ok(Flushed::Stored) => {
+                    if let Ok(mut inner) = self.inner.lock() {
+                        inner.failing.remove(&p);
+                    }
                     metrics::histogram!("kappa_snapshot_seconds").record(t.elapsed().as_secs_f64());
                     metrics::counter!("kappa_snapshot_entries_total").increment(n as u64);
                     tracing::debug!(
@@ -410,6 +416,7 @@ impl Snapshotter {
                     if let Ok(mut inner) = self.inner.lock() {
                         let e = inner.epochs.entry(p).or_default();
                         *e = (*e).max(newer);
+                        inner.failing.remove(&p);
                     }
                 }
                 Err(e) => {
@@ -417,6 +424,9 @@ impl Snapshotter {
                     // and those of every partition not reached yet (one failure must lose
                     // nothing).
                     metrics::counter!("kappa_snapshot_failures_total").increment(1);
+                    if let Ok(mut inner) = self.inner.lock() {
+                        inner.failing.insert(p, e.to_string());
+                    }
                     self.restore_pending(p, snap);
                     for (rest, snap) in taken {
                         self.restore_pending(rest, snap);
@@ -575,6 +585,18 @@ impl Snapshotter {
             .await
             .map_err(|e| RuntimeError::JetStream(format!("purge of old snapshot parts: {e}")))?;
         Ok(())
+    }
+
+    /// Why snapshots are failing (the partitions whose last flush failed and the first
+    /// error), `None` when every partition's last flush stored or was refused.
+    pub fn failing(&self) -> Option<String> {
+        let inner = self.inner.lock().ok()?;
+        let mut parts: Vec<u32> = inner.failing.keys().copied().collect();
+        parts.sort_unstable();
+        let first = parts.first().and_then(|p| inner.failing.get(p))?;
+        Some(format!(
+            "snapshots of partitions {parts:?} failing: {first}"
+        ))
     }
 
     /// Puts taken changes back under whatever was recorded since (newer values win).
