@@ -39,13 +39,14 @@ impl Service {
     /// binary that handles signals itself). Logs and metrics are installed once per process.
     pub async fn start_with(
         name: &str,
-        nats: &NatsArgs,
+        nats_args: &NatsArgs,
         shutdown: CancellationToken,
     ) -> Result<Self, RuntimeError> {
         crate::telemetry::init_tracing();
         let metrics = crate::telemetry::init_metrics()?;
-        let nats = crate::nats::connect(nats, name).await?;
-        crate::dlq::declare(&nats.js).await?;
+        let window = nats_args.duplicate_window()?;
+        let nats = crate::nats::connect(nats_args, name).await?;
+        crate::dlq::declare_with_window(&nats.js, window).await?;
         let health = Health::new();
         let n = nats.clone();
         health.register(

@@ -25,6 +25,28 @@ pub struct NatsArgs {
     /// Seconds to wait for the first connection before giving up.
     #[arg(long, env = "NATS_CONNECT_TIMEOUT_SECS", default_value_t = 5)]
     pub nats_connect_timeout_secs: u64,
+    /// Duplicate window, in seconds, of the streams this process creates (input, change log,
+    /// dead letters): a `Nats-Msg-Id` published again within it is stored once. An existing
+    /// stream keeps its own. Correctness does not rest on it (appends are fenced by expected
+    /// sequence); a short one is for tests that outlast it.
+    #[arg(long, env = "KAPPA_DUPLICATE_WINDOW_SECS", default_value_t = DEFAULT_DUPLICATE_WINDOW_SECS)]
+    pub duplicate_window_secs: u64,
+}
+
+/// Default duplicate window of the runtime's streams, in seconds.
+pub const DEFAULT_DUPLICATE_WINDOW_SECS: u64 = 120;
+
+impl NatsArgs {
+    /// The validated duplicate window (1 s to 1 day).
+    pub fn duplicate_window(&self) -> Result<std::time::Duration, crate::RuntimeError> {
+        if !(1..=86_400).contains(&self.duplicate_window_secs) {
+            return Err(crate::RuntimeError::Config(format!(
+                "KAPPA_DUPLICATE_WINDOW_SECS={} must be in 1..=86400",
+                self.duplicate_window_secs
+            )));
+        }
+        Ok(std::time::Duration::from_secs(self.duplicate_window_secs))
+    }
 }
 
 /// The seed's three options for observed state (another service's state this one reads).
@@ -145,6 +167,7 @@ impl Settings {
     /// Checks what clap cannot; the error names the setting.
     pub fn validate(&self) -> Result<(), crate::RuntimeError> {
         self.validate_input()?;
+        self.nats.duplicate_window()?;
         if self.working == WorkingMode::Affinity && self.affinity_redis_url.is_none() {
             return Err(crate::RuntimeError::Config(
                 "KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into(),

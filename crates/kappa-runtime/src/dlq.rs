@@ -28,11 +28,24 @@ const MAX_DETAIL: usize = 200;
 /// Declares the `DLQ` stream (idempotent); an existing one gets direct gets turned on, which
 /// the recovery of decisions needs.
 pub async fn declare(js: &jetstream::Context) -> Result<(), RuntimeError> {
+    declare_with_window(
+        js,
+        std::time::Duration::from_secs(crate::config::DEFAULT_DUPLICATE_WINDOW_SECS),
+    )
+    .await
+}
+
+/// [`declare`] with duplicate window `duplicate_window` if the stream is created (an existing
+/// one keeps its own).
+pub async fn declare_with_window(
+    js: &jetstream::Context,
+    duplicate_window: std::time::Duration,
+) -> Result<(), RuntimeError> {
     let config = stream::Config {
         name: STREAM.into(),
         subjects: vec![format!("{SUBJECT_PREFIX}.>")],
         max_age: std::time::Duration::from_secs(7 * 24 * 3600),
-        duplicate_window: std::time::Duration::from_secs(120),
+        duplicate_window,
         allow_direct: true,
         ..Default::default()
     };

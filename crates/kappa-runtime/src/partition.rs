@@ -44,8 +44,16 @@ pub struct PartitionedStream {
 }
 
 impl PartitionedStream {
-    /// The stream's configuration: subjects `<prefix>.*`, stored as `<prefix>.<p>.<id>`.
+    /// The stream's configuration: subjects `<prefix>.*`, stored as `<prefix>.<p>.<id>`, with
+    /// the default duplicate window ([`crate::config::DEFAULT_DUPLICATE_WINDOW_SECS`]).
     pub fn stream_config(&self) -> stream::Config {
+        self.stream_config_with(Duration::from_secs(
+            crate::config::DEFAULT_DUPLICATE_WINDOW_SECS,
+        ))
+    }
+
+    /// [`PartitionedStream::stream_config`] with duplicate window `duplicate_window`.
+    pub fn stream_config_with(&self, duplicate_window: Duration) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
             subjects: vec![format!("{}.*", self.prefix)],
@@ -56,7 +64,7 @@ impl PartitionedStream {
                     self.prefix, self.partitions
                 ),
             }),
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window,
             allow_direct: true,
             ..Default::default()
         }
@@ -65,7 +73,26 @@ impl PartitionedStream {
     /// Declares the stream and returns the number of partitions it really has (an existing
     /// stream keeps the partition count it was created with).
     pub async fn declare(&mut self, js: &jetstream::Context) -> Result<(), RuntimeError> {
-        let mut s = crate::nats::declare_stream(js, self.stream_config()).await?;
+        self.declare_with(js, self.stream_config()).await
+    }
+
+    /// [`PartitionedStream::declare`] with duplicate window `duplicate_window` if the stream is
+    /// created (an existing stream keeps its own).
+    pub async fn declare_with_window(
+        &mut self,
+        js: &jetstream::Context,
+        duplicate_window: Duration,
+    ) -> Result<(), RuntimeError> {
+        self.declare_with(js, self.stream_config_with(duplicate_window))
+            .await
+    }
+
+    async fn declare_with(
+        &mut self,
+        js: &jetstream::Context,
+        config: stream::Config,
+    ) -> Result<(), RuntimeError> {
+        let mut s = crate::nats::declare_stream(js, config).await?;
         let info = s.info().await.map_err(RuntimeError::js)?;
         if let Some(p) = info
             .config

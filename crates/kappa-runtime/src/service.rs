@@ -142,13 +142,14 @@ impl<C: Compute> DomainService<C> {
             prefix: in_prefix.clone(),
             partitions: s.partitions,
         };
-        input.declare(&js).await?;
+        let window = s.nats.duplicate_window()?;
+        input.declare_with_window(&js, window).await?;
         PartitionedStream {
             stream: out_stream.clone(),
             prefix: out_prefix.clone(),
             partitions: input.partitions,
         }
-        .declare(&js)
+        .declare_with_window(&js, window)
         .await?;
         for c in &self.declare {
             crate::nats::declare_stream(&js, c.clone()).await?;
@@ -187,9 +188,13 @@ impl<C: Compute> DomainService<C> {
             );
         }
         let kind = working.kind();
+        let w = working.clone();
         svc.health.register(
             "working",
-            Arc::new(move || (true, serde_json::json!({ "kind": kind }))),
+            Arc::new(move || match w.degraded() {
+                None => (true, serde_json::json!({ "kind": kind })),
+                Some(why) => (false, serde_json::json!({ "kind": kind, "degraded": why })),
+            }),
         );
         let http = match self.http {
             Some(addr) => Some(svc.serve_http(addr, self.routes.clone()).await?),

@@ -55,6 +55,11 @@ pub trait WorkingState: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Which option this is (`local`, `remote`, `affinity`).
     fn kind(&self) -> &'static str;
+    /// Why the store is degraded (e.g. snapshots keep failing), `None` when it is not; the
+    /// service reports it in `/healthz` as not ready.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Times a store call into `kappa_state_seconds{op, kind}`.

@@ -1,36 +1,66 @@
-//! Snapshots on a real NATS (`NATS_URL`): one partition whose flush fails (here an entry larger
-//! than the server's maximum payload) must not lose the pending changes of the others.
+//! Snapshots on a real NATS (`NATS_URL`): one partition whose flush fails must not lose the
+//! pending changes of the others; a stale epoch can write neither entries nor marker; a value
+//! larger than the server's maximum payload round-trips in parts, and a torn set of parts is
+//! detected (the key is missing, so the engine rebuilds it from the change log).
 //! Skipped, with a line on stderr, when `NATS_URL` is not set (`.ci/run` sets it).
 
 use bytes::Bytes;
-use kappa_runtime::working::snapshot::Snapshotter;
+use kappa_runtime::RuntimeError;
+use kappa_runtime::working::snapshot::{MAX_VALUE_BYTES, STREAM, Snapshotter};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
+async fn js() -> Option<async_nats::jetstream::Context> {
     let Ok(nats_url) = std::env::var("NATS_URL") else {
         eprintln!("note: NATS_URL not set; skipping the snapshot test");
-        return;
+        return None;
     };
     let client = async_nats::connect(&nats_url).await.expect("nats");
-    let js = async_nats::jetstream::new(client);
+    Some(async_nats::jetstream::new(client))
+}
+
+fn namespace(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let ns = format!("snaptest-{nanos}");
-    let snaps = Snapshotter::new(js, &ns).await.expect("snapshot stream");
-    // Partition 0 flushes first and fails: its entry is larger than any message may be.
-    let huge = Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
-    snaps.record(0, 10, &[("big".to_string(), huge)]);
-    snaps.record(1, 20, &[("k-1".to_string(), Bytes::from_static(b"v1"))]);
-    snaps.record(2, 30, &[("k-2".to_string(), Bytes::from_static(b"v2"))]);
+    format!("snaptest-{what}-{nanos}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
+    let Some(js) = js().await else { return };
+    let snaps = Snapshotter::new(js, &namespace("fail"))
+        .await
+        .expect("snapshot stream");
+    // Partition 0 flushes first and fails: its entry is larger than a snapshot may hold.
+    let huge = Bytes::from(vec![b'x'; MAX_VALUE_BYTES + 1]);
+    snaps
+        .record(0, 1, 10, &[("big".to_string(), huge)])
+        .expect("record");
+    snaps
+        .record(1, 1, 20, &[("k-1".to_string(), Bytes::from_static(b"v1"))])
+        .expect("record");
+    snaps
+        .record(2, 1, 30, &[("k-2".to_string(), Bytes::from_static(b"v2"))])
+        .expect("record");
     assert!(
         snaps.flush(None).await.is_err(),
         "the oversized entry cannot be stored"
     );
+    assert!(
+        snaps.failing().is_some_and(|why| why.contains("[0]")),
+        "the failure is reported (health)"
+    );
     // Partition 0's entry shrinks (its state changed); the next flush stores everything.
-    snaps.record(0, 11, &[("big".to_string(), Bytes::from_static(b"small"))]);
+    snaps
+        .record(
+            0,
+            1,
+            11,
+            &[("big".to_string(), Bytes::from_static(b"small"))],
+        )
+        .expect("record");
     snaps.flush(None).await.expect("second flush");
+    assert_eq!(snaps.failing(), None);
     let (pos0, e0) = snaps.recover(0).await.expect("recover 0");
     let (pos1, e1) = snaps.recover(1).await.expect("recover 1");
     let (pos2, e2) = snaps.recover(2).await.expect("recover 2");
@@ -45,5 +75,183 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
     assert_eq!(
         (pos2, e2),
         (30, vec![("k-2".to_string(), Bytes::from_static(b"v2"))])
+    );
+}
+
+/// Two instances of one service (two snapshotters on one namespace): the old owner (epoch 5)
+/// resumes after the new one (epoch 9) took partition 0 over. Its flush (a zombie's `close`)
+/// stores nothing, its later records are refused, and the new owner's snapshot stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_cannot_write_a_snapshot() {
+    let Some(js) = js().await else { return };
+    let ns = namespace("fence");
+    let old = Snapshotter::new(js.clone(), &ns).await.expect("old");
+    let new = Snapshotter::new(js.clone(), &ns).await.expect("new");
+    old.open(0, 5).await.expect("old opens");
+    old.record(
+        0,
+        5,
+        100,
+        &[("s-1".to_string(), Bytes::from_static(b"old-100"))],
+    )
+    .expect("record");
+    old.flush(None).await.expect("old flushes while it owns");
+    // The old owner stops; it decides more meanwhile (in memory, not yet flushed).
+    old.record(
+        0,
+        5,
+        150,
+        &[
+            ("s-1".to_string(), Bytes::from_static(b"old-150")),
+            ("s-2".to_string(), Bytes::from_static(b"old-150")),
+        ],
+    )
+    .expect("record");
+    // The new owner takes over: claims the marker, recovers, commits, flushes.
+    new.open(0, 9).await.expect("new opens");
+    assert_eq!(
+        new.recover(0).await.expect("recover"),
+        (
+            100,
+            vec![("s-1".to_string(), Bytes::from_static(b"old-100"))]
+        )
+    );
+    new.record(
+        0,
+        9,
+        120,
+        &[("s-1".to_string(), Bytes::from_static(b"new-120"))],
+    )
+    .expect("record");
+    new.flush(None).await.expect("new flushes");
+    // The zombie resumes: its flush is refused (dropped, not an error), then so is any record,
+    // and so is a reopen under its old epoch.
+    old.flush(Some(0))
+        .await
+        .expect("a fenced flush is no error");
+    assert!(matches!(
+        old.record(
+            0,
+            5,
+            160,
+            &[("s-1".to_string(), Bytes::from_static(b"old-160"))]
+        ),
+        Err(RuntimeError::Fenced(_))
+    ));
+    assert!(matches!(old.open(0, 5).await, Err(RuntimeError::Fenced(_))));
+    let (pos, mut entries) = new.recover(0).await.expect("recover");
+    entries.sort();
+    assert_eq!(
+        (pos, entries),
+        (
+            120,
+            vec![("s-1".to_string(), Bytes::from_static(b"new-120"))]
+        ),
+        "nothing of the stale epoch landed"
+    );
+    // Even a fresh snapshotter of the stale epoch (a restarted zombie) cannot claim it.
+    let restarted = Snapshotter::new(js, &ns).await.expect("restarted");
+    assert!(matches!(
+        restarted.open(0, 5).await,
+        Err(RuntimeError::Fenced(_))
+    ));
+    assert!(matches!(
+        restarted.record(0, 5, 170, &[("s-9".to_string(), Bytes::from_static(b"x"))]),
+        Err(RuntimeError::Fenced(_))
+    ));
+    restarted.flush(None).await.expect("nothing to flush");
+    let (pos, entries) = new.recover(0).await.expect("recover");
+    assert_eq!((pos, entries.len()), (120, 1));
+}
+
+/// A 3 MiB value (three times the default maximum payload) round-trips in parts, a smaller
+/// value replaces it, and a set with a part gone is detected as torn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_are_chunked_and_a_torn_set_is_detected() {
+    let Some(js) = js().await else { return };
+    let ns = namespace("chunk");
+    let snaps = Snapshotter::new(js.clone(), &ns).await.expect("snapshots");
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let big = Bytes::from(big);
+    assert!(big.len() > 2 * snaps.chunk_size());
+    snaps.open(3, 1).await.expect("open");
+    snaps
+        .record(
+            3,
+            1,
+            7,
+            &[
+                ("window".to_string(), big.clone()),
+                ("small".to_string(), Bytes::from_static(b"s")),
+            ],
+        )
+        .expect("record");
+    snaps.flush(None).await.expect("flush");
+    let (pos, mut entries) = snaps.recover(3).await.expect("recover");
+    entries.sort();
+    assert_eq!(pos, 7);
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].0, "small");
+    assert_eq!(entries[1].0, "window");
+    assert!(entries[1].1 == big, "the chunked value round-trips");
+
+    // Written again (a new generation of parts): the old parts are purged.
+    let stream = js.get_stream(STREAM).await.expect("stream");
+    let parts_filter = format!("kappa.state.{ns}.3.c.>");
+    let parts = || async {
+        use futures::TryStreamExt;
+        let s = js.get_stream(STREAM).await.expect("stream");
+        let subjects: Vec<(String, usize)> = s
+            .info_with_subjects(&parts_filter)
+            .await
+            .expect("subjects")
+            .try_collect()
+            .await
+            .expect("subjects");
+        subjects.len()
+    };
+    let before = parts().await;
+    snaps
+        .record(3, 1, 8, &[("window".to_string(), big.clone())])
+        .expect("record");
+    snaps.flush(None).await.expect("flush");
+    assert_eq!(parts().await, before, "old parts purged, new parts stored");
+
+    // Tear the set: delete one part.
+    let manifest = stream
+        .direct_get_last_for_subject(format!("kappa.state.{ns}.3.k.window"))
+        .await
+        .expect("manifest");
+    let seqs: Vec<u64> = std::str::from_utf8(&manifest.payload)
+        .expect("utf8")
+        .split(',')
+        .map(|s| s.parse().expect("seq"))
+        .collect();
+    assert_eq!(seqs.len(), big.len().div_ceil(snaps.chunk_size()));
+    stream.delete_message(seqs[1]).await.expect("delete part");
+    let fresh = Snapshotter::new(js.clone(), &ns).await.expect("fresh");
+    let (pos, entries) = fresh.recover(3).await.expect("recover");
+    assert_eq!(pos, 8);
+    assert_eq!(
+        entries,
+        vec![("small".to_string(), Bytes::from_static(b"s"))],
+        "the torn value is missing, the rest is there"
+    );
+
+    // A small value replaces the chunked one: its parts are purged.
+    fresh.open(3, 2).await.expect("open");
+    fresh
+        .record(3, 2, 9, &[("window".to_string(), Bytes::from_static(b"w"))])
+        .expect("record");
+    fresh.flush(None).await.expect("flush");
+    assert_eq!(parts().await, 0, "parts of a small value purged");
+    let (_, mut entries) = fresh.recover(3).await.expect("recover");
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            ("small".to_string(), Bytes::from_static(b"s")),
+            ("window".to_string(), Bytes::from_static(b"w"))
+        ]
     );
 }

@@ -275,7 +275,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(8);
     let mut readings = thermo_domain::runtime::readings_stream(partitions);
-    readings.declare(&svc.nats.js).await?;
+    readings
+        .declare_with_window(&svc.nats.js, cfg.nats.duplicate_window()?)
+        .await?;
     let http = svc.serve_http(cfg.http_addr, axum::Router::new()).await?;
 
     let start = OffsetDateTime::now_utc();

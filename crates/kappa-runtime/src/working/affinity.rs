@@ -2,6 +2,10 @@
 //! over a unix socket), so a compute crash recovers from it without replaying anything. It is
 //! also snapshotted like `local`: if the colocated store was lost with the compute, `open`
 //! restores the partition from the stream snapshot and the driver replays after it.
+//!
+//! The colocated store is this instance's alone, so its epoch check cannot fence another
+//! instance: the snapshot marker does ([`super::snapshot`]). `open` claims it under the new
+//! epoch, and a commit the snapshotter knows to be stale is refused before it reaches the store.
 
 use std::sync::Arc;
 
@@ -29,21 +33,32 @@ impl AffinityState {
 impl WorkingState for AffinityState {
     fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
         Box::pin(async move {
+            let snapshot = self.snapshots.open(partition, epoch).await?;
             if self.store.has_partition(partition).await? {
                 let pos = self.store.open(partition, epoch).await?;
+                if pos >= snapshot {
+                    tracing::info!(
+                        partition,
+                        position = pos,
+                        "affinity store kept the partition"
+                    );
+                    return Ok(pos);
+                }
+                // Another owner ran the partition since this store last did: the stream
+                // snapshot is newer (restoring from it replays less).
                 tracing::info!(
                     partition,
                     position = pos,
-                    "affinity store kept the partition"
+                    snapshot,
+                    "affinity store is behind the stream snapshot; restoring from the snapshot"
                 );
-                return Ok(pos);
             }
             let (position, entries) = self.snapshots.recover(partition).await?;
             tracing::info!(
                 partition,
                 position,
                 keys = entries.len(),
-                "affinity store lost the partition; restoring from stream snapshot"
+                "affinity partition restored from the stream snapshot"
             );
             self.store
                 .restore(partition, epoch, position, entries)
@@ -68,7 +83,7 @@ impl WorkingState for AffinityState {
         writes: Vec<Write>,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.record(partition, position, &writes);
+            self.snapshots.record(partition, epoch, position, &writes)?;
             self.store.commit(partition, epoch, position, writes).await
         })
     }
@@ -84,12 +99,16 @@ impl WorkingState for AffinityState {
         position: u64,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.rebase(partition, position);
+            self.snapshots.rebase(partition, epoch, position)?;
             self.store.rebase(partition, epoch, position).await
         })
     }
 
     fn kind(&self) -> &'static str {
         "affinity"
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.snapshots.failing()
     }
 }

@@ -1,6 +1,13 @@
 //! `local` working state: the values live in process memory (fastest reads and writes). Every
 //! commit is recorded for the next snapshot ([`super::snapshot`]); after a crash, `open` loads
 //! the last snapshot and the driver replays the inputs after its position.
+//!
+//! Fencing: a partition is held under the epoch it was opened with. A commit or rebase of
+//! another epoch is refused ([`RuntimeError::Fenced`]), and so is one the snapshotter knows to be
+//! stale (a newer owner claimed the partition's snapshot marker), so a resumed zombie stops at
+//! its next commit and its `close` flushes nothing (the flush finds the newer marker). An open
+//! under a newer epoch than the one held in memory drops the memory: another instance may have
+//! run the partition in between, so it is recovered from the snapshot and replayed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +19,8 @@ use super::snapshot::Snapshotter;
 use super::{WorkingState, Write};
 use crate::RuntimeError;
 
-#[derive(Default)]
 struct Partition {
+    epoch: u64,
     position: u64,
     values: HashMap<String, Bytes>,
 }
@@ -47,20 +54,57 @@ impl LocalState {
     }
 }
 
+/// The partition held under `epoch`, or [`RuntimeError::Fenced`] (not opened in this process,
+/// or opened under another epoch).
+fn held(
+    parts: &mut HashMap<u32, Partition>,
+    partition: u32,
+    epoch: u64,
+) -> Result<&mut Partition, RuntimeError> {
+    match parts.get_mut(&partition) {
+        Some(p) if p.epoch == epoch => Ok(p),
+        Some(p) => Err(RuntimeError::Fenced(format!(
+            "partition {partition} is held under epoch {}, not {epoch}",
+            p.epoch
+        ))),
+        None => Err(RuntimeError::Fenced(format!(
+            "partition {partition} is not open in this instance (epoch {epoch})"
+        ))),
+    }
+}
+
 impl WorkingState for LocalState {
-    fn open(&self, partition: u32, _epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
+    fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
         Box::pin(async move {
-            if let Ok(parts) = self.parts.lock()
+            if let Ok(mut parts) = self.parts.lock()
                 && let Some(p) = parts.get(&partition)
             {
-                return Ok(p.position);
+                if p.epoch > epoch {
+                    return Err(RuntimeError::Fenced(format!(
+                        "partition {partition} is held under epoch {}, {epoch} is stale",
+                        p.epoch
+                    )));
+                }
+                if p.epoch == epoch {
+                    return Ok(p.position);
+                }
+                // Held under an older epoch: someone else may have run it since.
+                parts.remove(&partition);
             }
             let t = std::time::Instant::now();
+            self.snapshots.open(partition, epoch).await?;
             let (position, entries) = self.snapshots.recover(partition).await?;
             let n = entries.len();
             let values: HashMap<String, Bytes> = entries.into_iter().collect();
             if let Ok(mut parts) = self.parts.lock() {
-                parts.insert(partition, Partition { position, values });
+                parts.insert(
+                    partition,
+                    Partition {
+                        epoch,
+                        position,
+                        values,
+                    },
+                );
             }
             metrics::gauge!("kappa_recovered_keys", "partition" => partition.to_string())
                 .set(n as f64);
@@ -96,18 +140,18 @@ impl WorkingState for LocalState {
     fn commit(
         &self,
         partition: u32,
-        _epoch: u64,
+        epoch: u64,
         position: u64,
         writes: Vec<Write>,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.record(partition, position, &writes);
             let mut parts = self
                 .parts
                 .lock()
                 .map_err(|_| RuntimeError::Corrupt("state lock poisoned".into()))?;
+            let p = held(&mut parts, partition, epoch)?;
+            self.snapshots.record(partition, epoch, position, &writes)?;
             // Positions only grow between rebases (see `rebase`).
-            let p = parts.entry(partition).or_default();
             p.position = p.position.max(position);
             p.values.extend(writes);
             Ok(())
@@ -116,32 +160,40 @@ impl WorkingState for LocalState {
 
     fn close(&self, partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.flush(Some(partition)).await?;
+            // Whatever the flush does, the memory goes: the partition is handed over, and the
+            // next open (under a newer epoch) recovers it from the snapshot. Changes a failed
+            // flush put back are retried by the periodic flush, under this epoch's fence.
+            let flushed = self.snapshots.flush(Some(partition)).await;
             if let Ok(mut parts) = self.parts.lock() {
                 parts.remove(&partition);
             }
-            Ok(())
+            flushed
         })
     }
 
     fn rebase(
         &self,
         partition: u32,
-        _epoch: u64,
+        epoch: u64,
         position: u64,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
-            self.snapshots.rebase(partition, position);
             let mut parts = self
                 .parts
                 .lock()
                 .map_err(|_| RuntimeError::Corrupt("state lock poisoned".into()))?;
-            parts.entry(partition).or_default().position = position;
+            let p = held(&mut parts, partition, epoch)?;
+            self.snapshots.rebase(partition, epoch, position)?;
+            p.position = position;
             Ok(())
         })
     }
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.snapshots.failing()
     }
 }
