@@ -546,7 +546,7 @@ mod tests {
         assert!(!lease.expired());
         assert_eq!(
             safety_margin(Duration::from_secs(6)),
-            Duration::from_secs(2)
+            Duration::from_millis(1200)
         );
     }
 }
