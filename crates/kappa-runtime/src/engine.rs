@@ -180,6 +180,8 @@ pub(crate) struct Engine<C: Compute> {
     parts: Arc<Parts<C>>,
     partition: u32,
     epoch: u64,
+    /// Until when this ownership may commit (self-fencing; unbounded with static ownership).
+    lease: crate::partition::LeaseDeadline,
     /// Identity of the input stream as this partition was opened (its creation time).
     source: u64,
     /// The identity is not yet in the working state (written with the next commit).
@@ -200,6 +202,7 @@ impl<C: Compute> Engine<C> {
             parts,
             partition,
             epoch: 0,
+            lease: crate::partition::LeaseDeadline::unbounded(),
             source: 0,
             source_unrecorded: false,
             entities: HashMap::new(),
@@ -365,7 +368,9 @@ impl<C: Compute> Engine<C> {
             metrics::counter!("kappa_replayed_inputs_total").increment(replayed);
         }
 
-        // 5. Append the outcomes: per entity in input order, entities pipelined.
+        // 5. Append the outcomes: per entity in input order, entities pipelined. Not past the
+        // lease deadline (the process may have been paused since the batch began).
+        self.check_lease()?;
         let mut depth: HashMap<&str, usize> = HashMap::new();
         let mut waves: Vec<Vec<(usize, Outcome)>> = Vec::new();
         for (i, o) in outcomes {
@@ -455,6 +460,7 @@ impl<C: Compute> Engine<C> {
             }
         }
         let position = batch.last().map_or(0, |i| i.seq);
+        self.check_lease()?;
         // A failed commit clears every entity (see `process`), so `dirty` needs no undo.
         parts
             .working
@@ -548,9 +554,27 @@ async fn recover_entity<C: Compute>(
     Ok(entity)
 }
 
+impl<C: Compute> Engine<C> {
+    /// Fenced once the lease deadline has passed: a successor may own the partition.
+    fn check_lease(&self) -> Result<(), ProcessError> {
+        if self.lease.expired() {
+            metrics::counter!("kappa_lease_self_fenced_total").increment(1);
+            return Err(ProcessError::Fenced(format!(
+                "partition {}: lease of epoch {} expired during the batch",
+                self.partition, self.epoch
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl<C: Compute> Processor for Engine<C> {
     fn set_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
+    }
+
+    fn set_lease(&mut self, lease: crate::partition::LeaseDeadline) {
+        self.lease = lease;
     }
 
     async fn open(&mut self, partition: u32) -> Result<u64, ProcessError> {

@@ -11,15 +11,21 @@
 //! Every instance computes the same fair assignment from the sorted live members (partition
 //! `p` goes to member `p mod n`), takes the partitions assigned to it once they are free, and
 //! gives up the ones assigned to someone else (drain, then delete its lease). On SIGTERM it
-//! releases everything at once; after a crash, its leases expire after the TTL. An instance
-//! that fails to renew (paused, partitioned) stops processing the partition at once.
+//! releases everything at once; after a crash, its leases expire after the TTL.
+//!
+//! What is still owned is never released because a read failed: a failed membership listing
+//! keeps the previous plan (`kappa_lease_listing_failures_total`). Renewals never wait for a
+//! partition to drain. And every partition carries a [`LeaseDeadline`] that each successful
+//! renewal moves forward: the partition stops by itself when it passes (self-fencing), before
+//! its lease can have expired, so a paused or cut-off owner stops before a successor starts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::watch;
 
 use crate::RuntimeError;
 use crate::shutdown::CancellationToken;
@@ -44,12 +50,76 @@ pub struct Grant {
     pub epoch: u64,
     /// Cancelled when the partition must stop (handover, lost lease, shutdown).
     pub stop: CancellationToken,
+    /// Until when this instance may still process the partition; moved forward by every
+    /// successful renewal (see [`LeaseDeadline`]).
+    pub lease: LeaseDeadline,
+}
+
+/// Until when an owner may process a partition: the time of the last successful renewal
+/// *request* (or acquisition) plus the lease TTL minus a safety margin of a fifth of the TTL.
+///
+/// The lease key expires on the server one TTL after it *stored* the renewal, which is after
+/// the request left, so an owner that stops at this deadline stops before any successor can
+/// take the lease, whatever delayed it (a SIGSTOP, a long pause, a partition from NATS): the
+/// monotonic clock keeps running while a process is stopped. The margin is the time a batch
+/// started just before the deadline has to finish its commit in. Static assignment has no deadline.
+#[derive(Debug, Clone)]
+pub struct LeaseDeadline(Option<watch::Receiver<Instant>>);
+
+impl LeaseDeadline {
+    /// No deadline (static assignment, epoch 0).
+    pub fn unbounded() -> Self {
+        Self(None)
+    }
+
+    /// A deadline at `at`, and its sender for the keeper to move it.
+    pub fn starting_at(at: Instant) -> (watch::Sender<Instant>, Self) {
+        let (tx, rx) = watch::channel(at);
+        (tx, Self(Some(rx)))
+    }
+
+    /// True once the deadline has passed: the partition must not start a batch or commit.
+    pub fn expired(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|rx| Instant::now() >= *rx.borrow())
+    }
+
+    /// Time left before the deadline (`None`: no deadline).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.0
+            .as_ref()
+            .map(|rx| rx.borrow().saturating_duration_since(Instant::now()))
+    }
+}
+
+/// How far before the lease's expiry an owner stops on its own: a fifth of the TTL (1.2 s
+/// with the default 6 s). The engine checks the deadline right before it commits, so the
+/// margin has to cover one commit and the server's expiry timing, not a whole batch; a wider
+/// one (a third) made owners on a loaded machine (load 14 on 2 cores) stop partitions they
+/// still held whenever a renewal came 2 s late with a 3 s TTL.
+fn safety_margin(ttl: Duration) -> Duration {
+    ttl / 5
+}
+
+/// Where a held partition is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Processing; its lease is renewed.
+    Running,
+    /// Stopped (handed over, or shutdown) and draining; its lease is still renewed so its
+    /// other partitions' renewals never wait for it, and deleted once the task ends.
+    Releasing,
+    /// Its lease was lost: not renewed, not deleted; forgotten once the task ends.
+    Lost,
 }
 
 struct Held {
     revision: u64,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    phase: Phase,
+    deadline: watch::Sender<Instant>,
 }
 
 /// Unique id of this instance.
@@ -73,34 +143,42 @@ pub fn instance_id() -> String {
 }
 
 /// The live members: subjects `m.*` of the bucket (one stream-info request, no consumer),
-/// minus those whose last operation was a delete.
+/// minus those whose last operation was a delete. Any failed read is an error, never an
+/// empty or partial set: a partial set would re-plan and hand over partitions still owned.
 async fn list_members(
     js: &jetstream::Context,
     bucket: &str,
     store: &kv::Store,
-) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let Ok(stream) = js.get_stream_no_info(format!("KV_{bucket}")).await else {
-        return out;
-    };
+) -> Result<BTreeSet<String>, RuntimeError> {
+    let stream = js
+        .get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .map_err(RuntimeError::js)?;
     let prefix = format!("$KV.{bucket}.m.");
-    let Ok(subjects) = stream.info_with_subjects(format!("{prefix}>")).await else {
-        tracing::warn!("listing members failed");
-        return out;
-    };
-    let names: Vec<String> = subjects
-        .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
+    let subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(RuntimeError::js)?;
+    let names: Vec<Result<String, String>> = subjects
+        .map(|r| r.map(|(subject, _)| subject).map_err(|e| e.to_string()))
         .collect()
         .await;
+    let mut out = BTreeSet::new();
     for subject in names {
+        let subject = subject.map_err(RuntimeError::JetStream)?;
         let Some(member) = subject.strip_prefix(&prefix) else {
             continue;
         };
-        if let Ok(Some(_)) = store.get(format!("m.{member}")).await {
+        if store
+            .get(format!("m.{member}"))
+            .await
+            .map_err(RuntimeError::js)?
+            .is_some()
+        {
             out.insert(member.to_string());
         }
     }
-    out
+    Ok(out)
 }
 
 /// Which partitions `me` should own, given the live members.
@@ -112,8 +190,27 @@ pub fn fair_share(members: &BTreeSet<String>, me: &str, partitions: u32) -> BTre
     (0..partitions).filter(|p| p % n == idx as u32).collect()
 }
 
+/// What to own after one membership listing: the fair share when the listing is complete and
+/// names `me`; otherwise (the listing failed, or misses `me`, whose heartbeat is alive) the
+/// `previous` plan, or what is `held` before any plan. A failed read never releases anything.
+fn plan(
+    listing: Result<&BTreeSet<String>, &RuntimeError>,
+    me: &str,
+    partitions: u32,
+    previous: Option<&BTreeSet<u32>>,
+    held: &BTreeSet<u32>,
+) -> BTreeSet<u32> {
+    match listing {
+        Ok(members) if members.contains(me) => fair_share(members, me, partitions),
+        _ => previous.unwrap_or(held).clone(),
+    }
+}
+
 /// Keeps this instance's share of partitions; `start` runs a partition for a grant and
 /// returns when its `stop` token is cancelled and the partition is drained.
+///
+/// Renewals never wait for a drain: a partition handed over (or stopped by shutdown) keeps its
+/// lease renewed while its task finishes, and its lease is deleted once it has.
 pub async fn keep<F>(
     js: jetstream::Context,
     cfg: LeaseConfig,
@@ -153,118 +250,170 @@ where
     let member_key = format!("m.{me}");
     let mut watch = store.watch_all().await.map_err(RuntimeError::js)?;
     let tick = (cfg.ttl / 4).max(Duration::from_millis(200));
+    let valid_for = cfg.ttl.saturating_sub(safety_margin(cfg.ttl));
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
     let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut last_plan: Option<BTreeSet<u32>> = None;
+    let mut draining = false;
     let mut next_tick = tokio::time::Instant::now();
     tracing::info!(instance = %me, bucket = %bucket, ttl_secs = cfg.ttl.as_secs_f64(), "joining");
     loop {
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() && !draining {
+            // Drain and hand everything over at once, renewing until each task has ended.
+            draining = true;
+            for h in held.values_mut() {
+                h.stop.cancel();
+                if h.phase == Phase::Running {
+                    h.phase = Phase::Releasing;
+                }
+            }
+        }
+        // Partitions whose task ended: free their lease for the others (unless it was lost).
+        let finished: Vec<u32> = held
+            .iter()
+            .filter(|(_, h)| h.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in finished {
+            let Some(h) = held.remove(&p) else { continue };
+            if h.phase == Phase::Lost {
+                continue;
+            }
+            // Only if it is still ours: never delete a successor's lease.
+            let freed = store
+                .delete_expect_revision(format!("p.{p}"), Some(h.revision))
+                .await;
+            match (h.phase, freed) {
+                (Phase::Releasing, Ok(())) => {
+                    tracing::info!(partition = p, "partition handed over")
+                }
+                (_, Ok(())) => {
+                    tracing::info!(partition = p, "partition stopped by itself; lease freed")
+                }
+                (_, Err(e)) => tracing::info!(partition = p, error = %e,
+                    "partition stopped; its lease was no longer ours (or could not be deleted: it expires)"),
+            }
+        }
+        if draining && held.is_empty() {
             break;
         }
+
         // Heartbeat and renewals run on the tick only; a wake-up by the watch just re-plans.
         let due = tokio::time::Instant::now() >= next_tick;
         if due {
             next_tick = tokio::time::Instant::now() + tick;
+            // All at once: one slow answer must not delay the other leases' renewals.
+            let renewals = held
+                .iter_mut()
+                .filter(|(_, h)| h.phase != Phase::Lost)
+                .map(|(&p, h)| renew(&store, &me, p, h, valid_for));
+            futures::future::join_all(renewals).await;
             if let Err(e) = store.put(&member_key, Bytes::from_static(b"alive")).await {
                 tracing::warn!(error = %e, "membership heartbeat failed");
             }
         }
-        let members = list_members(&js, &bucket, &store).await;
-        let desired = fair_share(&members, &me, cfg.partitions);
-        known.clone_from(&members);
-
-        // Renew what we hold; stop what we lost or must hand over.
-        let mut to_release = Vec::new();
-        for (&p, h) in held.iter_mut() {
-            if h.task.is_finished() {
-                // Stopped by itself (shutdown, fence): free the lease for the others.
-                to_release.push((p, true));
-                continue;
-            }
-            if !due {
-                if !desired.contains(&p) {
-                    to_release.push((p, true));
+        let members = if draining {
+            None
+        } else {
+            let listed = list_members(&js, &bucket, &store).await;
+            match &listed {
+                Ok(m) if !m.contains(&me) && !held.is_empty() => {
+                    tracing::warn!(
+                        members = m.len(),
+                        "membership listing misses this instance; keeping the previous plan"
+                    );
+                    metrics::counter!("kappa_lease_listing_failures_total").increment(1);
                 }
-                continue;
-            }
-            match store
-                .update(format!("p.{p}"), Bytes::from(me.clone()), h.revision)
-                .await
-            {
-                Ok(rev) => h.revision = rev,
+                Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "lease lost; stopping the partition");
-                    metrics::counter!("kappa_leases_lost_total").increment(1);
+                    tracing::warn!(error = %e, "listing members failed; keeping the previous plan");
+                    metrics::counter!("kappa_lease_listing_failures_total").increment(1);
+                }
+            }
+            let owned: BTreeSet<u32> = held.keys().copied().collect();
+            let desired = plan(
+                listed.as_ref(),
+                &me,
+                cfg.partitions,
+                last_plan.as_ref(),
+                &owned,
+            );
+            last_plan = Some(desired.clone());
+            if let Ok(m) = &listed {
+                known.clone_from(m);
+            }
+            Some((desired, listed.map(|m| m.len()).unwrap_or(known.len())))
+        };
+
+        if let Some((desired, n_members)) = members {
+            // Hand over what is someone else's now: stop it, keep renewing until it drained.
+            for (&p, h) in held.iter_mut() {
+                if h.phase == Phase::Running && !desired.contains(&p) {
+                    tracing::info!(partition = p, "handing the partition over");
                     h.stop.cancel();
-                    to_release.push((p, false));
+                    h.phase = Phase::Releasing;
+                }
+            }
+            // Take what is ours and free.
+            for p in desired {
+                if held.contains_key(&p) {
                     continue;
                 }
-            }
-            if !desired.contains(&p) {
-                to_release.push((p, true));
-            }
-        }
-        for (p, delete) in to_release {
-            if let Some(h) = held.remove(&p) {
-                h.stop.cancel();
-                let _ = h.task.await;
-                if delete {
-                    // Only if it is still ours: never delete a successor's lease.
-                    let _ = store
-                        .delete_expect_revision(format!("p.{p}"), Some(h.revision))
-                        .await;
-                    tracing::info!(partition = p, "partition handed over");
+                let asked = Instant::now();
+                if let Ok(rev) = store
+                    .create(format!("p.{p}"), Bytes::from(me.clone()))
+                    .await
+                {
+                    let stop = shutdown.child_token();
+                    let (deadline, lease) = LeaseDeadline::starting_at(asked + valid_for);
+                    let task = start(Grant {
+                        partition: p,
+                        epoch: epoch_base + rev,
+                        stop: stop.clone(),
+                        lease,
+                    });
+                    tracing::info!(
+                        partition = p,
+                        epoch = epoch_base + rev,
+                        "partition acquired"
+                    );
+                    metrics::counter!("kappa_leases_acquired_total").increment(1);
+                    held.insert(
+                        p,
+                        Held {
+                            revision: rev,
+                            stop,
+                            task,
+                            phase: Phase::Running,
+                            deadline,
+                        },
+                    );
                 }
             }
-        }
-
-        // Take what is ours and free.
-        for p in desired {
-            if held.contains_key(&p) {
-                continue;
-            }
-            if let Ok(rev) = store
-                .create(format!("p.{p}"), Bytes::from(me.clone()))
-                .await
-            {
-                let stop = shutdown.child_token();
-                let task = start(Grant {
-                    partition: p,
-                    epoch: epoch_base + rev,
-                    stop: stop.clone(),
-                });
-                tracing::info!(
-                    partition = p,
-                    epoch = epoch_base + rev,
-                    "partition acquired"
-                );
-                metrics::counter!("kappa_leases_acquired_total").increment(1);
-                held.insert(
-                    p,
-                    Held {
-                        revision: rev,
-                        stop,
-                        task,
-                    },
-                );
-            }
+            metrics::gauge!("kappa_members").set(n_members as f64);
         }
         if let Ok(mut g) = owned_gauge.write() {
             *g = held.keys().copied().collect();
         }
         metrics::gauge!("kappa_partitions_owned").set(held.len() as f64);
-        metrics::gauge!("kappa_members").set(members.len() as f64);
 
         // Wait for the next tick, a change that matters (a member joined or left, a lease was
-        // released), or shutdown. Heartbeats and renewals of known keys do not wake us.
+        // released), or shutdown. Heartbeats and renewals of known keys do not wake us. While
+        // a partition drains, look every 50 ms whether it has ended.
+        let draining_any = held.values().any(|h| h.phase != Phase::Running);
+        let wake = if draining_any {
+            next_tick.min(tokio::time::Instant::now() + Duration::from_millis(50))
+        } else {
+            next_tick
+        };
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(next_tick) => break,
-                e = watch.next() => {
+                _ = shutdown.cancelled(), if !draining => break,
+                _ = tokio::time::sleep_until(wake) => break,
+                e = watch.next(), if !draining => {
                     let Some(Ok(e)) = e else {
                         // The watch broke: re-plan on ticks until it is recreated below.
-                        tokio::time::sleep_until(next_tick).await;
+                        tokio::time::sleep_until(wake).await;
                         if let Ok(w) = store.watch_all().await {
                             watch = w;
                         }
@@ -284,20 +433,63 @@ where
             }
         }
     }
-    // Drain and hand everything over at once.
-    for (p, h) in std::mem::take(&mut held) {
-        h.stop.cancel();
-        let _ = h.task.await;
-        let _ = store
-            .delete_expect_revision(format!("p.{p}"), Some(h.revision))
-            .await;
-        tracing::info!(partition = p, "partition released");
-    }
     let _ = store.delete(&member_key).await;
     if let Ok(mut g) = owned_gauge.write() {
         g.clear();
     }
     Ok(())
+}
+
+/// Renews the lease of `p`, moving its deadline on success.
+async fn renew(store: &kv::Store, me: &str, p: u32, h: &mut Held, valid_for: Duration) {
+    let asked = Instant::now();
+    match store
+        .update(format!("p.{p}"), Bytes::from(me.to_string()), h.revision)
+        .await
+    {
+        Ok(rev) => {
+            h.revision = rev;
+            h.deadline.send_replace(asked + valid_for);
+        }
+        Err(e) => match lease_holder(store, p).await {
+            // The renewal was stored but its answer lost: still ours. The deadline stays
+            // where the last known renewal put it.
+            Ok(Some((holder, rev))) if holder == me => {
+                tracing::warn!(partition = p, error = %e,
+                    "lease renewal unanswered but stored; keeping the partition");
+                h.revision = rev;
+            }
+            Ok(_) => {
+                tracing::warn!(partition = p, error = %e, "lease lost; stopping the partition");
+                metrics::counter!("kappa_leases_lost_total").increment(1);
+                h.stop.cancel();
+                h.phase = Phase::Lost;
+            }
+            // Nothing known: keep it. Its deadline (not moved) stops the partition before the
+            // lease can have expired.
+            Err(read) => {
+                let left = h
+                    .deadline
+                    .borrow()
+                    .saturating_duration_since(Instant::now());
+                tracing::warn!(partition = p, error = %e, read = %read,
+                    remaining_secs = left.as_secs_f64(),
+                    "lease renewal failed; the partition stops at its lease deadline unless a renewal succeeds first");
+                metrics::counter!("kappa_lease_renewal_failures_total").increment(1);
+            }
+        },
+    }
+}
+
+/// Who holds partition `p`'s lease now, and at which revision (`None`: nobody).
+async fn lease_holder(store: &kv::Store, p: u32) -> Result<Option<(String, u64)>, RuntimeError> {
+    let entry = store
+        .entry(format!("p.{p}"))
+        .await
+        .map_err(RuntimeError::js)?;
+    Ok(entry
+        .filter(|e| matches!(e.operation, kv::Operation::Put))
+        .map(|e| (String::from_utf8_lossy(&e.value).into_owned(), e.revision)))
 }
 
 #[cfg(test)]
@@ -315,5 +507,46 @@ mod tests {
         let all: BTreeSet<u32> = shares.iter().flatten().copied().collect();
         assert_eq!(all.len(), 12);
         assert!(fair_share(&members, "zz", 12).is_empty());
+    }
+
+    #[test]
+    fn a_failed_listing_keeps_the_previous_plan() {
+        let members: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let held: BTreeSet<u32> = [0, 2, 4].into();
+        let ok = plan(Ok(&members), "a", 6, None, &held);
+        assert_eq!(ok, [0, 2, 4].into());
+        let err = RuntimeError::JetStream("timed out".into());
+        // A failed listing (which used to read as "no members") releases nothing.
+        assert_eq!(plan(Err(&err), "a", 6, Some(&ok), &held), ok);
+        // Before any plan: keep what is held, take nothing.
+        assert_eq!(plan(Err(&err), "a", 6, None, &held), held);
+        // A listing that misses this (heartbeating) instance is not believed either.
+        let others: BTreeSet<String> = ["b"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(plan(Ok(&others), "a", 6, Some(&ok), &held), ok);
+        // A good listing re-plans: a third member takes its share.
+        let three: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(plan(Ok(&three), "a", 6, Some(&ok), &held), [0, 3].into());
+    }
+
+    #[test]
+    fn a_deadline_expires_and_moves() {
+        assert!(!LeaseDeadline::unbounded().expired());
+        assert_eq!(LeaseDeadline::unbounded().remaining(), None);
+        let (tx, lease) = LeaseDeadline::starting_at(Instant::now() - Duration::from_millis(1));
+        assert!(lease.expired());
+        tx.send_replace(Instant::now() + Duration::from_secs(60));
+        assert!(!lease.expired());
+        assert!(
+            lease
+                .remaining()
+                .is_some_and(|r| r > Duration::from_secs(50))
+        );
+        // The keeper gone (lease lost), the last deadline still holds.
+        drop(tx);
+        assert!(!lease.expired());
+        assert_eq!(
+            safety_margin(Duration::from_secs(6)),
+            Duration::from_millis(1200)
+        );
     }
 }

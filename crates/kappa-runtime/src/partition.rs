@@ -15,6 +15,11 @@
 //!    hole in the delivery numbering (a lost delivery) recreates the consumer at it;
 //! 4. a transient failure retries the same batch with backoff (the processor is idempotent by
 //!    input sequence); a fence stops the partition; SIGTERM finishes the batch in hand.
+//!
+//! Under leases the consumer is named by the ownership epoch (`<prefix>-p<partition>-e<epoch>`)
+//! and the owner deletes the older epochs' consumers of its partition, so a stale owner that
+//! comes back can never take deliveries meant for the new one; and the driver starts no batch
+//! and re-creates no consumer once the grant's [`LeaseDeadline`] has passed (self-fencing).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,15 +27,27 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::RuntimeError;
+pub use crate::lease::LeaseDeadline;
 use crate::shutdown::CancellationToken;
 
-/// How long a partition may see no delivery before it checks its consumer for a stall.
-const IDLE_CHECK: Duration = Duration::from_secs(5);
+/// How long a partition may see no delivery before it checks its consumer for a stall (inputs
+/// pending, or delivered past the committed position but never received: a delivery lost on a
+/// reconnect, which ack policy `none` never resends). 2 s bounds how late the last input of a
+/// burst whose delivery was lost is processed (plus one consumer re-creation), at the cost of
+/// one consumer-info request per *idle* partition every 2 s (a busy partition never checks):
+/// 4 requests/s for 8 idle partitions, nothing next to a reading's publish, store and delta.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
+
+/// A partition's durable consumers are removed by the server after this long without a pull
+/// (an owner that died or was fenced; the new owner also deletes older epochs' consumers at
+/// once). A live owner whose consumer went away meanwhile (a very long retry) re-creates it.
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
 
 /// A stream partitioned by its last subject token.
 #[derive(Debug, Clone)]
@@ -215,6 +232,9 @@ pub trait Processor: Send + 'static {
     /// Receives the fencing epoch of this ownership before `open` (lease revision; 0 when
     /// partitions are assigned statically).
     fn set_epoch(&mut self, _epoch: u64) {}
+    /// Receives the ownership's lease deadline before `open`, for a processor that wants to
+    /// check it right before it commits (the driver checks it before every batch).
+    fn set_lease(&mut self, _lease: LeaseDeadline) {}
     /// Called once when the partition stops (drain or handover): flush what must be flushed.
     fn close(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -257,7 +277,7 @@ pub type PartitionBoard = Arc<RwLock<BTreeMap<u32, PartitionStatus>>>;
 pub struct DriverConfig {
     /// The partitioned input.
     pub input: PartitionedStream,
-    /// Durable consumer names are `<consumer_prefix>-p<partition>`.
+    /// Durable consumer names are `<consumer_prefix>-p<partition>-e<epoch>`.
     pub consumer_prefix: String,
     /// Largest batch handed to a processor.
     pub batch: usize,
@@ -283,21 +303,56 @@ pub async fn run_partition<P: Processor>(
     shutdown: CancellationToken,
     board: PartitionBoard,
 ) -> Result<(), RuntimeError> {
-    run_partition_at(js, cfg, partition, 0, processor, shutdown, board).await
+    run_partition_at(
+        js,
+        cfg,
+        partition,
+        0,
+        LeaseDeadline::unbounded(),
+        processor,
+        shutdown,
+        board,
+    )
+    .await
+}
+
+/// Stops the partition if its lease deadline has passed: another instance may own it soon.
+fn self_fence(
+    lease: &LeaseDeadline,
+    partition: u32,
+    epoch: u64,
+    board: &PartitionBoard,
+) -> Result<(), RuntimeError> {
+    if !lease.expired() {
+        return Ok(());
+    }
+    tracing::warn!(
+        partition,
+        epoch,
+        "lease expired (not renewed in time); stopping the partition before a new owner starts"
+    );
+    metrics::counter!("kappa_lease_self_fenced_total").increment(1);
+    set_status(board, partition, |s| s.state = PartitionState::Fenced);
+    Err(RuntimeError::Fenced(format!(
+        "partition {partition}: lease of epoch {epoch} expired"
+    )))
 }
 
 /// Runs `processor` on partition `partition` under fencing `epoch` until `stop` (handover,
-/// lost lease, shutdown) or a fence.
+/// lost lease, shutdown), a fence, or `lease`'s deadline.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_partition_at<P: Processor>(
     js: jetstream::Context,
     cfg: DriverConfig,
     partition: u32,
     epoch: u64,
+    lease: LeaseDeadline,
     mut processor: P,
     shutdown: CancellationToken,
     board: PartitionBoard,
 ) -> Result<(), RuntimeError> {
     processor.set_epoch(epoch);
+    processor.set_lease(lease.clone());
     let p_label = partition.to_string();
     let mut position;
     // Reopened when the input stream turns out to have been replaced while running.
@@ -305,6 +360,7 @@ pub async fn run_partition_at<P: Processor>(
         set_status(&board, partition, |s| s.state = PartitionState::Recovering);
         let started = Instant::now();
         position = loop {
+            self_fence(&lease, partition, epoch, &board)?;
             match processor.open(partition).await {
                 Ok(pos) => break pos,
                 Err(ProcessError::Fenced(m)) => {
@@ -323,6 +379,7 @@ pub async fn run_partition_at<P: Processor>(
         metrics::gauge!("kappa_recovery_seconds", "partition" => p_label.clone()).set(recovery);
         tracing::info!(
             partition,
+            epoch,
             position,
             recovery_secs = recovery,
             "partition open"
@@ -341,7 +398,12 @@ pub async fn run_partition_at<P: Processor>(
             if shutdown.is_cancelled() {
                 break;
             }
-            let mut consumer = match reset_consumer(&js, &cfg, partition, position).await {
+            // A stale owner (resumed after a pause) must not re-create anything.
+            if let Err(e) = self_fence(&lease, partition, epoch, &board) {
+                processor.close().await;
+                return Err(e);
+            }
+            let mut consumer = match reset_consumer(&js, &cfg, partition, epoch, position).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "creating consumer failed; retrying");
@@ -392,15 +454,34 @@ pub async fn run_partition_at<P: Processor>(
                         Ok(c) => c,
                         Err(_) => {
                             // Nothing delivered for a while: make sure that is because there is
-                            // nothing to deliver, not a pull that went astray.
+                            // nothing to deliver, not a pull that went astray or a delivery
+                            // lost on the way (counted as delivered by the server, never
+                            // received here, and never resent with ack policy `none`).
                             match consumer.info().await {
-                                Ok(info) if info.num_pending > 0 => {
-                                    tracing::warn!(partition, pending = info.num_pending,
-                                        "no delivery although inputs are pending; recreating consumer");
+                                Ok(info) => {
+                                    let (pending, sent) =
+                                        (info.num_pending, info.delivered.stream_sequence);
+                                    if let Some(why) = idle_stall(pending, sent, position) {
+                                        tracing::warn!(partition, pending, delivered_upto = sent,
+                                            position, "{why}; recreating consumer at the position");
+                                        metrics::counter!("kappa_consumer_recreated_total")
+                                            .increment(1);
+                                        continue 'consumer;
+                                    }
+                                    continue;
+                                }
+                                Err(e) if matches!(e.kind(),
+                                    ConsumerInfoErrorKind::NotFound
+                                    | ConsumerInfoErrorKind::StreamNotFound) => {
+                                    tracing::warn!(partition, error = %e,
+                                        "the consumer is gone; recreating it");
                                     metrics::counter!("kappa_consumer_recreated_total").increment(1);
                                     continue 'consumer;
                                 }
-                                _ => continue,
+                                Err(e) => {
+                                    tracing::debug!(partition, error = %e, "consumer info failed");
+                                    continue;
+                                }
                             }
                         }
                     },
@@ -464,6 +545,11 @@ pub async fn run_partition_at<P: Processor>(
                     let t0 = Instant::now();
                     let mut backoff = Duration::from_millis(50);
                     loop {
+                        // Never start a batch (or its retry) past the lease deadline.
+                        if let Err(e) = self_fence(&lease, partition, epoch, &board) {
+                            processor.close().await;
+                            return Err(e);
+                        }
                         match processor.process(&inputs).await {
                             Ok(()) => break,
                             Err(ProcessError::Fenced(m)) => {
@@ -533,19 +619,70 @@ pub async fn stream_identity(
     Ok((created, info.state.last_sequence))
 }
 
+/// Why an idle partition's consumer must be re-created, if it must: inputs pending that never
+/// came, or the consumer says it delivered past the committed `position` what never arrived.
+fn idle_stall(pending: u64, delivered_upto: u64, position: u64) -> Option<&'static str> {
+    if pending > 0 {
+        Some("no delivery although inputs are pending")
+    } else if delivered_upto > position {
+        Some("inputs were delivered past the committed position but never received")
+    } else {
+        None
+    }
+}
+
+/// The durable consumer of `partition` under ownership `epoch`.
+fn consumer_name(prefix: &str, partition: u32, epoch: u64) -> String {
+    format!("{prefix}-p{partition}-e{epoch}")
+}
+
+/// True if `name` is a consumer of `partition` of an ownership older than `epoch` (or of the
+/// unversioned name `<prefix>-p<partition>` that came before epochs were in names).
+fn is_older_consumer(name: &str, prefix: &str, partition: u32, epoch: u64) -> bool {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix("-p")) else {
+        return false;
+    };
+    let (p, e) = match rest.split_once("-e") {
+        Some((p, e)) => match e.parse::<u64>() {
+            Ok(e) => (p, Some(e)),
+            Err(_) => return false,
+        },
+        None => (rest, None),
+    };
+    p.parse::<u32>() == Ok(partition) && e.is_none_or(|e| e < epoch)
+}
+
 /// Deletes and recreates the partition's durable consumer so delivery starts right after
-/// `position`, whatever an earlier owner left pending.
+/// `position`, whatever an earlier owner left pending; deletes the consumers of older epochs.
 async fn reset_consumer(
     js: &jetstream::Context,
     cfg: &DriverConfig,
     partition: u32,
+    epoch: u64,
     position: u64,
 ) -> Result<consumer::PullConsumer, RuntimeError> {
     let stream = js
         .get_stream_no_info(&cfg.input.stream)
         .await
         .map_err(RuntimeError::js)?;
-    let name = format!("{}-p{partition}", cfg.consumer_prefix);
+    let name = consumer_name(&cfg.consumer_prefix, partition, epoch);
+    // Older owners' consumers: a stale owner's pull must end now, not when it times out.
+    let names: Vec<Result<String, String>> = stream
+        .consumer_names()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect()
+        .await;
+    for old in names.into_iter().flatten() {
+        if is_older_consumer(&old, &cfg.consumer_prefix, partition, epoch) {
+            match stream.delete_consumer(&old).await {
+                Ok(_) => {
+                    tracing::info!(partition, consumer = %old, "deleted an older owner's consumer")
+                }
+                Err(e) => tracing::warn!(partition, consumer = %old, error = %e,
+                    "deleting an older owner's consumer failed (it expires when inactive)"),
+            }
+        }
+    }
     // Missing is fine: the point is that no stale cursor survives.
     let _ = stream.delete_consumer(&name).await;
     stream
@@ -561,6 +698,7 @@ async fn reset_consumer(
             // (An ack per batch was one more message per reading for nats-server when batches
             // are small, that is at every rate below saturation.)
             ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: CONSUMER_INACTIVE,
             ..Default::default()
         })
         .await
@@ -599,6 +737,41 @@ mod tests {
             original_subject("thermo.readings", "thermo.readings.3.s-1"),
             "thermo.readings.s-1"
         );
+    }
+
+    #[test]
+    fn idle_stall_compares_deliveries_with_the_position() {
+        assert_eq!(idle_stall(0, 10, 10), None);
+        assert!(idle_stall(3, 10, 10).is_some());
+        // Delivered up to 12 but committed 10, nothing in flight: 11 and 12 were lost.
+        assert!(idle_stall(0, 12, 10).is_some());
+        // A fresh consumer at the position has delivered nothing yet.
+        assert_eq!(idle_stall(0, 0, 10), None);
+    }
+
+    #[test]
+    fn consumers_are_named_by_epoch_and_older_ones_recognised() {
+        assert_eq!(consumer_name("td", 3, 7), "td-p3-e7");
+        assert!(is_older_consumer("td-p3-e6", "td", 3, 7));
+        assert!(
+            is_older_consumer("td-p3", "td", 3, 7),
+            "the unversioned name"
+        );
+        assert!(!is_older_consumer("td-p3-e7", "td", 3, 7), "its own");
+        assert!(
+            !is_older_consumer("td-p3-e8", "td", 3, 7),
+            "a newer owner's"
+        );
+        assert!(
+            !is_older_consumer("td-p30-e1", "td", 3, 7),
+            "another partition"
+        );
+        assert!(
+            !is_older_consumer("td-x-p3-e1", "td", 3, 7),
+            "another service"
+        );
+        assert!(!is_older_consumer("td-p3-eX", "td", 3, 7));
+        assert!(!is_older_consumer("view-builder-p3-e1", "td", 3, 7));
     }
 
     #[test]

@@ -326,6 +326,7 @@ where
                         driver,
                         p,
                         g.epoch,
+                        g.lease,
                         make(p),
                         g.stop,
                         board.clone(),
