@@ -22,6 +22,11 @@ pub enum RuntimeError {
     /// Another instance owns what we tried to change.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The store no longer holds what this owner last committed there: it was wiped,
+    /// restarted empty, rolled back (an AOF `everysec` tail lost, a failover to a lagging
+    /// replica) or replaced. The partition must be opened again (recovering from the streams).
+    #[error("store lost: {0}")]
+    StoreLost(String),
     /// A view's store failed or refused (see [`crate::view::View`]).
     #[error("view store: {0}")]
     View(String),

@@ -210,12 +210,17 @@ pub enum ProcessError {
     /// Another instance owns the partition now: stop processing it.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The working or view store no longer holds what this owner committed there (wiped,
+    /// restarted empty, rolled back): reopen the partition, which recovers from the streams.
+    #[error("store lost: {0}")]
+    StoreLost(String),
 }
 
 impl From<RuntimeError> for ProcessError {
     fn from(e: RuntimeError) -> Self {
         match e {
             RuntimeError::Fenced(m) => Self::Fenced(m),
+            RuntimeError::StoreLost(m) => Self::StoreLost(m),
             other => Self::Transient(other.to_string()),
         }
     }
@@ -267,6 +272,9 @@ pub struct PartitionStatus {
     pub lag: u64,
     /// Seconds the last recovery (`open`) took.
     pub recovery_secs: f64,
+    /// Times the store was found lost or rolled back under this partition (each one reopened
+    /// it); the partition shows `recovering` while it reopens.
+    pub store_lost: u64,
 }
 
 /// Shared view of this instance's partitions (for `/healthz`).
@@ -355,7 +363,8 @@ pub async fn run_partition_at<P: Processor>(
     processor.set_lease(lease.clone());
     let p_label = partition.to_string();
     let mut position;
-    // Reopened when the input stream turns out to have been replaced while running.
+    // Reopened when the input stream turns out to have been replaced while running, or when
+    // the store turns out to have lost what was committed (`ProcessError::StoreLost`).
     'open: loop {
         set_status(&board, partition, |s| s.state = PartitionState::Recovering);
         let started = Instant::now();
@@ -367,7 +376,7 @@ pub async fn run_partition_at<P: Processor>(
                     set_status(&board, partition, |s| s.state = PartitionState::Fenced);
                     return Err(RuntimeError::Fenced(m));
                 }
-                Err(ProcessError::Transient(m)) => {
+                Err(ProcessError::Transient(m) | ProcessError::StoreLost(m)) => {
                     tracing::warn!(partition, error = %m, "opening partition failed; retrying");
                     if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
                         return Ok(());
@@ -557,6 +566,19 @@ pub async fn run_partition_at<P: Processor>(
                                 set_status(&board, partition, |s| s.state = PartitionState::Fenced);
                                 processor.close().await;
                                 return Err(RuntimeError::Fenced(m));
+                            }
+                            Err(ProcessError::StoreLost(m)) => {
+                                // Whatever the store lost, the streams still hold: reopening
+                                // restores the partition from what the store kept (or from
+                                // snapshots) and refolds the rest from the outcome logs, then
+                                // delivery restarts after the position the store holds.
+                                metrics::counter!("kappa_store_lost_total",
+                                    "partition" => p_label.clone())
+                                .increment(1);
+                                tracing::error!(partition, position, error = %m,
+                                    "the store lost what this partition committed; reopening it to recover from the streams");
+                                set_status(&board, partition, |s| s.store_lost += 1);
+                                continue 'open;
                             }
                             Err(ProcessError::Transient(m)) => {
                                 metrics::counter!("kappa_batch_retries_total").increment(1);

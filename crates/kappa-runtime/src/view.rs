@@ -121,6 +121,13 @@ pub enum Applied {
     Skipped,
     /// A newer epoch owns the partition: the runtime stops it.
     Fenced,
+    /// The store's position is below [`Batch::previous`]: it lost writes it acknowledged
+    /// (wiped, restarted empty, rolled back). Nothing was written; the runtime reopens the
+    /// partition, which replays the change log from the position the store still holds.
+    Lost {
+        /// The position the store holds.
+        stored: u64,
+    },
 }
 
 /// The outcome of [`View::swap`].
@@ -161,6 +168,11 @@ pub struct Batch<'a, C, R> {
     /// The last input sequence of the batch (undecodable inputs included): store it with the
     /// data, and skip the batch if the stored position is already at or beyond it.
     pub position: u64,
+    /// The position this writer knows the store holds (the one it opened at or last stored).
+    /// A store whose position is *below* it lost acknowledged writes: answer
+    /// [`Applied::Lost`] without writing. (Above it is legitimate: a rebuilt generation that
+    /// got further was swapped in.)
+    pub previous: u64,
     /// The decoded changes, in stream order (possibly none, when every input was rejected).
     pub items: Vec<Item<'a, C, R>>,
 }
@@ -195,8 +207,9 @@ pub trait View: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Opened, Self::Error>> + Send;
 
     /// Folds `batch` into `target` and stores `batch.position` with it, in one atomic write,
-    /// unless the stored epoch is newer ([`Applied::Fenced`]) or the stored position is at or
-    /// beyond `batch.position` ([`Applied::Skipped`]).
+    /// unless the stored epoch is newer ([`Applied::Fenced`]), the stored position is below
+    /// `batch.previous` ([`Applied::Lost`]) or at or beyond `batch.position`
+    /// ([`Applied::Skipped`]).
     fn apply(
         &self,
         target: &Target,
@@ -455,6 +468,7 @@ impl<V: View> ViewService<V> {
                 shared: shared.clone(),
                 partition: p,
                 epoch: 0,
+                position: 0,
             }
         })
         .await;
@@ -492,6 +506,8 @@ struct ViewProcessor<V: View> {
     shared: Arc<Shared<V>>,
     partition: u32,
     epoch: u64,
+    /// The position the store holds as far as this writer knows (opened at, or last stored).
+    position: u64,
 }
 
 impl<V: View> ViewProcessor<V> {
@@ -550,7 +566,10 @@ impl<V: View> Processor for ViewProcessor<V> {
             .await
             .map_err(transient)?
         {
-            Opened::At(position) => Ok(position),
+            Opened::At(position) => {
+                self.position = position;
+                Ok(position)
+            }
             Opened::Fenced => Err(ProcessError::Fenced(format!(
                 "partition {partition} has a newer writer than epoch {}",
                 self.epoch
@@ -621,6 +640,7 @@ impl<V: View> Processor for ViewProcessor<V> {
                     partition,
                     epoch: self.epoch,
                     position,
+                    previous: self.position,
                     items,
                 },
             )
@@ -632,11 +652,28 @@ impl<V: View> Processor for ViewProcessor<V> {
                 "partition {partition} was taken over (epoch {} is stale)",
                 self.epoch
             ))),
+            Applied::Lost { stored } => {
+                // The view lost what this writer stored: replay the change log from what it
+                // still holds (from sequence 1 after a wipe), as the driver reopens it.
+                metrics::counter!("kappa_views_store_lost_total").increment(1);
+                tracing::error!(
+                    partition,
+                    stored,
+                    written = self.position,
+                    "the view store lost writes (wiped, restarted empty or rolled back); rebuilding the partition from the change log"
+                );
+                Err(ProcessError::StoreLost(format!(
+                    "view partition {partition} holds position {stored}, below {} stored before",
+                    self.position
+                )))
+            }
             Applied::Skipped => {
                 metrics::counter!("kappa_views_replayed_batches_total").increment(1);
+                self.position = self.position.max(position);
                 Ok(())
             }
             Applied::Committed(announcements) => {
+                self.position = position;
                 metrics::counter!("kappa_views_applied_total").increment(n);
                 metrics::counter!("kappa_views_batches_total").increment(1);
                 // 4. Announce, after the commit.
@@ -765,6 +802,7 @@ impl<V: View> Rebuild<V> {
         &self,
         pending: &mut Pending<V::Change>,
         last_seen: &mut BTreeMap<u32, u64>,
+        stored: &mut BTreeMap<u32, u64>,
     ) -> Result<u64, RuntimeError> {
         let target = Target::Generation(self.generation.clone());
         let mut applied = 0;
@@ -786,18 +824,31 @@ impl<V: View> Rebuild<V> {
                     reference: Lookup::NotObserved,
                 })
                 .collect();
+            let previous = stored.get(&p).copied().unwrap_or(0);
             let batch = Batch {
                 partition: p,
                 epoch: 0,
                 position,
+                previous,
                 items,
             };
-            let outcome = self.view.apply(&target, batch).await.map_err(store_error)?;
-            if outcome == Applied::Fenced {
-                return Err(RuntimeError::Fenced(format!(
-                    "generation {} partition {p} has another writer",
-                    self.generation
-                )));
+            match self.view.apply(&target, batch).await.map_err(store_error)? {
+                Applied::Fenced => {
+                    return Err(RuntimeError::Fenced(format!(
+                        "generation {} partition {p} has another writer",
+                        self.generation
+                    )));
+                }
+                Applied::Lost { stored: at } => {
+                    metrics::counter!("kappa_views_store_lost_total").increment(1);
+                    return Err(RuntimeError::StoreLost(format!(
+                        "generation {} partition {p} holds position {at}, below {previous} written by this rebuild",
+                        self.generation
+                    )));
+                }
+                Applied::Committed(_) | Applied::Skipped => {
+                    stored.insert(p, previous.max(position));
+                }
             }
         }
         Ok(applied)
@@ -822,6 +873,7 @@ impl<V: View> Rebuild<V> {
         let batch = self.options.batch.max(1);
         let mut pending: Pending<V::Change> = BTreeMap::new();
         let mut last_seen: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut written: BTreeMap<u32, u64> = BTreeMap::new();
         let mut buffered = 0usize;
         let (mut applied, mut skipped) = (0u64, 0u64);
         let mut stalled_since: Option<Instant> = None;
@@ -867,7 +919,9 @@ impl<V: View> Rebuild<V> {
                         skipped += 1;
                     }
                     if buffered >= batch || drained {
-                        applied += self.flush(&mut pending, &mut last_seen).await?;
+                        applied += self
+                            .flush(&mut pending, &mut last_seen, &mut written)
+                            .await?;
                         buffered = 0;
                     }
                 }
@@ -880,7 +934,9 @@ impl<V: View> Rebuild<V> {
                 None => {}
             }
             if drained {
-                applied += self.flush(&mut pending, &mut last_seen).await?;
+                applied += self
+                    .flush(&mut pending, &mut last_seen, &mut written)
+                    .await?;
                 buffered = 0;
                 match self
                     .view

@@ -34,7 +34,9 @@ pub trait WorkingState: Send + Sync + 'static {
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>>;
     /// Atomically stores `writes` and moves the partition's position to `position`. Fails with
-    /// [`RuntimeError::Fenced`] if a newer epoch took the partition over.
+    /// [`RuntimeError::Fenced`] if a newer epoch took the partition over, and with
+    /// [`RuntimeError::StoreLost`] if the store no longer holds what this owner opened and
+    /// committed (wiped, restarted empty, rolled back): the caller must `open` it again.
     fn commit(
         &self,
         partition: u32,

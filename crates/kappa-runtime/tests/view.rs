@@ -106,7 +106,11 @@ impl View for Sums {
             if gen_.epochs.get(&p).copied().unwrap_or(0) > batch.epoch {
                 return Applied::Fenced;
             }
-            if gen_.positions.get(&p).copied().unwrap_or(0) >= batch.position {
+            let stored = gen_.positions.get(&p).copied().unwrap_or(0);
+            if stored < batch.previous {
+                return Applied::Lost { stored };
+            }
+            if stored >= batch.position {
                 return Applied::Skipped;
             }
             let mut out = Vec::new();

@@ -171,7 +171,7 @@ impl View for SensorViews {
                 target,
                 batch.partition,
                 batch.epoch,
-                batch.position,
+                (batch.previous, batch.position),
                 self.history_len,
                 &updates,
                 &metas,
@@ -180,6 +180,7 @@ impl View for SensorViews {
         Ok(match applied {
             store::Applied::Fenced => Applied::Fenced,
             store::Applied::Skipped => Applied::Skipped,
+            store::Applied::Lost { stored } => Applied::Lost { stored },
             store::Applied::Changed(views) => Applied::Committed(announcements(&views)),
         })
     }

@@ -25,8 +25,11 @@ return {redis.call('HGET', P .. 'positions', part) or '0', gen}
 ";
 
 /// One batch of one partition. ARGV: gen, partition, epoch, last seq, history length,
-/// number of sensors, then per sensor: id, seq, delta JSON, score, meta JSON, meta version,
-/// meta site, number of history points, then (seq, JSON) per point.
+/// number of sensors, the position the writer knows is stored, then per sensor: id, seq, delta
+/// JSON, score, meta JSON, meta version, meta site, number of history points, then (seq, JSON)
+/// per point. Answers {'-1', gen} fenced, {'-2', gen, stored position} lost (the stored
+/// position is below the writer's: wiped or rolled back), {'0', gen} a replay, else
+/// {'1', gen, (id, meta)...}.
 const APPLY: &str = r"
 local part = ARGV[2]
 local epoch = tonumber(ARGV[3])
@@ -36,9 +39,10 @@ local n = tonumber(ARGV[6])
 local cur_epoch = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
 if cur_epoch > epoch then return {'-1', gen} end
 local pos = tonumber(redis.call('HGET', P .. 'positions', part) or '0')
+if pos < tonumber(ARGV[7]) then return {'-2', gen, tostring(pos)} end
 if last <= pos then return {'0', gen} end
 local out = {'1', gen}
-local i = 7
+local i = 8
 for s = 1, n do
   local id = ARGV[i]
   local seq = tonumber(ARGV[i + 1])
@@ -174,6 +178,12 @@ pub enum Applied {
     Fenced,
     /// The batch was applied already (a replay).
     Skipped,
+    /// The store holds an older position than the writer stored (wiped or rolled back):
+    /// nothing was written.
+    Lost {
+        /// The position the store holds.
+        stored: u64,
+    },
     /// Applied; the changed sensors' views.
     Changed(Vec<SensorView>),
 }
@@ -265,13 +275,15 @@ impl Store {
 
     /// Applies one batch of `partition` whose last input has sequence `last_seq`, atomically
     /// with the partition's position; `metas[i]` is the registry's metadata of `updates[i]`.
+    /// `previous` is the position the caller knows is stored (opened at or written last): a
+    /// store below it lost writes ([`Applied::Lost`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn apply(
         &self,
         target: &Target,
         partition: u32,
         epoch: u64,
-        last_seq: u64,
+        (previous, last_seq): (u64, u64),
         history_len: usize,
         updates: &[SensorUpdate],
         metas: &[Option<SensorMeta>],
@@ -282,7 +294,8 @@ impl Store {
             .arg(epoch)
             .arg(last_seq)
             .arg(history_len.max(1))
-            .arg(updates.len());
+            .arg(updates.len())
+            .arg(previous);
         let mut deltas = std::collections::HashMap::new();
         for (i, u) in updates.iter().enumerate() {
             let meta = SensorMeta::newest(
@@ -312,6 +325,10 @@ impl Store {
         let r: Vec<String> = inv.invoke_async(&mut conn).await?;
         match r.first().map(String::as_str) {
             Some("-1") => return Ok(Applied::Fenced),
+            Some("-2") => {
+                let stored = r.get(2).map_or(Ok(0), |s| parse_u64(s))?;
+                return Ok(Applied::Lost { stored });
+            }
             Some("0") => return Ok(Applied::Skipped),
             Some("1") => {}
             other => return Err(StoreError::Protocol(format!("apply answered {other:?}"))),

@@ -51,7 +51,7 @@ async fn apply(
     let ups = fold_batch(items, 3);
     let metas = vec![None; ups.len()];
     store
-        .apply(target, p, epoch, last, 3, &ups, &metas)
+        .apply(target, p, epoch, (0, last), 3, &ups, &metas)
         .await
         .expect("apply")
 }
@@ -212,4 +212,17 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
         .await
         .expect("keys");
     assert!(left.is_empty());
+
+    // A store that lost what a writer stored (wiped, rolled back) says so and writes nothing.
+    let ups = fold_batch(vec![(11, delta("b", "lab", 1.0, 111, 1))], 3);
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut c)
+        .await
+        .expect("flush");
+    let r = store
+        .apply(&active, 0, 20, (10, 11), 3, &ups, &[None])
+        .await
+        .expect("apply");
+    assert_eq!(r, Applied::Lost { stored: 0 });
+    assert!(store.sensors().await.expect("all").views.is_empty());
 }

@@ -1,7 +1,10 @@
 //! `affinity` working state: a Redis colocated with the instance (typically a sidecar reached
 //! over a unix socket), so a compute crash recovers from it without replaying anything. It is
 //! also snapshotted like `local`: if the colocated store was lost with the compute, `open`
-//! restores the partition from the stream snapshot and the driver replays after it.
+//! restores the partition from the stream snapshot and the driver replays after it. A store
+//! restarted empty (or rolled back) *while* the instance runs is found out by the next commit
+//! ([`RedisState`]'s incarnation and previous-position check), and the partition is reopened
+//! the same way.
 //!
 //! The colocated store is this instance's alone, so its epoch check cannot fence another
 //! instance: the snapshot marker does ([`super::snapshot`]). `open` claims it under the new
@@ -53,8 +56,11 @@ impl WorkingState for AffinityState {
                     "affinity store is behind the stream snapshot; restoring from the snapshot"
                 );
             }
+            // The colocated store does not hold the partition: lost with the instance, or
+            // restarted empty while it ran (a commit found it out, and the driver reopened).
             let (position, entries) = self.snapshots.recover(partition).await?;
-            tracing::info!(
+            metrics::counter!("kappa_affinity_restores_total").increment(1);
+            tracing::warn!(
                 partition,
                 position,
                 keys = entries.len(),

@@ -1,7 +1,28 @@
 //! `remote` working state: Redis over the network. Per partition, a hash of values and a meta
-//! hash `{position, epoch}`; a batch commits in one Lua call that checks the epoch (fencing) and
-//! the position (idempotency) before writing. Keys share a hash tag per partition, so the
-//! layout also works on Redis Cluster.
+//! hash `{position, epoch, incarnation}`; a batch commits in one Lua call that checks the epoch
+//! (fencing), the incarnation and the position before writing. Keys share a hash tag per
+//! partition, so the layout also works on Redis Cluster.
+//!
+//! # A store that loses writes
+//!
+//! Redis can lose what it acknowledged while the service runs: restarted without persistence
+//! (the affinity sidecar), `FLUSHALL`, a failover to a lagging replica, the last second of an
+//! AOF written with `appendfsync everysec`. The owner of a partition therefore remembers, per
+//! partition it opened, the *incarnation* of the partition's meta hash (a random id written
+//! once, when the hash is created, and learned at `open`) and the position it last committed.
+//! A commit goes through only if the store still holds both (or already holds the very commit,
+//! retried after its reply was lost); otherwise it fails with [`RuntimeError::StoreLost`] and
+//! the driver reopens the partition, which recovers from the streams (the change log is the
+//! truth, the store its cache; see [`crate::engine`]).
+//!
+//! A wipe also erases the fencing epoch, so a stale owner that reopens after it is accepted by
+//! the store again. That does not make it able to do harm: every outcome it appends is fenced
+//! by the entity's last change-log sequence it folded (`Nats-Expected-Last-Subject-Sequence`)
+//! and deduplicated by input, so the change log stays one linear history per entity whoever
+//! writes it, and an input decided by one owner is recognised as decided by the other. In the
+//! store, the stale owner's open writes its (lower) epoch and, the hash being new, a new
+//! incarnation: the rightful owner's next commit sees the incarnation changed, reopens with its
+//! higher epoch, and from then on the stale owner is fenced again.
 
 use std::time::Instant;
 
@@ -12,6 +33,9 @@ use redis::aio::ConnectionManager;
 use super::{WorkingState, Write, observe};
 use crate::RuntimeError;
 
+/// ARGV: epoch, new position, incarnation, previous position, then (key, value) pairs.
+/// Returns 1 committed, 0 already committed (a retry), -1 fenced, -2 incarnation gone or
+/// changed, -3 the stored position is not the previous one.
 const COMMIT: &str = r"
 local meta = KEYS[1]
 local data = KEYS[2]
@@ -19,32 +43,63 @@ local epoch = tonumber(ARGV[1])
 local pos = tonumber(ARGV[2])
 local cur_epoch = tonumber(redis.call('HGET', meta, 'epoch') or '0')
 if cur_epoch > epoch then return -1 end
+if redis.call('HGET', meta, 'incarnation') ~= ARGV[3] then return -2 end
 local cur_pos = tonumber(redis.call('HGET', meta, 'position') or '0')
-if pos <= cur_pos then return 0 end
-for i = 3, #ARGV, 2 do
+if cur_pos == pos then return 0 end
+if cur_pos ~= tonumber(ARGV[4]) then return -3 end
+for i = 5, #ARGV, 2 do
   redis.call('HSET', data, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', meta, 'position', ARGV[2], 'epoch', ARGV[1])
 return 1
 ";
 
+/// ARGV: epoch, a fresh incarnation (kept only if the hash has none). Returns
+/// {position, incarnation}, or {-1} when fenced.
 const OPEN: &str = r"
 local meta = KEYS[1]
 local epoch = tonumber(ARGV[1])
 local cur_epoch = tonumber(redis.call('HGET', meta, 'epoch') or '0')
-if cur_epoch > epoch then return -1 end
+if cur_epoch > epoch then return {-1, false} end
+redis.call('HSETNX', meta, 'incarnation', ARGV[2])
 redis.call('HSET', meta, 'epoch', ARGV[1])
-return tonumber(redis.call('HGET', meta, 'position') or '0')
+return {tonumber(redis.call('HGET', meta, 'position') or '0'), redis.call('HGET', meta, 'incarnation')}
 ";
 
+/// ARGV: epoch, position, incarnation. Returns 1, -1 fenced, -2 incarnation gone or changed.
 const REBASE: &str = r"
 local meta = KEYS[1]
 local epoch = tonumber(ARGV[1])
 local cur_epoch = tonumber(redis.call('HGET', meta, 'epoch') or '0')
 if cur_epoch > epoch then return -1 end
+if redis.call('HGET', meta, 'incarnation') ~= ARGV[3] then return -2 end
 redis.call('HSET', meta, 'position', ARGV[2], 'epoch', ARGV[1])
 return 1
 ";
+
+/// What an owner expects the store to hold for a partition it opened.
+#[derive(Debug, Clone)]
+struct Expected {
+    incarnation: String,
+    position: u64,
+}
+
+/// A new random incarnation id: the process's randomly keyed hasher over the time and a
+/// counter (unique per call in a process, and unguessable across processes).
+fn new_incarnation() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now);
+    h.write_u64(n);
+    h.write_u32(std::process::id());
+    format!("{:016x}{:08x}{n:x}", h.finish(), std::process::id())
+}
 
 /// Redis-backed working state (`remote`, and the store of `affinity`).
 #[derive(Clone)]
@@ -55,6 +110,8 @@ pub struct RedisState {
     commit: redis::Script,
     open: redis::Script,
     rebase: redis::Script,
+    /// Per partition opened: the incarnation and position the store must still hold.
+    expected: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, Expected>>>,
 }
 
 /// Connects to `url` (checking it answers PING) with a clear error.
@@ -96,7 +153,29 @@ impl RedisState {
             commit: redis::Script::new(COMMIT),
             open: redis::Script::new(OPEN),
             rebase: redis::Script::new(REBASE),
+            expected: Default::default(),
         }
+    }
+
+    fn expect(&self, partition: u32, e: Option<Expected>) {
+        if let Ok(mut m) = self.expected.lock() {
+            match e {
+                Some(e) => m.insert(partition, e),
+                None => m.remove(&partition),
+            };
+        }
+    }
+
+    fn expected(&self, partition: u32) -> Option<Expected> {
+        self.expected.lock().ok()?.get(&partition).cloned()
+    }
+
+    fn lost(&self, partition: u32, why: &str) -> RuntimeError {
+        self.expect(partition, None);
+        RuntimeError::StoreLost(format!(
+            "{} store of {} partition {partition}: {why}",
+            self.kind, self.namespace
+        ))
     }
 
     fn meta_key(&self, p: u32) -> String {
@@ -123,18 +202,27 @@ impl WorkingState for RedisState {
     fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let r: i64 = self
+            let (r, incarnation): (i64, Option<String>) = self
                 .open
                 .key(self.meta_key(partition))
                 .arg(epoch)
+                .arg(new_incarnation())
                 .invoke_async(&mut conn)
                 .await?;
-            if r < 0 {
+            let (Ok(position), Some(incarnation)) = (u64::try_from(r), incarnation) else {
+                self.expect(partition, None);
                 return Err(RuntimeError::Fenced(format!(
                     "partition {partition} has a newer epoch than {epoch}"
                 )));
-            }
-            Ok(u64::try_from(r).unwrap_or(0))
+            };
+            self.expect(
+                partition,
+                Some(Expected {
+                    incarnation,
+                    position,
+                }),
+            );
+            Ok(position)
         })
     }
 
@@ -168,27 +256,54 @@ impl WorkingState for RedisState {
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
             let t = Instant::now();
+            let Some(expected) = self.expected(partition) else {
+                return Err(self.lost(partition, "not opened (or lost before)"));
+            };
             let mut conn = self.conn.clone();
             let mut inv = self.commit.prepare_invoke();
             inv.key(self.meta_key(partition))
                 .key(self.data_key(partition))
                 .arg(epoch)
-                .arg(position);
+                .arg(position)
+                .arg(&expected.incarnation)
+                .arg(expected.position);
             for (k, v) in &writes {
                 inv.arg(k.as_str()).arg(v.as_ref());
             }
             let r: i64 = inv.invoke_async(&mut conn).await?;
             observe(self.kind, "commit", t);
-            if r < 0 {
-                return Err(RuntimeError::Fenced(format!(
+            match r {
+                -1 => Err(RuntimeError::Fenced(format!(
                     "partition {partition} was taken over (epoch {epoch} is stale)"
-                )));
+                ))),
+                -2 => Err(self.lost(
+                    partition,
+                    "its meta hash is gone or was created again (wiped, restarted empty, failed over)",
+                )),
+                -3 => Err(self.lost(
+                    partition,
+                    &format!(
+                        "it no longer holds position {} committed last (rolled back)",
+                        expected.position
+                    ),
+                )),
+                _ => {
+                    self.expect(
+                        partition,
+                        Some(Expected {
+                            position,
+                            ..expected
+                        }),
+                    );
+                    Ok(())
+                }
             }
-            Ok(())
         })
     }
 
     fn close(&self, _partition: u32) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        // What is expected stays: the next `open` replaces it, and forgetting it here could
+        // race a reopen of the same partition in this process.
         Box::pin(async { Ok(()) })
     }
 
@@ -199,20 +314,37 @@ impl WorkingState for RedisState {
         position: u64,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
+            let Some(expected) = self.expected(partition) else {
+                return Err(self.lost(partition, "not opened (or lost before)"));
+            };
             let mut conn = self.conn.clone();
             let r: i64 = self
                 .rebase
                 .key(self.meta_key(partition))
                 .arg(epoch)
                 .arg(position)
+                .arg(&expected.incarnation)
                 .invoke_async(&mut conn)
                 .await?;
-            if r < 0 {
-                return Err(RuntimeError::Fenced(format!(
+            match r {
+                -1 => Err(RuntimeError::Fenced(format!(
                     "partition {partition} was taken over (epoch {epoch} is stale)"
-                )));
+                ))),
+                -2 => Err(self.lost(
+                    partition,
+                    "its meta hash is gone or was created again (wiped, restarted empty, failed over)",
+                )),
+                _ => {
+                    self.expect(
+                        partition,
+                        Some(Expected {
+                            position,
+                            ..expected
+                        }),
+                    );
+                    Ok(())
+                }
             }
-            Ok(())
         })
     }
 
@@ -222,7 +354,8 @@ impl WorkingState for RedisState {
 }
 
 impl RedisState {
-    /// Writes a recovered partition unconditionally (used by `affinity` after losing its store).
+    /// Writes a recovered partition unconditionally (used by `affinity` after losing its store),
+    /// under a new incarnation, and expects it from now on.
     pub async fn restore(
         &self,
         partition: u32,
@@ -241,11 +374,24 @@ impl RedisState {
                 .collect();
             pipe.hset_multiple(self.data_key(partition), &items);
         }
+        let incarnation = new_incarnation();
+        pipe.del(self.meta_key(partition));
         pipe.hset_multiple(
             self.meta_key(partition),
-            &[("position", position), ("epoch", epoch)],
+            &[
+                ("position", position.to_string()),
+                ("epoch", epoch.to_string()),
+                ("incarnation", incarnation.clone()),
+            ],
         );
         let _: () = pipe.query_async(&mut conn).await?;
+        self.expect(
+            partition,
+            Some(Expected {
+                incarnation,
+                position,
+            }),
+        );
         Ok(())
     }
 }
