@@ -182,11 +182,12 @@ impl Hosts {
             "127.0.0.1".into(),
             "-p".into(),
             np.to_string(),
-            "-sd".into(),
-            js_dir.display().to_string(),
         ];
-        if durability.nats_sync_always {
-            // Only a configuration file can set it; the flags above override the rest.
+        if !durability.nats_sync_always {
+            nats_args.extend(["-sd".to_string(), js_dir.display().to_string()]);
+        } else {
+            // Only a configuration file sets it, with the store folder (nats-server refuses
+            // `-sd` beside a `store_dir`).
             let conf = data.join("nats-strict.conf");
             std::fs::write(
                 &conf,
