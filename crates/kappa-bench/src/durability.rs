@@ -22,6 +22,11 @@ use crate::services::{self, Ctx, TdCase};
 /// The section's name in `BENCHMARKS.md`.
 pub const SECTION: &str = "durability";
 
+/// A throughput figure of a round, by name.
+type RateOf = (&'static str, fn(&Round) -> Option<f64>);
+/// A latency figure of a round, by name.
+type LatOf = (&'static str, fn(&Round) -> Option<Lat>);
+
 /// One round's figures.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 struct Round {
@@ -208,7 +213,7 @@ pub async fn run(
         |d: Durability, f: fn(&Round) -> Option<Lat>| median_lat(of(d).filter_map(f).collect());
     let (def, strict) = (Durability::Default, Durability::Strict);
     let mut rows: Vec<Vec<String>> = Vec::new();
-    let rates: [(&str, fn(&Round) -> Option<f64>); 3] = [
+    let rates: [RateOf; 3] = [
         (
             "JetStream async publish, 1024 acks in flight (msgs/s; baseline 1)",
             |r| r.raw_publish_per_s,
@@ -233,7 +238,7 @@ pub async fn run(
         ]);
         json_rows.push(json!({"measure": name, "default": a, "strict": b}));
     }
-    let lats: [(&str, fn(&Round) -> Option<Lat>); 2] = [
+    let lats: [LatOf; 2] = [
         (
             "one hop publish -> pull consumer at 500 msgs/s (baseline 4)",
             |r| r.one_hop,
@@ -304,11 +309,11 @@ pub async fn run(
             errors.join("; ")
         ));
     }
-    body.push_str(&format!(
+    body.push_str(
         "Reproduce: `cargo build --release --bins && cargo run --release -p kappa-bench -- durability` \
          (`--readings N` to change N; writes only this section of BENCHMARKS.md and the key \
-         `durability` of benchmarks.json).\n\n"
-    ));
+         `durability` of benchmarks.json).\n\n",
+    );
     print!("{body}");
     std::fs::create_dir_all(&out)?;
     splice_section(&out.join("BENCHMARKS.md"), SECTION, &body)?;
