@@ -10,10 +10,14 @@
 //! silent fallback. With `env`, tests wipe the servers' streams and keys. Either way DAG tests
 //! run one at a time.
 
+pub mod hosts;
+pub mod matrix;
 pub mod oracle;
 pub mod procs;
 pub mod proxy;
+pub mod race;
 pub mod secured;
+pub mod views;
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +43,8 @@ pub struct Servers {
     pub nats_url: String,
     /// Redis URL to give the services.
     pub redis_url: String,
-    /// `docker`, `env`, `cluster` ([`nats_cluster`]) or `secured` ([`secured::secured_nats`]).
+    /// `docker`, `env`, `cluster` ([`nats_cluster`]), `hosts` ([`hosts::Hosts`]) or `secured`
+    /// ([`secured::secured_nats`]).
     pub backend: &'static str,
     _nats: Option<ContainerAsync<GenericImage>>,
     _redis: Option<ContainerAsync<GenericImage>>,
@@ -393,72 +398,159 @@ pub struct Verified {
     pub latest: std::collections::HashMap<String, serde_json::Value>,
 }
 
-/// Invariants 1-3: every reading yields exactly one delta or one dead letter, no delta is
-/// doubled, deltas equal the oracle, and each sensor's deltas follow its readings' order.
-pub async fn verify_exactly_once(js: &jetstream::Context) -> Verified {
+/// What [`judge`] found: the counts of a fault-matrix row and what each failure was.
+#[derive(Debug, Default)]
+pub struct Judged {
+    /// The outcomes, as [`verify_exactly_once`] reports them (those that could be judged).
+    pub verified: Verified,
+    /// Readings stored in `READINGS` with no delta and no dead letter.
+    pub lost: usize,
+    /// Outcomes beyond the first of a reading (a second delta or dead letter).
+    pub doubled: usize,
+    /// Outcomes that differ from the oracle, belong to no stored reading, or break a sensor's
+    /// order.
+    pub wrong: usize,
+    /// One line per failure (the first few are enough to debug).
+    pub problems: Vec<String>,
+}
+
+impl Judged {
+    /// No input lost, doubled or wrong.
+    pub fn exact(&self) -> bool {
+        self.lost + self.doubled + self.wrong == 0
+    }
+}
+
+/// Judges every delta and dead letter against the oracle, counting instead of stopping at the
+/// first failure (the fault matrix reports the counts): only readings actually stored in
+/// `READINGS` are judged, each must yield exactly one delta or one dead letter equal to the
+/// oracle's, and each sensor's deltas follow its readings' order.
+pub async fn judge(js: &jetstream::Context) -> Judged {
     let readings = read_stream(js, "READINGS").await;
     let deltas = read_stream(js, "DELTAS").await;
     let dlq = read_stream(js, "DLQ").await;
     let sensors = registry_sensors(js).await;
     let expected = oracle::expected(&readings, &sensors);
     let mut seen: std::collections::HashMap<u64, &'static str> = std::collections::HashMap::new();
-    let mut v = Verified {
-        readings: readings.len(),
+    let mut j = Judged {
+        verified: Verified {
+            readings: readings.len(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut last_source_per_sensor: std::collections::HashMap<String, u64> =
         std::collections::HashMap::new();
     for d in &deltas {
-        let j: serde_json::Value = serde_json::from_slice(&d.payload).expect("delta json");
-        let src = j["source_seq"].as_u64().expect("source_seq");
-        assert!(
-            seen.insert(src, "delta").is_none(),
-            "reading {src} has two outcomes (delta doubled): {j}"
-        );
-        let exp = expected
-            .get(&src)
-            .unwrap_or_else(|| panic!("delta for unknown reading {src}"));
-        if let Err(e) = oracle::check_delta(&j, exp) {
-            panic!("delta for reading {src} differs from the oracle: {e}");
+        let Ok(delta) = serde_json::from_slice::<serde_json::Value>(&d.payload) else {
+            j.wrong += 1;
+            j.problems.push(format!("DELTAS seq {}: not JSON", d.seq));
+            continue;
+        };
+        let Some(src) = delta["source_seq"].as_u64() else {
+            j.wrong += 1;
+            j.problems
+                .push(format!("delta without source_seq: {delta}"));
+            continue;
+        };
+        if seen.insert(src, "delta").is_some() {
+            j.doubled += 1;
+            j.problems.push(format!(
+                "reading {src} has two outcomes (delta doubled): {delta}"
+            ));
+            continue;
         }
-        let id = j["sensor_id"].as_str().unwrap_or_default().to_string();
+        let Some(exp) = expected.get(&src) else {
+            j.wrong += 1;
+            j.problems.push(format!("delta for unknown reading {src}"));
+            continue;
+        };
+        if let Err(e) = oracle::check_delta(&delta, exp) {
+            j.wrong += 1;
+            j.problems.push(format!(
+                "delta for reading {src} differs from the oracle: {e}"
+            ));
+            continue;
+        }
+        let id = delta["sensor_id"].as_str().unwrap_or_default().to_string();
         let prev = last_source_per_sensor.insert(id.clone(), src).unwrap_or(0);
-        assert!(prev < src, "deltas of {id} out of order: {prev} then {src}");
-        v.latest.insert(id, j);
-        v.deltas += 1;
+        if prev >= src {
+            j.wrong += 1;
+            j.problems
+                .push(format!("deltas of {id} out of order: {prev} then {src}"));
+        }
+        j.verified.latest.insert(id, delta);
+        j.verified.deltas += 1;
     }
     for m in &dlq {
-        let src: u64 = m
-            .header("Kappa-Source-Seq")
-            .and_then(|s| s.parse().ok())
-            .expect("Kappa-Source-Seq");
-        let reason = m.header("Kappa-Reason").expect("Kappa-Reason");
-        assert!(
-            m.header("Kappa-Source-Subject")
-                .is_some_and(|s| s.starts_with("thermo.readings."))
-        );
-        assert!(
-            seen.insert(src, "dlq").is_none(),
-            "reading {src} has two outcomes (dead letter doubled)"
-        );
-        let exp = expected
-            .get(&src)
-            .unwrap_or_else(|| panic!("dead letter for unknown reading {src}"));
-        assert_eq!(
-            exp,
-            &oracle::Expected::Rejected(reason.clone()),
-            "reading {src}"
-        );
-        *v.rejected.entry(reason).or_default() += 1;
+        let (Some(src), Some(reason)) = (
+            m.header("Kappa-Source-Seq")
+                .and_then(|s| s.parse::<u64>().ok()),
+            m.header("Kappa-Reason"),
+        ) else {
+            j.wrong += 1;
+            j.problems.push(format!(
+                "dead letter {} without Kappa-Source-Seq / Kappa-Reason",
+                m.seq
+            ));
+            continue;
+        };
+        if !m
+            .header("Kappa-Source-Subject")
+            .is_some_and(|s| s.starts_with("thermo.readings."))
+        {
+            j.wrong += 1;
+            j.problems.push(format!(
+                "dead letter of reading {src} without its Kappa-Source-Subject"
+            ));
+            continue;
+        }
+        if seen.insert(src, "dlq").is_some() {
+            j.doubled += 1;
+            j.problems.push(format!(
+                "reading {src} has two outcomes (dead letter doubled)"
+            ));
+            continue;
+        }
+        match expected.get(&src) {
+            None => {
+                j.wrong += 1;
+                j.problems
+                    .push(format!("dead letter for unknown reading {src}"));
+            }
+            Some(exp) if exp != &oracle::Expected::Rejected(reason.clone()) => {
+                j.wrong += 1;
+                j.problems.push(format!(
+                    "reading {src}: dead letter {reason}, the oracle says {exp:?}"
+                ));
+            }
+            Some(_) => *j.verified.rejected.entry(reason).or_default() += 1,
+        }
     }
     for r in &readings {
-        assert!(
-            seen.contains_key(&r.seq),
-            "reading {} has no delta and no dead letter",
-            r.seq
-        );
+        if !seen.contains_key(&r.seq) {
+            j.lost += 1;
+            j.problems
+                .push(format!("reading {} has no delta and no dead letter", r.seq));
+        }
     }
-    v
+    j
+}
+
+/// Invariants 1-3: every reading yields exactly one delta or one dead letter, no delta is
+/// doubled, deltas equal the oracle, and each sensor's deltas follow its readings' order
+/// ([`judge`], panicking with the first failures).
+pub async fn verify_exactly_once(js: &jetstream::Context) -> Verified {
+    let j = judge(js).await;
+    assert!(
+        j.exact(),
+        "{} lost, {} doubled, {} wrong; first: {:#?}",
+        j.lost,
+        j.doubled,
+        j.wrong,
+        &j.problems[..j.problems.len().min(10)]
+    );
+    j.verified
 }
 
 /// A service's `/healthz` JSON, or `None` if it does not answer with JSON.

@@ -231,13 +231,7 @@ async fn scale_one_three_one_under_load() {
 }
 
 async fn views_of(api: &Proc) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = reqwest::get(format!("http://{}/v1/sensors", api.http))
-        .await
-        .expect("api")
-        .json()
-        .await
-        .expect("json");
-    v["sensors"].as_array().cloned().unwrap_or_default()
+    integration_tests::views::sensors(api).await
 }
 
 /// Two view-builder instances sharing the partitions build the same views as one did, and a

@@ -81,6 +81,20 @@ impl CpuMeter {
     }
 }
 
+/// How the servers a run starts write to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Durability {
+    /// nats-server's default `sync_interval` (2 minutes), Redis without persistence: what
+    /// `all` and `smoke` measure.
+    Volatile,
+    /// The defaults a deployment runs (docker-compose.yml): nats-server's default
+    /// `sync_interval`, Redis AOF with `appendfsync everysec`.
+    Default,
+    /// Strict mode (docker-compose.strict.yml): `jetstream { sync_interval: always }`, Redis
+    /// AOF with `appendfsync always`.
+    Strict,
+}
+
 /// The servers the benchmark runs against.
 pub struct Servers {
     pub nats_url: String,
@@ -116,6 +130,16 @@ impl Servers {
     /// with `reuse`, takes `NATS_URL`/`REDIS_URL` (and `AFFINITY_REDIS_URL` if set) from the
     /// environment; a colocated Redis is still started when no `AFFINITY_REDIS_URL` is given.
     pub async fn start(dir: &Path, reuse: bool) -> anyhow::Result<Servers> {
+        Servers::start_with(dir, reuse, Durability::Volatile).await
+    }
+
+    /// [`Servers::start`] with the given durability for the nats-server and the TCP
+    /// redis-server it starts (not for `--reuse`d servers; the colocated Redis never persists).
+    pub async fn start_with(
+        dir: &Path,
+        reuse: bool,
+        durability: Durability,
+    ) -> anyhow::Result<Servers> {
         std::fs::create_dir_all(dir.join("logs"))?;
         let mut procs = Vec::new();
         let (nats_url, redis_url) = if reuse {
@@ -128,8 +152,22 @@ impl Servers {
             let js_dir = dir.join("js");
             let _ = std::fs::remove_dir_all(&js_dir);
             let mut nats = Command::new("nats-server");
-            nats.args(["-js", "-a", "127.0.0.1", "-p", &np.to_string(), "-sd"])
-                .arg(&js_dir);
+            nats.args(["-js", "-a", "127.0.0.1", "-p", &np.to_string()]);
+            if durability != Durability::Strict {
+                nats.arg("-sd").arg(&js_dir);
+            } else {
+                // Only a configuration file sets it, with the store folder (nats-server refuses
+                // `-sd` beside a `store_dir`).
+                let conf = dir.join("nats-strict.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                        js_dir.display()
+                    ),
+                )?;
+                nats.arg("-c").arg(&conf);
+            }
             procs.push(Proc::spawn(
                 "nats-server",
                 nats,
@@ -138,7 +176,19 @@ impl Servers {
             let rp = free_port()?;
             let mut redis = Command::new("redis-server");
             redis.args(["--port", &rp.to_string(), "--bind", "127.0.0.1"]);
-            redis.args(["--save", "", "--appendonly", "no"]);
+            let redis_dir = dir.join("redis");
+            let _ = std::fs::remove_dir_all(&redis_dir);
+            std::fs::create_dir_all(&redis_dir)?;
+            redis.arg("--dir").arg(&redis_dir).args(["--save", ""]);
+            match durability {
+                Durability::Volatile => redis.args(["--appendonly", "no"]),
+                Durability::Default => {
+                    redis.args(["--appendonly", "yes", "--appendfsync", "everysec"])
+                }
+                Durability::Strict => {
+                    redis.args(["--appendonly", "yes", "--appendfsync", "always"])
+                }
+            };
             procs.push(Proc::spawn(
                 "redis-server",
                 redis,

@@ -8,6 +8,7 @@
 //! ```
 
 mod baseline;
+mod durability;
 mod infra;
 mod report;
 mod services;
@@ -57,6 +58,9 @@ enum Mode {
     All,
     /// Tiny counts, to keep the harness working (CI).
     Smoke,
+    /// Only the durability comparison: default vs strict (`sync_interval: always`,
+    /// `appendfsync always`), written as its own section of BENCHMARKS.md.
+    Durability,
 }
 
 struct Plan {
@@ -109,6 +113,22 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
+    if cli.mode == Mode::Durability {
+        let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
+            kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
+        });
+        if cli.reuse {
+            anyhow::bail!("durability starts its own servers (one pair per mode): no --reuse");
+        }
+        let command = format!(
+            "cargo run --release -p kappa-bench -- durability{}",
+            cli.readings
+                .map(|n| format!(" --readings {n}"))
+                .unwrap_or_default()
+        );
+        let out = cli.out.clone().unwrap_or_else(|| root.join("docs"));
+        return durability::run(&root, bin_dir, out, cli.readings, command).await;
+    }
     let plan = match cli.mode {
         Mode::All => Plan {
             name: "all",
@@ -123,7 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke => Plan {
+        Mode::Smoke | Mode::Durability => Plan {
             name: "smoke",
             n: cli.readings.unwrap_or(2_000),
             sensors: 100,
@@ -139,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke => root.join("target/bench-smoke"),
+        Mode::Smoke | Mode::Durability => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))

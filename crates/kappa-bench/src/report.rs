@@ -170,12 +170,35 @@ impl Report {
         format!("{}{}", self.head, self.body)
     }
 
+    /// Writes BENCHMARKS.md and benchmarks.json in `dir`, keeping the durability section and
+    /// key an earlier `durability` run left there (that mode measures separately).
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        use crate::durability::{SECTION, section};
         std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("BENCHMARKS.md"), self.markdown())?;
+        let md_path = dir.join("BENCHMARKS.md");
+        let kept = std::fs::read_to_string(&md_path)
+            .ok()
+            .and_then(|old| section(&old, SECTION));
+        let mut md = self.markdown();
+        if let Some(kept) = kept {
+            md = match md.find("## How to reproduce") {
+                Some(i) => format!("{}{kept}\n{}", &md[..i], &md[i..]),
+                None => format!("{md}\n{kept}"),
+            };
+        }
+        std::fs::write(&md_path, md)?;
+        let json_path = dir.join("benchmarks.json");
+        let mut json = self.json.clone();
+        if let Some(d) = std::fs::read_to_string(&json_path)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v.get("durability").cloned())
+        {
+            json.insert("durability".into(), d);
+        }
         std::fs::write(
-            dir.join("benchmarks.json"),
-            serde_json::to_string_pretty(&serde_json::Value::Object(self.json.clone()))? + "\n",
+            json_path,
+            serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n",
         )?;
         Ok(())
     }

@@ -1,13 +1,17 @@
 //! thermometer: the DAG's source. It simulates sensors (drift, noise, occasional spikes, some
 //! readings out of order or late) or replays a CSV file, registers its sensors with the
 //! registry, and publishes readings on `thermo.readings.<sensor_id>` at a controlled rate with
-//! `Nats-Msg-Id`, printing a summary at exit.
+//! `Nats-Msg-Id`, printing a summary at exit. A reading the stream does not acknowledge (the
+//! broker restarting) is published again with the same id until it is (`THERMO_RETRY_SECS`), so
+//! a nats-server restart neither stops the source nor stores a reading twice.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rand::rngs::StdRng;
@@ -61,6 +65,53 @@ pub struct Config {
     /// Id prefix of simulated sensors.
     #[arg(long, env = "THERMO_PREFIX", default_value = "s")]
     pub prefix: String,
+    /// How long to keep publishing one reading again (same `Nats-Msg-Id`) while the broker
+    /// does not acknowledge it, e.g. across a nats-server restart, before giving up with an
+    /// error (0 = give up at the first failure).
+    #[arg(long, env = "THERMO_RETRY_SECS", default_value_t = 120)]
+    pub retry_secs: u64,
+}
+
+/// One reading sent and not yet acknowledged: what it takes to send it again.
+struct Pending {
+    subject: String,
+    msg: PublishMessage,
+    /// The ack of the last send; `None` when the send itself failed.
+    ack: Option<PublishAckFuture>,
+}
+
+/// Waits for a reading's ack; while the broker does not acknowledge it (a timeout, no
+/// responders, a broken connection: nats-server restarting), publishes it again with the same
+/// `Nats-Msg-Id`, so the stream stores it once (the duplicate window is 120 s; a copy that was
+/// stored but whose ack was lost comes back as a duplicate ack), for up to `retry`.
+async fn confirm(
+    js: &async_nats::jetstream::Context,
+    p: Pending,
+    retry: Duration,
+) -> anyhow::Result<PublishAck> {
+    let deadline = Instant::now() + retry;
+    let mut ack = p.ack;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let err = match ack.take() {
+            Some(a) => match a.await {
+                Ok(a) => return Ok(a),
+                Err(e) => e.to_string(),
+            },
+            None => "not sent".to_string(),
+        };
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "{}: no ack from the stream within {retry:?}: {err}",
+                p.subject
+            );
+        }
+        tracing::warn!(subject = %p.subject, error = %err, "publish not acknowledged; sending it again");
+        metrics::counter!("thermo_publish_retries_total").increment(1);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+        ack = js.send_publish(p.subject.clone(), p.msg.clone()).await.ok();
+    }
 }
 
 /// One simulated sensor.
@@ -337,7 +388,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
     let t0 = Instant::now();
     let end = (cfg.duration_secs > 0).then(|| t0 + Duration::from_secs(cfg.duration_secs));
     let mut summary = Summary::default();
-    let mut acks = std::collections::VecDeque::new();
+    let mut acks: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    let retry = Duration::from_secs(cfg.retry_secs);
     let mut n: u64 = 0;
     loop {
         if (limit > 0 && n >= limit)
@@ -366,25 +418,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
         let msg = PublishMessage::build()
             .payload(body)
             .message_id(format!("thermometer:{run_id}:{n}"));
-        acks.push_back(
-            svc.nats
-                .js
-                .send_publish(subjects::reading(&reading.sensor_id), msg)
-                .await?,
-        );
+        let subject = subjects::reading(&reading.sensor_id);
+        // A send that fails (the connection is down) is retried by `confirm`, like a lost ack.
+        let ack = svc
+            .nats
+            .js
+            .send_publish(subject.clone(), msg.clone())
+            .await
+            .ok();
+        acks.push_back(Pending { subject, msg, ack });
         n += 1;
         // Bounded in-flight publishes.
         while acks.len() >= 1024 {
-            if let Some(a) = acks.pop_front() {
-                let ack = a.await?;
+            if let Some(p) = acks.pop_front() {
+                let ack = confirm(&svc.nats.js, p, retry).await?;
                 summary.published += 1;
                 summary.duplicates += u64::from(ack.duplicate);
             }
         }
         metrics::counter!("thermo_readings_published_total").increment(1);
     }
-    for a in acks {
-        let ack = a.await?;
+    for p in acks {
+        let ack = confirm(&svc.nats.js, p, retry).await?;
         summary.published += 1;
         summary.duplicates += u64::from(ack.duplicate);
     }
