@@ -1,6 +1,7 @@
 //! The views as the query API serves them, and the check that they equal a rebuild from
 //! deltas-stream sequence 1 (`view-builder rebuild`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::{Dag, Proc, count, procs, wait_until};
@@ -14,16 +15,49 @@ pub async fn sensors(api: &Proc) -> Vec<serde_json::Value> {
     v["sensors"].as_array().cloned().unwrap_or_default()
 }
 
-/// Waits (`timeout` at most) until the views have applied every delta in `DELTAS` (the
-/// `view_seq` of `/v1/sensors` is the stream's last sequence).
+/// Waits (`timeout` at most) until the views have applied every delta in `DELTAS`: each
+/// sensor's view reflects that sensor's last delta (its `view_seq` is the stream sequence of
+/// it). The answer's top-level `view_seq` is not enough: it is the highest position over the
+/// partitions, so other partitions may still be behind.
 pub async fn wait_applied(dag: &Dag, api: &Proc, timeout: Duration) -> bool {
+    wait_complete(&dag.js, api, timeout).await
+}
+
+/// [`wait_applied`] for any client of the test's NATS.
+pub async fn wait_complete(
+    js: &async_nats::jetstream::Context,
+    api: &Proc,
+    timeout: Duration,
+) -> bool {
+    // The last delta of each sensor, and how many deltas that was read from (DELTAS is read
+    // again only when it grew).
+    let state = tokio::sync::Mutex::new((HashMap::<String, u64>::new(), 0u64));
     wait_until(timeout, || async {
-        let want = count(&dag.js, "DELTAS").await;
-        let Ok(r) = reqwest::get(format!("http://{}/v1/sensors", api.http)).await else {
-            return false;
-        };
-        let v: serde_json::Value = r.json().await.unwrap_or_default();
-        want > 0 && v["view_seq"].as_u64() == Some(want)
+        let mut st = state.lock().await;
+        let (want, counted) = &mut *st;
+        {
+            let n = count(js, "DELTAS").await;
+            if n == 0 {
+                return false;
+            }
+            if n != *counted {
+                want.clear();
+                for m in crate::read_stream(js, "DELTAS").await {
+                    let sensor = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+                    let seq = want.entry(sensor).or_default();
+                    *seq = (*seq).max(m.seq);
+                }
+                *counted = n;
+            }
+            let views = sensors(api).await;
+            views.len() == want.len()
+                && views.iter().all(|v| {
+                    v["sensor_id"]
+                        .as_str()
+                        .and_then(|id| want.get(id))
+                        .is_some_and(|seq| v["view_seq"].as_u64() == Some(*seq))
+                })
+        }
     })
     .await
 }

@@ -208,14 +208,17 @@ async fn zombie_then_second_failover(working: &str) {
         c.log_tail(40)
     );
     let j = judge(&dag.js).await;
-    say(format!(
-        "MATRIX|zombie-stop+kill9{}|{working}|{}|{}|{}|{}|{recover_secs:.2}",
-        if long { "-long" } else { "" },
-        j.inputs,
-        j.lost,
-        j.doubled,
-        j.wrong
-    ));
+    let mut row = integration_tests::matrix::Row::new(
+        test,
+        "owner SIGSTOP past lease + dup window, resumed; new owner kill -9",
+        working,
+    )
+    .recovered(Some(recover_secs));
+    row.inputs = j.inputs as u64;
+    row.lost = j.lost as u64;
+    row.doubled = j.doubled as u64;
+    row.wrong = j.wrong as u64;
+    integration_tests::matrix::record(&row);
     assert_eq!(
         (j.lost, j.doubled, j.wrong),
         (0, 0, 0),

@@ -288,6 +288,12 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
         })
         .await
     );
+    // `view_seq` of the list is the highest partition's position: wait until every sensor's
+    // view reflects its own last delta before taking the views as the two instances' result.
+    assert!(
+        integration_tests::views::wait_complete(&rig.js, &api, Duration::from_secs(60)).await,
+        "two view-builders did not apply every delta"
+    );
     let two = views_of(&api).await;
     drop((vb1, vb2));
 

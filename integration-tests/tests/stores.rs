@@ -175,17 +175,16 @@ pub async fn tally(js: &async_nats::jetstream::Context) -> Tally {
     t
 }
 
-/// Prints the matrix line of a run.
-pub fn matrix_line(fault: &str, option: &str, t: Tally, recover_secs: f64) {
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "MATRIX|{fault}|{option}|{}|{}|{}|{}|{recover_secs:.1}",
-        t.inputs,
-        t.lost,
-        t.doubled,
-        t.wrong
-    );
+/// Records the run's row of the fault matrix ([`integration_tests::matrix::record`]: the
+/// `MATRIX|` line and `target/faults/<test>.jsonl`).
+pub fn matrix_line(test: &str, fault: &str, option: &str, t: Tally, recover_secs: f64) {
+    let mut row =
+        integration_tests::matrix::Row::new(test, fault, option).recovered(Some(recover_secs));
+    row.inputs = t.inputs as u64;
+    row.lost = t.lost as u64;
+    row.doubled = t.doubled as u64;
+    row.wrong = t.wrong as u64;
+    integration_tests::matrix::record(&row);
 }
 
 /// Waits until `http` reports every partition running and every reading published before
@@ -273,7 +272,7 @@ async fn working_store_restarted(test: &str, fault: &str, working: &str, aof: bo
     let lost_stores = metric(&delta.http, "kappa_store_lost_total").await;
     let refolded = metric(&delta.http, "kappa_changes_refolded_total").await;
     let t = tally(js).await;
-    matrix_line(fault, working, t, recover);
+    matrix_line(test, fault, working, t, recover);
     eprintln!(
         "[{test}] store lost detected {lost_stores} times; {refolded} changes refolded; recovered in {recover:.1}s"
     );
@@ -515,7 +514,7 @@ async fn views_wiped_are_rebuilt() {
         wrong: differing.len() + usize::from(!caught_up),
         ..tally(js).await
     };
-    matrix_line("views redis wiped", "view-builder", t, recover);
+    matrix_line(test, "views redis wiped", "view-builder", t, recover);
     eprintln!(
         "[{test}] {before} deltas at the wipe; store lost detected {lost_views} times; views rebuilt in {recover:.1}s; {} answers compared with a rebuild, {} differ",
         live.len(),
