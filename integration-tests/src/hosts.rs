@@ -8,7 +8,7 @@
 //!
 //! Durability is a choice ([`Durability`]): the defaults of nats-server (`sync_interval` 2
 //! minutes) and Redis (AOF `everysec`, or no persistence at all), or the strict mode of
-//! `docker/nats-strict.conf` and `docker-compose.strict.yml` (`sync_interval: always`,
+//! `docker/nats/nats-strict.conf` and `docker-compose.strict.yml` (`sync_interval: always`,
 //! `appendfsync always`).
 
 use std::path::PathBuf;
