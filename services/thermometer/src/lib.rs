@@ -388,7 +388,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
     let t0 = Instant::now();
     let end = (cfg.duration_secs > 0).then(|| t0 + Duration::from_secs(cfg.duration_secs));
     let mut summary = Summary::default();
-    let mut acks: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    // Confirmations run concurrently (polled together whenever the window is full): after a
+    // broker restart, every in-flight ack is lost and each waits out the publish timeout (5 s)
+    // before its resend; awaited one by one, 1024 of them stalled the run for over an hour.
+    let mut acks = futures::stream::FuturesOrdered::new();
     let retry = Duration::from_secs(cfg.retry_secs);
     let mut n: u64 = 0;
     loop {
@@ -426,20 +429,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
             .send_publish(subject.clone(), msg.clone())
             .await
             .ok();
-        acks.push_back(Pending { subject, msg, ack });
+        acks.push_back(confirm(&svc.nats.js, Pending { subject, msg, ack }, retry));
         n += 1;
         // Bounded in-flight publishes.
         while acks.len() >= 1024 {
-            if let Some(p) = acks.pop_front() {
-                let ack = confirm(&svc.nats.js, p, retry).await?;
+            if let Some(ack) = acks.next().await {
+                let ack = ack?;
                 summary.published += 1;
                 summary.duplicates += u64::from(ack.duplicate);
             }
         }
         metrics::counter!("thermo_readings_published_total").increment(1);
     }
-    for p in acks {
-        let ack = confirm(&svc.nats.js, p, retry).await?;
+    while let Some(ack) = acks.next().await {
+        let ack = ack?;
         summary.published += 1;
         summary.duplicates += u64::from(ack.duplicate);
     }
