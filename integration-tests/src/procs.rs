@@ -44,3 +44,22 @@ pub fn start(test: &str, name: &str, env: &[(&str, String)], args: &[&str]) -> P
         .envs(env.iter().map(|(k, v)| (k, v)));
     Proc::service(name, cmd, log).unwrap_or_else(|e| panic!("{e:#}"))
 }
+
+/// Runs service `name` to its exit with `env` (plus `HTTP_ADDR` on a free port), for a binary
+/// that must refuse to start: its exit code (-1 if killed) and its non-empty stderr lines.
+pub fn run_expecting_failure(name: &str, env: &[(&str, &str)]) -> (i32, Vec<String>) {
+    let mut cmd = Command::new(bin(name));
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd.env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}

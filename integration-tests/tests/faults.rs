@@ -1,9 +1,8 @@
 //! Crashes, bad input and bad configuration, with the real binaries and real servers.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::procs::{bin, free_port};
+use integration_tests::procs::run_expecting_failure;
 use integration_tests::{
     Dag, count, metric, publish_raw, read_stream, register, servers, verify_exactly_once,
     wait_drained, wait_ready, wait_until,
@@ -221,22 +220,6 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_going() {
         dlq.iter().any(|m| m.payload.as_ref() == b"{not json"),
         "original payload kept"
     );
-}
-
-fn run_expecting_failure(name: &str, env: &[(&str, &str)]) -> (i32, Vec<String>) {
-    let mut cmd = Command::new(bin(name));
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    cmd.env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run");
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(String::from)
-        .collect();
-    (out.status.code().unwrap_or(-1), lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,10 @@
 //! own them are refused by the server and never reach a stream; a service with wrong
 //! credentials, or with a user that lacks its rights, exits non-zero with one clear line.
 
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use integration_tests::procs::{self, bin, free_port};
+use integration_tests::procs::{self, run_expecting_failure};
 use integration_tests::secured::{Secured, secured_nats};
 use integration_tests::*;
 
@@ -56,20 +55,8 @@ async fn stored(
     }
 }
 
-fn run_expecting_failure(name: &str, env: &[(&'static str, String)]) -> (i32, Vec<String>) {
-    let mut cmd = Command::new(bin(name));
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    cmd.env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run");
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(String::from)
-        .collect();
-    (out.status.code().unwrap_or(-1), lines)
+fn as_pairs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +195,7 @@ async fn only_the_owner_may_write() {
     let mut wrong = s.env_of("temperature-delta", &base);
     wrong.retain(|(k, _)| *k != "NATS_PASSWORD");
     wrong.push(("NATS_PASSWORD", "not-the-password".into()));
-    let (code, lines) = run_expecting_failure("temperature-delta", &wrong);
+    let (code, lines) = run_expecting_failure("temperature-delta", &as_pairs(&wrong));
     assert_ne!(code, 0);
     assert_eq!(lines.len(), 1, "one line, got {lines:?}");
     assert!(
@@ -218,7 +205,7 @@ async fn only_the_owner_may_write() {
     );
     eprintln!("[{test}] wrong password: {}", lines[0]);
     let as_api = s.env_of("query-api", &base);
-    let (code, lines) = run_expecting_failure("temperature-delta", &as_api);
+    let (code, lines) = run_expecting_failure("temperature-delta", &as_pairs(&as_api));
     assert_ne!(code, 0);
     assert_eq!(lines.len(), 1, "one line, got {lines:?}");
     assert!(
