@@ -498,3 +498,108 @@ async fn a_recreated_readings_stream_is_detected_and_processed_from_its_start() 
     assert!(metric(&delta.http, "kappa_input_stream_replaced_total").await >= 1.0);
     assert_eq!(count(js, "DLQ").await, 0);
 }
+
+/// The change log (DELTAS) deleted and created again while everything runs, the only way to
+/// change its partitions: temperature-delta keeps its windows and continues the new log from
+/// them, and the views keep what they hold and follow the new log from its first message
+/// (its sequences start again at 1, below every stored position).
+#[tokio::test]
+async fn a_recreated_deltas_stream_is_followed_by_the_service_and_the_views() {
+    let test = "deltas_recreated";
+    let dag = Dag::start(test, &[("KAPPA_PARTITIONS", "2")]).await;
+    let js = &dag.js;
+    let delta = dag.ready("temperature-delta").await;
+    let views = dag.ready("view-builder").await;
+    let api = dag.ready("query-api").await;
+    register(&dag.client, "s-1", "lab", 0.0, 600).await;
+    register(&dag.client, "s-2", "roof", 0.0, 600).await;
+    let good = |s: &str, c: f64, t: &str| {
+        format!(r#"{{"sensor_id":"{s}","celsius":{c},"measured_at":"{t}"}}"#)
+    };
+    for (c, t) in [
+        (20.0, "2026-11-24T17:00:00Z"),
+        (21.0, "2026-11-24T17:00:10Z"),
+        (22.0, "2026-11-24T17:00:20Z"),
+    ] {
+        publish_raw(js, "s-1", good("s-1", c, t)).await;
+        publish_raw(js, "s-2", good("s-2", c + 10.0, t)).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(js, "DELTAS").await == 6
+        })
+        .await
+    );
+    assert!(
+        integration_tests::views::wait_applied(&dag, &api, Duration::from_secs(30)).await,
+        "the views did not apply the first deltas:\n{}",
+        views.log_tail(40)
+    );
+    let before = integration_tests::views::sensors(&api).await;
+    let s2_before = before
+        .iter()
+        .find(|v| v["sensor_id"] == "s-2")
+        .cloned()
+        .expect("s-2 has a view");
+
+    js.delete_stream("DELTAS").await.expect("delete DELTAS");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "DELTAS".into(),
+        subjects: vec!["thermo.deltas.*".into()],
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "thermo.deltas.*".into(),
+            destination: "thermo.deltas.{{partition(2,1)}}.{{wildcard(1)}}".into(),
+        }),
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create DELTAS again");
+    publish_raw(js, "s-1", good("s-1", 23.0, "2026-11-24T17:00:30Z")).await;
+    publish_raw(js, "s-1", good("s-1", 25.0, "2026-11-24T17:00:40Z")).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(js, "DELTAS").await == 2
+        })
+        .await,
+        "temperature-delta did not continue the new change log:\n{}",
+        delta.log_tail(40)
+    );
+    let deltas = read_stream(js, "DELTAS").await;
+    let last: serde_json::Value = serde_json::from_slice(&deltas[1].payload).expect("json");
+    assert_eq!(
+        last["samples"].as_u64(),
+        Some(5),
+        "the window was kept: {last}"
+    );
+    assert_eq!(last["delta_celsius"].as_f64(), Some(5.0), "{last}");
+    assert!(metric(&delta.http, "kappa_changelog_replaced_total").await >= 1.0);
+
+    // The views follow the new log: s-1 shows its newest delta (sequence 2 of the new
+    // stream), s-2 keeps the view it had.
+    let followed = wait_until(Duration::from_secs(30), || async {
+        integration_tests::views::sensors(&api)
+            .await
+            .iter()
+            .any(|v| {
+                v["sensor_id"] == "s-1"
+                    && v["view_seq"].as_u64() == Some(deltas[1].seq)
+                    && v["delta_celsius"].as_f64() == Some(5.0)
+            })
+    })
+    .await;
+    assert!(
+        followed,
+        "the views skipped the new log: {:?}\n{}",
+        integration_tests::views::sensors(&api).await,
+        views.log_tail(40)
+    );
+    let after = integration_tests::views::sensors(&api).await;
+    assert_eq!(
+        after.iter().find(|v| v["sensor_id"] == "s-2"),
+        Some(&s2_before),
+        "the views kept what they held"
+    );
+    assert!(metric(&views.http, "kappa_views_input_replaced_total").await >= 1.0);
+    assert_eq!(count(js, "DLQ").await, 0);
+}

@@ -35,9 +35,14 @@ use crate::partition::{Input, ProcessError, Processor};
 use crate::working::WorkingState;
 
 /// Version of the stored form of an entity.
-const STORED_VERSION: u8 = 2;
-/// Bytes before the state in the stored form: version, decided, change_seq, dlq_seq, source.
-const STORED_HEADER: usize = 1 + 4 * 8;
+const STORED_VERSION: u8 = 3;
+/// Bytes before the state in the stored form: version, decided, change_seq, dlq_seq, source,
+/// log.
+const STORED_HEADER: usize = 1 + 5 * 8;
+/// The previous stored form (no `log`), still read: its `change_seq` is taken to refer to the
+/// change log as it is now.
+const STORED_VERSION_2: u8 = 2;
+const STORED_HEADER_2: usize = 1 + 4 * 8;
 /// Key of the input stream's identity in a partition's working state (a space is never in a
 /// subject token, so no entity has this key).
 const SOURCE_KEY: &str = "kappa input";
@@ -54,6 +59,9 @@ struct Entity<S> {
     dlq_seq: u64,
     /// Identity of the input stream `decided` refers to (its creation time).
     source: u64,
+    /// Identity of the change log `change_seq` refers to (its creation time; 0: unknown, from
+    /// the stored form before it was recorded).
+    log: u64,
     dirty: bool,
 }
 
@@ -65,6 +73,7 @@ impl<S: Default> Default for Entity<S> {
             change_seq: 0,
             dlq_seq: 0,
             source: 0,
+            log: 0,
             dirty: false,
         }
     }
@@ -79,13 +88,19 @@ fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Vec<u8>, RuntimeError> {
     out.extend_from_slice(&e.change_seq.to_le_bytes());
     out.extend_from_slice(&e.dlq_seq.to_le_bytes());
     out.extend_from_slice(&e.source.to_le_bytes());
+    out.extend_from_slice(&e.log.to_le_bytes());
     postcard::to_io(&e.state, &mut out)
         .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")))?;
     Ok(out)
 }
 
 fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
-    if bytes.len() < STORED_HEADER || bytes[0] != STORED_VERSION {
+    let header = match bytes.first() {
+        Some(&STORED_VERSION) => STORED_HEADER,
+        Some(&STORED_VERSION_2) => STORED_HEADER_2,
+        _ => return None,
+    };
+    if bytes.len() < header {
         return None;
     }
     let u = |i: usize| {
@@ -93,13 +108,14 @@ fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
         b.copy_from_slice(&bytes[1 + 8 * i..9 + 8 * i]);
         u64::from_le_bytes(b)
     };
-    let state = postcard::from_bytes(&bytes[STORED_HEADER..]).ok()?;
+    let state = postcard::from_bytes(&bytes[header..]).ok()?;
     Some(Entity {
         state,
         decided: u(0),
         change_seq: u(1),
         dlq_seq: u(2),
         source: u(3),
+        log: if header == STORED_HEADER { u(4) } else { 0 },
         dirty: false,
     })
 }
@@ -131,6 +147,8 @@ struct Trust<'a> {
     source: u64,
     /// Highest input sequence that exists.
     input_last: u64,
+    /// Identity of the change log now.
+    log: u64,
 }
 
 /// What a logged outcome is worth.
@@ -184,6 +202,9 @@ pub(crate) struct Engine<C: Compute> {
     lease: crate::partition::LeaseDeadline,
     /// Identity of the input stream as this partition was opened (its creation time).
     source: u64,
+    /// Identity of the change log as last seen (at open, or after a conflict showed it was
+    /// replaced).
+    log: u64,
     /// The identity is not yet in the working state (written with the next commit).
     source_unrecorded: bool,
     entities: HashMap<String, Entity<C::State>>,
@@ -204,6 +225,7 @@ impl<C: Compute> Engine<C> {
             epoch: 0,
             lease: crate::partition::LeaseDeadline::unbounded(),
             source: 0,
+            log: 0,
             source_unrecorded: false,
             entities: HashMap::new(),
         }
@@ -249,6 +271,7 @@ impl<C: Compute> Engine<C> {
             service: &p.service,
             source,
             input_last,
+            log: self.log,
         };
         let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
             |((key, value), last)| {
@@ -417,6 +440,7 @@ impl<C: Compute> Engine<C> {
                     Ok(a) => a,
                     Err(e) if crate::changelog::is_conflict(&e) => {
                         metrics::counter!("kappa_fenced_publishes_total").increment(1);
+                        self.learn_log_identity().await;
                         return Err(ProcessError::Transient(format!(
                             "the log of {key} moved on since it was read (another writer?)"
                         )));
@@ -498,6 +522,22 @@ async fn recover_entity<C: Compute>(
         entity.source = trust.source;
         entity.dirty = true;
     }
+    if entity.log != trust.log {
+        if entity.log != 0 {
+            // The change log was replaced (deleted and created again): `change_seq` points
+            // into a stream that is gone. The state is kept (it is the fold of the old log);
+            // whatever the new log holds for the entity was written after the replacement and
+            // is folded in below, from its first message.
+            metrics::counter!("kappa_changelog_replaced_entities_total").increment(1);
+            tracing::debug!(
+                key,
+                "change log replaced since this state was stored; following the new one"
+            );
+            entity.change_seq = 0;
+        }
+        entity.log = trust.log;
+        entity.dirty = true;
+    }
     if let Some(last) = last_change
         && last.stream_seq > entity.change_seq
     {
@@ -555,6 +595,25 @@ async fn recover_entity<C: Compute>(
 }
 
 impl<C: Compute> Engine<C> {
+    /// After a conflict on the change log: if the log is not the stream this partition knew
+    /// (deleted and created again), every `change_seq` refers to a stream that is gone, and
+    /// the retry must load entities against the new one (`recover_entity`). Otherwise the
+    /// conflict was another writer, and the retry's reload refolds what it wrote.
+    async fn learn_log_identity(&mut self) {
+        let stream = self.parts.changes.log().stream().to_string();
+        match crate::partition::stream_identity(&self.parts.js, &stream).await {
+            Ok((now, _)) if now != self.log => {
+                metrics::counter!("kappa_changelog_replaced_total").increment(1);
+                tracing::error!(partition = self.partition, stream = %stream,
+                    "the change log was replaced (deleted and created again) while running; states are kept and the new log continues from them");
+                self.log = now;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(partition = self.partition, error = %e,
+                "change log identity not read after a conflict"),
+        }
+    }
+
     /// Fenced once the lease deadline has passed: a successor may own the partition.
     fn check_lease(&self) -> Result<(), ProcessError> {
         if self.lease.expired() {
@@ -583,6 +642,9 @@ impl<C: Compute> Processor for Engine<C> {
         let p = self.parts.clone();
         let mut position = p.working.open(partition, self.epoch).await?;
         let (source, last) = crate::partition::stream_identity(&p.js, &p.input_stream).await?;
+        self.log = crate::partition::stream_identity(&p.js, p.changes.log().stream())
+            .await?
+            .0;
         let recorded = p
             .working
             .load(partition, &[SOURCE_KEY.to_string()])
@@ -637,19 +699,56 @@ mod tests {
             change_seq: 7,
             dlq_seq: 9,
             source: 5,
+            log: 11,
             dirty: true,
         };
         let bytes = encode_entity(&e).expect("encodable");
         let back: Entity<Vec<i64>> = decode_entity(&bytes).expect("decodable");
         assert_eq!(back.state, e.state);
         assert_eq!(
-            (back.decided, back.change_seq, back.dlq_seq, back.source),
-            (42, 7, 9, 5)
+            (
+                back.decided,
+                back.change_seq,
+                back.dlq_seq,
+                back.source,
+                back.log
+            ),
+            (42, 7, 9, 5, 11)
         );
         assert!(!back.dirty);
         assert!(decode_entity::<Vec<i64>>(&bytes[..10]).is_none());
         let mut wrong = bytes.clone();
         wrong[0] = 99;
         assert!(decode_entity::<Vec<i64>>(&wrong).is_none());
+    }
+
+    #[test]
+    fn the_stored_form_before_the_log_identity_is_still_read() {
+        let e = Entity {
+            state: vec![4i64],
+            decided: 3,
+            change_seq: 2,
+            dlq_seq: 1,
+            source: 8,
+            log: 0,
+            dirty: false,
+        };
+        let v3 = encode_entity(&e).expect("encodable");
+        // Version 2: the same header without the log identity.
+        let mut v2 = vec![STORED_VERSION_2];
+        v2.extend_from_slice(&v3[1..STORED_HEADER_2]);
+        v2.extend_from_slice(&v3[STORED_HEADER..]);
+        let back: Entity<Vec<i64>> = decode_entity(&v2).expect("decodable");
+        assert_eq!(back.state, vec![4]);
+        assert_eq!(
+            (
+                back.decided,
+                back.change_seq,
+                back.dlq_seq,
+                back.source,
+                back.log
+            ),
+            (3, 2, 1, 8, 0)
+        );
     }
 }

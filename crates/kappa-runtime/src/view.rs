@@ -96,8 +96,14 @@ pub enum Target {
 /// What opening a partition of a view found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
-    /// The partition is ours now; this is the last input sequence applied (0: none).
-    At(u64),
+    /// The partition is ours now.
+    At {
+        /// The last input sequence applied (0: none).
+        position: u64,
+        /// The identity of the input stream that position refers to, as stored with it by
+        /// [`View::apply`] ([`Batch::source`]; 0: none stored).
+        source: u64,
+    },
     /// A newer epoch owns the partition.
     Fenced,
 }
@@ -173,6 +179,12 @@ pub struct Batch<'a, C, R> {
     /// [`Applied::Lost`] without writing. (Above it is legitimate: a rebuilt generation that
     /// got further was swapped in.)
     pub previous: u64,
+    /// The identity of the input stream the batch comes from (its creation time): store it
+    /// with the position. If the store holds another one, the input stream was replaced
+    /// (deleted and created again): the stored position and every per-entity sequence refer
+    /// to a stream that is gone, so count them as 0 for this batch (keep the data) and store
+    /// this identity instead.
+    pub source: u64,
     /// The decoded changes, in stream order (possibly none, when every input was rejected).
     pub items: Vec<Item<'a, C, R>>,
 }
@@ -450,6 +462,8 @@ impl<V: View> ViewService<V> {
             ownership = ?s.ownership, "starting view");
         let shared = Arc::new(Shared {
             view,
+            js: js.clone(),
+            input_stream: input.stream.clone(),
             dlq: DeadLetters::new(js.clone(), &name),
             observed,
             client: svc.nats.client.clone(),
@@ -469,6 +483,7 @@ impl<V: View> ViewService<V> {
                 partition: p,
                 epoch: 0,
                 position: 0,
+                source: 0,
             }
         })
         .await;
@@ -492,6 +507,8 @@ impl<V: View> ViewService<V> {
 /// What the partitions of a view service share.
 struct Shared<V: View> {
     view: Arc<V>,
+    js: jetstream::Context,
+    input_stream: String,
     dlq: DeadLetters,
     observed: Option<Arc<dyn ObservedState<V::Reference>>>,
     client: async_nats::Client,
@@ -508,6 +525,8 @@ struct ViewProcessor<V: View> {
     epoch: u64,
     /// The position the store holds as far as this writer knows (opened at, or last stored).
     position: u64,
+    /// The identity of the input stream as the partition was opened.
+    source: u64,
 }
 
 impl<V: View> ViewProcessor<V> {
@@ -566,7 +585,23 @@ impl<V: View> Processor for ViewProcessor<V> {
             .await
             .map_err(transient)?
         {
-            Opened::At(position) => {
+            Opened::At { position, source } => {
+                let sh = &self.shared;
+                let (now, last) =
+                    crate::partition::stream_identity(&sh.js, &sh.input_stream).await?;
+                self.source = now;
+                if (source != 0 && source != now) || position > last {
+                    // The position refers to another stream of the same name (deleted and
+                    // created again) or to messages it does not have. The same rule as for a
+                    // domain service's input: the view keeps what it folded and follows the
+                    // new stream from its first message (the next batch tells the store).
+                    metrics::counter!("kappa_views_input_replaced_total").increment(1);
+                    tracing::error!(partition, stream = %sh.input_stream, position,
+                        stream_last = last, recorded = source, current = now,
+                        "the view's input stream is not the one its position refers to; following it from its first message (the view keeps what it holds)");
+                    self.position = 0;
+                    return Ok(0);
+                }
                 self.position = position;
                 Ok(position)
             }
@@ -641,6 +676,7 @@ impl<V: View> Processor for ViewProcessor<V> {
                     epoch: self.epoch,
                     position,
                     previous: self.position,
+                    source: self.source,
                     items,
                 },
             )
@@ -803,6 +839,7 @@ impl<V: View> Rebuild<V> {
         pending: &mut Pending<V::Change>,
         last_seen: &mut BTreeMap<u32, u64>,
         stored: &mut BTreeMap<u32, u64>,
+        source: u64,
     ) -> Result<u64, RuntimeError> {
         let target = Target::Generation(self.generation.clone());
         let mut applied = 0;
@@ -830,6 +867,7 @@ impl<V: View> Rebuild<V> {
                 epoch: 0,
                 position,
                 previous,
+                source,
                 items,
             };
             match self.view.apply(&target, batch).await.map_err(store_error)? {
@@ -855,6 +893,7 @@ impl<V: View> Rebuild<V> {
     }
 
     async fn fill_and_swap(&self) -> Result<(String, u64, u64), RuntimeError> {
+        let (source, _) = crate::partition::stream_identity(&self.js, &self.input.stream).await?;
         let stream = self
             .js
             .get_stream_no_info(&self.input.stream)
@@ -920,7 +959,7 @@ impl<V: View> Rebuild<V> {
                     }
                     if buffered >= batch || drained {
                         applied += self
-                            .flush(&mut pending, &mut last_seen, &mut written)
+                            .flush(&mut pending, &mut last_seen, &mut written, source)
                             .await?;
                         buffered = 0;
                     }
@@ -935,7 +974,7 @@ impl<V: View> Rebuild<V> {
             }
             if drained {
                 applied += self
-                    .flush(&mut pending, &mut last_seen, &mut written)
+                    .flush(&mut pending, &mut last_seen, &mut written, source)
                     .await?;
                 buffered = 0;
                 match self

@@ -29,6 +29,8 @@ const SERVICE: &str = "view-test";
 struct Generation {
     sums: BTreeMap<String, i64>,
     positions: BTreeMap<u32, u64>,
+    /// The input stream identity each position refers to.
+    sources: BTreeMap<u32, u64>,
     epochs: BTreeMap<u32, u64>,
     /// How many changes were folded in (a replay would count twice).
     folded: u64,
@@ -90,7 +92,10 @@ impl View for Sums {
                 return Opened::Fenced;
             }
             gen_.epochs.insert(partition, epoch);
-            Opened::At(gen_.positions.get(&partition).copied().unwrap_or(0))
+            Opened::At {
+                position: gen_.positions.get(&partition).copied().unwrap_or(0),
+                source: gen_.sources.get(&partition).copied().unwrap_or(0),
+            }
         })
     }
 
@@ -106,7 +111,11 @@ impl View for Sums {
             if gen_.epochs.get(&p).copied().unwrap_or(0) > batch.epoch {
                 return Applied::Fenced;
             }
-            let stored = gen_.positions.get(&p).copied().unwrap_or(0);
+            let mut stored = gen_.positions.get(&p).copied().unwrap_or(0);
+            if gen_.sources.get(&p).is_some_and(|s| *s != batch.source) {
+                // Positions of a replaced input stream mean nothing in this one.
+                stored = 0;
+            }
             if stored < batch.previous {
                 return Applied::Lost { stored };
             }
@@ -123,6 +132,7 @@ impl View for Sums {
                 });
             }
             gen_.positions.insert(p, batch.position);
+            gen_.sources.insert(p, batch.source);
             gen_.epochs.insert(p, batch.epoch);
             Applied::Committed(out)
         })

@@ -140,7 +140,7 @@ impl View for SensorViews {
         epoch: u64,
     ) -> Result<Opened, StoreError> {
         Ok(match self.store.open(target, partition, epoch).await? {
-            Some(position) => Opened::At(position),
+            Some((position, source)) => Opened::At { position, source },
             None => Opened::Fenced,
         })
     }
@@ -171,7 +171,11 @@ impl View for SensorViews {
                 target,
                 batch.partition,
                 batch.epoch,
-                (batch.previous, batch.position),
+                store::At {
+                    previous: batch.previous,
+                    last: batch.position,
+                    source: batch.source,
+                },
                 self.history_len,
                 &updates,
                 &metas,

@@ -21,15 +21,18 @@ local epoch = tonumber(ARGV[3])
 local cur = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
 if cur > epoch then return {'-1', gen} end
 redis.call('HSET', P .. 'epochs', part, ARGV[3])
-return {redis.call('HGET', P .. 'positions', part) or '0', gen}
+return {redis.call('HGET', P .. 'positions', part) or '0', gen,
+  redis.call('HGET', P .. 'sources', part) or '0'}
 ";
 
 /// One batch of one partition. ARGV: gen, partition, epoch, last seq, history length,
-/// number of sensors, the position the writer knows is stored, then per sensor: id, seq, delta
-/// JSON, score, meta JSON, meta version, meta site, number of history points, then (seq, JSON)
-/// per point. Answers {'-1', gen} fenced, {'-2', gen, stored position} lost (the stored
-/// position is below the writer's: wiped or rolled back), {'0', gen} a replay, else
-/// {'1', gen, (id, meta)...}.
+/// number of sensors, the position the writer knows is stored, the deltas stream's identity,
+/// then per sensor: id, seq, delta JSON, score, meta JSON, meta version, meta site, number of
+/// history points, then (seq, JSON) per point. Answers {'-1', gen} fenced, {'-2', gen, stored
+/// position} lost (the stored position is below the writer's: wiped or rolled back), {'0',
+/// gen} a replay, else {'1', gen, (id, meta)...}. A partition or sensor whose stored stream
+/// identity is another (or none) counts its stored sequences as 0: they refer to a deltas
+/// stream that was replaced; the data stays.
 const APPLY: &str = r"
 local part = ARGV[2]
 local epoch = tonumber(ARGV[3])
@@ -38,11 +41,13 @@ local hlen = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local cur_epoch = tonumber(redis.call('HGET', P .. 'epochs', part) or '0')
 if cur_epoch > epoch then return {'-1', gen} end
+local src = ARGV[8]
 local pos = tonumber(redis.call('HGET', P .. 'positions', part) or '0')
+if redis.call('HGET', P .. 'sources', part) ~= src then pos = 0 end
 if pos < tonumber(ARGV[7]) then return {'-2', gen, tostring(pos)} end
 if last <= pos then return {'0', gen} end
 local out = {'1', gen}
-local i = 8
+local i = 9
 for s = 1, n do
   local id = ARGV[i]
   local seq = tonumber(ARGV[i + 1])
@@ -64,8 +69,10 @@ for s = 1, n do
     end
   end
   local sk = P .. 'sensor:' .. id
-  local cur = redis.call('HMGET', sk, 'seq', 'mv', 'site', 'meta')
+  local cur = redis.call('HMGET', sk, 'seq', 'mv', 'site', 'meta', 'src')
+  local has_view = cur[1] ~= false
   local cur_seq = tonumber(cur[1] or '0')
+  if cur[5] ~= src then cur_seq = 0 end
   if seq > cur_seq then
     local cur_mv = tonumber(cur[2] or '-1')
     -- The stored metadata is returned only when it is newer than the caller's ('' = yours).
@@ -73,14 +80,14 @@ for s = 1, n do
     if mv > cur_mv then
       site, meta = msite, ''
       redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1],
-        'meta', ARGV[base + 4], 'mv', ARGV[base + 5], 'site', site)
+        'meta', ARGV[base + 4], 'mv', ARGV[base + 5], 'site', site, 'src', src)
     else
       if mv == cur_mv then meta = '' end
-      redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1])
+      redis.call('HSET', sk, 'delta', ARGV[base + 2], 'seq', ARGV[base + 1], 'src', src)
     end
     -- Site sets hold sensors with a view; a registry change may have moved one already.
     local old_site = false
-    if cur_seq > 0 then old_site = cur[3] end
+    if has_view then old_site = cur[3] end
     if old_site and old_site ~= site then
       redis.call('ZREM', P .. 'site:' .. old_site, id)
       if redis.call('ZCARD', P .. 'site:' .. old_site) == 0 then
@@ -90,12 +97,13 @@ for s = 1, n do
     redis.call('ZADD', P .. 'site:' .. site, score, id)
     if old_site ~= site then redis.call('SADD', P .. 'sites', site) end
     redis.call('ZADD', P .. 'rank', score, id)
-    if cur_seq == 0 then redis.call('ZADD', P .. 'sensors', 0, id) end
+    if not has_view then redis.call('ZADD', P .. 'sensors', 0, id) end
     table.insert(out, id)
     table.insert(out, meta or '')
   end
 end
 redis.call('HSET', P .. 'positions', part, ARGV[4])
+redis.call('HSET', P .. 'sources', part, src)
 redis.call('HSET', P .. 'epochs', part, ARGV[3])
 return out
 ";
@@ -143,8 +151,9 @@ end
 return changed
 ";
 
-/// Swaps generation ARGV[1] in if it has caught up with the active one in every partition.
-/// Returns {'1', old} when swapped, {'0', old} when not yet.
+/// Swaps generation ARGV[1] in if it has caught up with the active one in every partition
+/// (whose position refers to the same deltas stream: the active one's may refer to a stream
+/// that was replaced). Returns {'1', old} when swapped, {'0', old} when not yet.
 const SWAP: &str = r"
 local new = ARGV[1]
 local old = redis.call('GET', 'views:active') or '0'
@@ -154,12 +163,24 @@ local N = 'views:{' .. new .. '}:'
 local kv = redis.call('HGETALL', O .. 'positions')
 for j = 1, #kv, 2 do
   local n = tonumber(redis.call('HGET', N .. 'positions', kv[j]) or '0')
-  if n < tonumber(kv[j + 1]) then return {'0', old} end
+  local same = redis.call('HGET', O .. 'sources', kv[j]) == redis.call('HGET', N .. 'sources', kv[j])
+  if same and n < tonumber(kv[j + 1]) then return {'0', old} end
 end
 redis.call('SET', 'views:active', new)
 if redis.call('GET', 'views:building') == new then redis.call('DEL', 'views:building') end
 return {'1', old}
 ";
+
+/// Where a batch stands in the deltas stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    /// The position the writer knows is stored (opened at, or written last).
+    pub previous: u64,
+    /// The batch's last input sequence (the position to store).
+    pub last: u64,
+    /// The identity of the deltas stream (its creation time), stored with the position.
+    pub source: u64,
+}
 
 /// Which generation a write goes to (`Active`: whatever `views:active` names at the time).
 pub use kappa_runtime::view::Target;
@@ -248,14 +269,14 @@ impl Store {
         self.conn.clone()
     }
 
-    /// Takes `partition` over with `epoch`; returns its applied position, or `None` if a newer
-    /// epoch owns it.
+    /// Takes `partition` over with `epoch`; returns its applied position and the identity of
+    /// the deltas stream it refers to (0: none stored), or `None` if a newer epoch owns it.
     pub async fn open(
         &self,
         target: &Target,
         partition: u32,
         epoch: u64,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<(u64, u64)>, StoreError> {
         let mut conn = self.conn.clone();
         let r: Vec<String> = self
             .open
@@ -270,20 +291,21 @@ impl Store {
         if first == "-1" {
             return Ok(None);
         }
-        parse_u64(first).map(Some)
+        let source = r.get(2).map_or(Ok(0), |s| parse_u64(s))?;
+        Ok(Some((parse_u64(first)?, source)))
     }
 
-    /// Applies one batch of `partition` whose last input has sequence `last_seq`, atomically
+    /// Applies one batch of `partition` whose last input has sequence `at.last`, atomically
     /// with the partition's position; `metas[i]` is the registry's metadata of `updates[i]`.
-    /// `previous` is the position the caller knows is stored (opened at or written last): a
-    /// store below it lost writes ([`Applied::Lost`]).
+    /// `at.previous` is the position the caller knows is stored (opened at or written last):
+    /// a store below it lost writes ([`Applied::Lost`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn apply(
         &self,
         target: &Target,
         partition: u32,
         epoch: u64,
-        (previous, last_seq): (u64, u64),
+        at: At,
         history_len: usize,
         updates: &[SensorUpdate],
         metas: &[Option<SensorMeta>],
@@ -292,10 +314,11 @@ impl Store {
         inv.arg(target_arg(target))
             .arg(partition)
             .arg(epoch)
-            .arg(last_seq)
+            .arg(at.last)
             .arg(history_len.max(1))
             .arg(updates.len())
-            .arg(previous);
+            .arg(at.previous)
+            .arg(at.source);
         let mut deltas = std::collections::HashMap::new();
         for (i, u) in updates.iter().enumerate() {
             let meta = SensorMeta::newest(

@@ -2,10 +2,11 @@
 //! note when `REDIS_URL` is not set.
 
 use thermo_domain::Delta;
-use view_builder::store::{Applied, Keys, Store, Target};
+use view_builder::store::{Applied, At, Keys, Store, Target};
 use view_builder::view::{SensorMeta, fold_batch};
 
-fn test_db_url() -> Option<String> {
+/// `REDIS_URL` with database `db` (one per test: they run in parallel and flush it).
+fn test_db_url(db: u8) -> Option<String> {
     let Ok(url) = std::env::var("REDIS_URL") else {
         eprintln!("note: REDIS_URL not set; skipping the Redis store test");
         return None;
@@ -16,7 +17,7 @@ fn test_db_url() -> Option<String> {
         Some(i) => &base[..base.len() - (host_part.len() - i)],
         None => base,
     };
-    Some(format!("{base}/13"))
+    Some(format!("{base}/{db}"))
 }
 
 fn delta(id: &str, site: &str, d: f64, source_seq: u64, version: u64) -> Delta {
@@ -40,6 +41,9 @@ fn delta(id: &str, site: &str, d: f64, source_seq: u64, version: u64) -> Delta {
     }
 }
 
+/// The deltas stream identity the batches of these tests come from.
+const SOURCE: u64 = 7;
+
 async fn apply(
     store: &Store,
     target: &Target,
@@ -51,14 +55,26 @@ async fn apply(
     let ups = fold_batch(items, 3);
     let metas = vec![None; ups.len()];
     store
-        .apply(target, p, epoch, (0, last), 3, &ups, &metas)
+        .apply(
+            target,
+            p,
+            epoch,
+            At {
+                previous: 0,
+                last,
+                source: SOURCE,
+            },
+            3,
+            &ups,
+            &metas,
+        )
         .await
         .expect("apply")
 }
 
 #[tokio::test]
 async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
-    let Some(url) = test_db_url() else { return };
+    let Some(url) = test_db_url(13) else { return };
     let conn = kappa_runtime::working::remote::connect(&url, "REDIS_URL")
         .await
         .expect("redis");
@@ -70,7 +86,10 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
     let store = Store::new(conn);
     let active = Target::Active;
 
-    assert_eq!(store.open(&active, 0, 10).await.expect("open"), Some(0));
+    assert_eq!(
+        store.open(&active, 0, 10).await.expect("open"),
+        Some((0, 0))
+    );
     let r = apply(
         &store,
         &active,
@@ -134,7 +153,10 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
     assert!(store.history("zz").await.expect("history").is_none());
 
     // A stale writer is fenced; a newer one takes over.
-    assert_eq!(store.open(&active, 0, 20).await.expect("open"), Some(8));
+    assert_eq!(
+        store.open(&active, 0, 20).await.expect("open"),
+        Some((8, SOURCE))
+    );
     let r = apply(
         &store,
         &active,
@@ -220,9 +242,105 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
         .await
         .expect("flush");
     let r = store
-        .apply(&active, 0, 20, (10, 11), 3, &ups, &[None])
+        .apply(
+            &active,
+            0,
+            20,
+            At {
+                previous: 10,
+                last: 11,
+                source: SOURCE,
+            },
+            3,
+            &ups,
+            &[None],
+        )
         .await
         .expect("apply");
     assert_eq!(r, Applied::Lost { stored: 0 });
     assert!(store.sensors().await.expect("all").views.is_empty());
+}
+
+#[tokio::test]
+async fn a_replaced_deltas_stream_is_followed_from_its_start_and_keeps_the_views() {
+    let Some(url) = test_db_url(12) else { return };
+    let conn = kappa_runtime::working::remote::connect(&url, "REDIS_URL")
+        .await
+        .expect("redis");
+    let mut c = conn.clone();
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut c)
+        .await
+        .expect("flush");
+    let store = Store::new(conn);
+    let active = Target::Active;
+    let old = vec![
+        (41, delta("a", "lab", 1.0, 101, 1)),
+        (42, delta("b", "lab", 2.0, 102, 1)),
+    ];
+    assert!(matches!(
+        apply(&store, &active, 0, 1, old).await,
+        Applied::Changed(_)
+    ));
+    assert_eq!(
+        store.open(&active, 0, 1).await.expect("open"),
+        Some((42, SOURCE))
+    );
+
+    // The new stream starts again at 1: below the stored position and each sensor's sequence.
+    let replaced = 99;
+    let ups = fold_batch(vec![(1, delta("a", "lab", 5.0, 1, 1))], 3);
+    let r = store
+        .apply(
+            &active,
+            0,
+            1,
+            At {
+                previous: 0,
+                last: 1,
+                source: replaced,
+            },
+            3,
+            &ups,
+            &[None],
+        )
+        .await
+        .expect("apply");
+    assert!(
+        matches!(r, Applied::Changed(ref v) if v.len() == 1),
+        "{r:?}"
+    );
+    let a = store.sensor("a").await.expect("a").expect("a exists");
+    assert_eq!((a.view_seq, a.delta_celsius), (1, 5.0));
+    let b = store.sensor("b").await.expect("b").expect("b kept");
+    assert_eq!((b.view_seq, b.delta_celsius), (42, 2.0));
+    let h = store.history("a").await.expect("history").expect("a");
+    let seqs: Vec<u64> = h.points.iter().map(|p| p.view_seq).collect();
+    assert_eq!(
+        seqs,
+        vec![41, 1],
+        "the new stream's point follows the old ones"
+    );
+    assert_eq!(
+        store.open(&active, 0, 1).await.expect("open"),
+        Some((1, replaced))
+    );
+    // Now the new stream's sequences count: a replay of its batch changes nothing.
+    let r = store
+        .apply(
+            &active,
+            0,
+            1,
+            At {
+                previous: 1,
+                last: 1,
+                source: replaced,
+            },
+            3,
+            &ups,
+            &[None],
+        )
+        .await
+        .expect("apply");
+    assert_eq!(r, Applied::Skipped);
 }
