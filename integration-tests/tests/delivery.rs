@@ -145,6 +145,18 @@ async fn the_last_deliveries_of_a_burst_lost_on_a_broken_link_are_processed_afte
         burst - first,
         took.as_secs_f64()
     );
+    let judged = integration_tests::judge(js).await;
+    integration_tests::matrix::record(
+        &integration_tests::matrix::Row::new(
+            test,
+            "deliveries lost on a broken client link (muted, cut 1 s, healed)",
+            "remote",
+        )
+        .judged(&judged)
+        .recovered(Some(took.as_secs_f64()))
+        .detail(format!("{} deliveries lost", burst - first)),
+    );
+    assert!(judged.exact(), "{:?}", judged.problems);
     let v = verify_exactly_once(js).await;
     assert_eq!((v.readings, v.deltas), (burst as usize, burst as usize));
     assert!(metric(&delta.http, "kappa_consumer_recreated_total").await >= 1.0);

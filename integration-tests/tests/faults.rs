@@ -488,6 +488,15 @@ async fn a_recreated_readings_stream_is_detected_and_processed_from_its_start() 
     );
     let deltas = read_stream(js, "DELTAS").await;
     let last: serde_json::Value = serde_json::from_slice(&deltas[4].payload).expect("json");
+    record_stream_row(
+        test,
+        "READINGS deleted and created again while running",
+        5,
+        deltas.len() as u64,
+        u64::from(
+            last["samples"].as_u64() != Some(5) || last["delta_celsius"].as_f64() != Some(5.0),
+        ),
+    );
     assert_eq!(last["source_seq"].as_u64(), Some(2), "{last}");
     assert_eq!(
         last["samples"].as_u64(),
@@ -497,6 +506,19 @@ async fn a_recreated_readings_stream_is_detected_and_processed_from_its_start() 
     assert_eq!(last["delta_celsius"].as_f64(), Some(5.0), "{last}");
     assert!(metric(&delta.http, "kappa_input_stream_replaced_total").await >= 1.0);
     assert_eq!(count(js, "DLQ").await, 0);
+}
+
+/// The fault-matrix row of a replaced-stream test: `expected` deltas in the new stream,
+/// `got` there, `wrong` if the last one differs from what the kept window gives (the test's
+/// own assertions right after say how).
+fn record_stream_row(test: &str, fault: &str, expected: u64, got: u64, wrong: u64) {
+    let mut row = integration_tests::matrix::Row::new(test, fault, "remote")
+        .detail("the last delta checked against the kept 10-minute window");
+    row.inputs = expected;
+    row.lost = expected.saturating_sub(got);
+    row.doubled = got.saturating_sub(expected);
+    row.wrong = wrong;
+    integration_tests::matrix::record(&row);
 }
 
 /// The change log (DELTAS) deleted and created again while everything runs, the only way to
@@ -567,6 +589,15 @@ async fn a_recreated_deltas_stream_is_followed_by_the_service_and_the_views() {
     );
     let deltas = read_stream(js, "DELTAS").await;
     let last: serde_json::Value = serde_json::from_slice(&deltas[1].payload).expect("json");
+    record_stream_row(
+        test,
+        "DELTAS (the change log) deleted and created again while running",
+        2,
+        deltas.len() as u64,
+        u64::from(
+            last["samples"].as_u64() != Some(5) || last["delta_celsius"].as_f64() != Some(5.0),
+        ),
+    );
     assert_eq!(
         last["samples"].as_u64(),
         Some(5),
