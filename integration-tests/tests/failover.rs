@@ -17,12 +17,12 @@
 //! Each run prints `MATRIX|zombie-stop+kill9|<option>|inputs|lost|doubled|wrong|recover_secs`
 //! (recover_secs: from the kill -9 of B until A and C own every partition) for the matrix.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    Dag, Proc, count, healthz, oracle, procs, read_stream, registry_sensors, running_partitions,
-    servers, verify_exactly_once, wait_drained, wait_until,
+    Dag, Proc, count, healthz, procs, running_partitions, servers, verify_exactly_once,
+    wait_drained, wait_until,
 };
 
 const PARTITIONS: usize = 4;
@@ -53,63 +53,10 @@ async fn wait_full_coverage(instances: &[&Proc], timeout: Duration) -> bool {
     .await
 }
 
-/// What the oracle says of the streams, counted rather than asserted (for the matrix line).
-#[derive(Debug, Default)]
-struct Judged {
-    inputs: usize,
-    lost: usize,
-    doubled: usize,
-    wrong: usize,
-}
-
-async fn judge(js: &async_nats::jetstream::Context) -> Judged {
-    let readings = read_stream(js, "READINGS").await;
-    let deltas = read_stream(js, "DELTAS").await;
-    let dlq = read_stream(js, "DLQ").await;
-    let expected = oracle::expected(&readings, &registry_sensors(js).await);
-    let mut outcomes: HashMap<u64, usize> = HashMap::new();
-    let mut j = Judged {
-        inputs: readings.len(),
-        ..Default::default()
-    };
-    for d in &deltas {
-        let v: serde_json::Value = serde_json::from_slice(&d.payload).unwrap_or_default();
-        let src = v["source_seq"].as_u64().unwrap_or(0);
-        *outcomes.entry(src).or_default() += 1;
-        if expected
-            .get(&src)
-            .is_none_or(|e| oracle::check_delta(&v, e).is_err())
-        {
-            j.wrong += 1;
-        }
-    }
-    for m in &dlq {
-        let src: u64 = m
-            .header("Kappa-Source-Seq")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        *outcomes.entry(src).or_default() += 1;
-        let reason = m.header("Kappa-Reason").unwrap_or_default();
-        if expected.get(&src) != Some(&oracle::Expected::Rejected(reason)) {
-            j.wrong += 1;
-        }
-    }
-    j.doubled = outcomes.values().map(|n| n.saturating_sub(1)).sum();
-    j.lost = readings
-        .iter()
-        .filter(|r| !outcomes.contains_key(&r.seq))
-        .count();
-    j
-}
-
-fn long() -> bool {
-    std::env::var("KAPPA_FAULTS_LONG").is_ok_and(|v| v == "1")
-}
-
 async fn zombie_then_second_failover(working: &str) {
     let test = format!("failover_{working}");
     let test = test.as_str();
-    let long = long();
+    let long = integration_tests::matrix::long();
     let (ttl, window, stop_secs, rate, readings) = if long {
         (6u64, 120u64, 150u64, 100u64, 22_000u64)
     } else {
@@ -207,21 +154,18 @@ async fn zombie_then_second_failover(working: &str) {
         a.log_tail(40),
         c.log_tail(40)
     );
-    let j = judge(&dag.js).await;
-    let mut row = integration_tests::matrix::Row::new(
-        test,
-        "owner SIGSTOP past lease + dup window, resumed; new owner kill -9",
-        working,
-    )
-    .recovered(Some(recover_secs));
-    row.inputs = j.inputs as u64;
-    row.lost = j.lost as u64;
-    row.doubled = j.doubled as u64;
-    row.wrong = j.wrong as u64;
-    integration_tests::matrix::record(&row);
-    assert_eq!(
-        (j.lost, j.doubled, j.wrong),
-        (0, 0, 0),
+    let j = integration_tests::judge(&dag.js).await;
+    integration_tests::matrix::record(
+        &integration_tests::matrix::Row::new(
+            test,
+            "owner SIGSTOP past lease + dup window, resumed; new owner kill -9",
+            working,
+        )
+        .judged(&j)
+        .recovered(Some(recover_secs)),
+    );
+    assert!(
+        j.exact(),
         "{test}: {j:?}; logs in {}",
         procs::log_dir(test).display()
     );

@@ -8,14 +8,14 @@
 //! Each test prints one line `MATRIX|fault|option|inputs|lost|doubled|wrong|recover_secs`
 //! (lost, doubled and wrong are counted by [`tally`]; the asserts then require them to be 0).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::procs::{free_port, log_dir};
 use integration_tests::{
-    Dag, Proc, count, healthz, metric, read_stream, registry_sensors, running_partitions, servers,
+    Dag, Proc, count, healthz, metric, registry_sensors, running_partitions, servers,
     verify_exactly_once, wait_drained, wait_ready, wait_until,
 };
 
@@ -122,69 +122,23 @@ impl OwnRedis {
     }
 }
 
-/// What the oracle says about a finished run, counted instead of asserted so that the matrix
-/// line can be printed first: inputs, lost (a reading with no outcome), doubled (a reading
-/// with two), wrong (an outcome the oracle does not expect).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Tally {
-    /// Readings in the stream.
-    pub inputs: usize,
-    /// Readings with no delta and no dead letter.
-    pub lost: usize,
-    /// Readings with more than one outcome.
-    pub doubled: usize,
-    /// Outcomes that differ from the oracle.
-    pub wrong: usize,
-}
-
-/// Counts [`Tally`] from the streams with the oracle.
-pub async fn tally(js: &async_nats::jetstream::Context) -> Tally {
-    let readings = read_stream(js, "READINGS").await;
-    let deltas = read_stream(js, "DELTAS").await;
-    let dlq = read_stream(js, "DLQ").await;
-    let sensors = registry_sensors(js).await;
-    let expected = integration_tests::oracle::expected(&readings, &sensors);
-    let mut outcomes: HashMap<u64, usize> = HashMap::new();
-    let mut t = Tally {
-        inputs: readings.len(),
-        ..Default::default()
-    };
-    for d in &deltas {
-        let j: serde_json::Value = serde_json::from_slice(&d.payload).unwrap_or_default();
-        let src = j["source_seq"].as_u64().unwrap_or(0);
-        *outcomes.entry(src).or_default() += 1;
-        match expected.get(&src) {
-            Some(exp) if integration_tests::oracle::check_delta(&j, exp).is_ok() => {}
-            _ => t.wrong += 1,
-        }
-    }
-    for m in &dlq {
-        let src: u64 = m
-            .header("Kappa-Source-Seq")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        *outcomes.entry(src).or_default() += 1;
-        let reason = m.header("Kappa-Reason").unwrap_or_default();
-        if expected.get(&src) != Some(&integration_tests::oracle::Expected::Rejected(reason)) {
-            t.wrong += 1;
-        }
-    }
-    let seqs: HashSet<u64> = readings.iter().map(|r| r.seq).collect();
-    t.lost = seqs.iter().filter(|s| !outcomes.contains_key(s)).count();
-    t.doubled = outcomes.values().filter(|&&n| n > 1).count();
-    t
-}
-
 /// Records the run's row of the fault matrix ([`integration_tests::matrix::record`]: the
-/// `MATRIX|` line and `target/faults/<test>.jsonl`).
-pub fn matrix_line(test: &str, fault: &str, option: &str, t: Tally, recover_secs: f64) {
-    let mut row =
-        integration_tests::matrix::Row::new(test, fault, option).recovered(Some(recover_secs));
-    row.inputs = t.inputs as u64;
-    row.lost = t.lost as u64;
-    row.doubled = t.doubled as u64;
-    row.wrong = t.wrong as u64;
+/// `MATRIX|` line and `target/faults/<test>.jsonl`), judged by the oracle
+/// ([`integration_tests::judge`]) with `wrong_views` more wrong outcomes (views that differ
+/// from a rebuild).
+async fn record_row(
+    js: &async_nats::jetstream::Context,
+    (test, fault, option): (&str, &str, &str),
+    wrong_views: u64,
+    recover_secs: f64,
+) -> integration_tests::Judged {
+    let judged = integration_tests::judge(js).await;
+    let mut row = integration_tests::matrix::Row::new(test, fault, option)
+        .judged(&judged)
+        .recovered(Some(recover_secs));
+    row.wrong += wrong_views;
     integration_tests::matrix::record(&row);
+    judged
 }
 
 /// Waits until `http` reports every partition running and every reading published before
@@ -271,8 +225,7 @@ async fn working_store_restarted(test: &str, fault: &str, working: &str, aof: bo
     );
     let lost_stores = metric(&delta.http, "kappa_store_lost_total").await;
     let refolded = metric(&delta.http, "kappa_changes_refolded_total").await;
-    let t = tally(js).await;
-    matrix_line(test, fault, working, t, recover);
+    let judged = record_row(js, (test, fault, working), 0, recover).await;
     eprintln!(
         "[{test}] store lost detected {lost_stores} times; {refolded} changes refolded; recovered in {recover:.1}s"
     );
@@ -284,10 +237,10 @@ async fn working_store_restarted(test: &str, fault: &str, working: &str, aof: bo
             delta.log_text()
         );
     }
-    assert_eq!(
-        (t.lost, t.doubled, t.wrong),
-        (0, 0, 0),
-        "{t:?}:\n{}",
+    assert!(
+        judged.exact(),
+        "{:?}:\n{}",
+        judged.problems,
         delta.log_tail(60)
     );
     let v = verify_exactly_once(js).await;
@@ -509,12 +462,15 @@ async fn views_wiped_are_rebuilt() {
         .filter(|(k, x)| rebuilt.get(*k) != Some(*x))
         .map(|(k, _)| k)
         .collect();
-    let t = Tally {
-        inputs: v.readings,
-        wrong: differing.len() + usize::from(!caught_up),
-        ..tally(js).await
-    };
-    matrix_line(test, "views redis wiped", "view-builder", t, recover);
+    let wrong_views = differing.len() as u64 + u64::from(!caught_up);
+    let judged = record_row(
+        js,
+        (test, "views redis wiped", "view-builder"),
+        wrong_views,
+        recover,
+    )
+    .await;
+    assert!(judged.exact(), "{:?}", judged.problems);
     eprintln!(
         "[{test}] {before} deltas at the wipe; store lost detected {lost_views} times; views rebuilt in {recover:.1}s; {} answers compared with a rebuild, {} differ",
         live.len(),
