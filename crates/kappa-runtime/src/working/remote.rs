@@ -272,32 +272,7 @@ impl WorkingState for RedisState {
             }
             let r: i64 = inv.invoke_async(&mut conn).await?;
             observe(self.kind, "commit", t);
-            match r {
-                -1 => Err(RuntimeError::Fenced(format!(
-                    "partition {partition} was taken over (epoch {epoch} is stale)"
-                ))),
-                -2 => Err(self.lost(
-                    partition,
-                    "its meta hash is gone or was created again (wiped, restarted empty, failed over)",
-                )),
-                -3 => Err(self.lost(
-                    partition,
-                    &format!(
-                        "it no longer holds position {} committed last (rolled back)",
-                        expected.position
-                    ),
-                )),
-                _ => {
-                    self.expect(
-                        partition,
-                        Some(Expected {
-                            position,
-                            ..expected
-                        }),
-                    );
-                    Ok(())
-                }
-            }
+            self.answered(partition, epoch, r, position, expected)
         })
     }
 
@@ -326,25 +301,7 @@ impl WorkingState for RedisState {
                 .arg(&expected.incarnation)
                 .invoke_async(&mut conn)
                 .await?;
-            match r {
-                -1 => Err(RuntimeError::Fenced(format!(
-                    "partition {partition} was taken over (epoch {epoch} is stale)"
-                ))),
-                -2 => Err(self.lost(
-                    partition,
-                    "its meta hash is gone or was created again (wiped, restarted empty, failed over)",
-                )),
-                _ => {
-                    self.expect(
-                        partition,
-                        Some(Expected {
-                            position,
-                            ..expected
-                        }),
-                    );
-                    Ok(())
-                }
-            }
+            self.answered(partition, epoch, r, position, expected)
         })
     }
 
@@ -354,6 +311,45 @@ impl WorkingState for RedisState {
 }
 
 impl RedisState {
+    /// What the COMMIT and REBASE scripts answered (-1 fenced, -2 the meta hash is not this
+    /// owner's incarnation, -3 the previous position is gone; anything else: stored at
+    /// `position`, which is expected from now on).
+    fn answered(
+        &self,
+        partition: u32,
+        epoch: u64,
+        answer: i64,
+        position: u64,
+        expected: Expected,
+    ) -> Result<(), RuntimeError> {
+        match answer {
+            -1 => Err(RuntimeError::Fenced(format!(
+                "partition {partition} was taken over (epoch {epoch} is stale)"
+            ))),
+            -2 => Err(self.lost(
+                partition,
+                "its meta hash is gone or was created again (wiped, restarted empty, failed over)",
+            )),
+            -3 => Err(self.lost(
+                partition,
+                &format!(
+                    "it no longer holds position {} committed last (rolled back)",
+                    expected.position
+                ),
+            )),
+            _ => {
+                self.expect(
+                    partition,
+                    Some(Expected {
+                        position,
+                        ..expected
+                    }),
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// Writes a recovered partition unconditionally (used by `affinity` after losing its store),
     /// under a new incarnation, and expects it from now on.
     pub async fn restore(
