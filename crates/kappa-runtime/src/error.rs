@@ -13,8 +13,9 @@ pub enum RuntimeError {
     /// one was reported recently ([`crate::nats::explain`]): a refused request only times out.
     #[error("jetstream: {}", crate::nats::explain(.0))]
     JetStream(String),
-    /// Redis failed.
-    #[error("redis: {0}")]
+    /// Redis failed (its text says what an ACL refusal or a wrong password means:
+    /// [`crate::working::remote::explain`]).
+    #[error("redis: {}", crate::working::remote::explain(.0))]
     Redis(#[from] redis::RedisError),
     /// The HTTP listener failed.
     #[error("http: {0}")]

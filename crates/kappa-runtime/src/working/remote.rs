@@ -114,32 +114,68 @@ pub struct RedisState {
     expected: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, Expected>>>,
 }
 
-/// Connects to `url` (checking it answers PING) with a clear error.
+/// `url` with its password replaced by `***` (for messages: a Redis URL may carry an ACL
+/// user's credentials, `redis://user:password@host:port`).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
+/// A Redis error with what it means for an operator: a refused password or a command or key
+/// the ACL user may not touch (see docs/operations.md, "Redis users").
+pub fn explain(e: &redis::RedisError) -> String {
+    let hint = match e.code() {
+        _ if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+            "; the user name or password in the Redis URL is wrong"
+        }
+        Some("WRONGPASS") => "; the user name or password in the Redis URL is wrong",
+        Some("NOAUTH") => "; this Redis requires a user and password in the URL",
+        Some("NOPERM") => {
+            "; the Redis user of this URL may not run this command or touch this key (ACL, docs/operations.md \"Redis users\")"
+        }
+        _ => "",
+    };
+    format!("{e}{hint}")
+}
+
+/// Connects to `url` (checking it answers PING) with a clear error; messages never show the
+/// password.
 pub async fn connect(url: &str, what: &str) -> Result<ConnectionManager, RuntimeError> {
     use redis::IntoConnectionInfo;
+    let shown = redacted(url);
     let info = url
         .into_connection_info()
-        .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is not a Redis URL: {e}")))?
+        .map_err(|e| RuntimeError::Config(format!("{what} '{shown}' is not a Redis URL: {e}")))?
         // Small scripts and replies go out at once: without TCP_NODELAY, the tail of a
         // multi-segment script call can wait for a delayed ACK (tens of ms).
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     let client = redis::Client::open(info)
-        .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is not a Redis URL: {e}")))?;
+        .map_err(|e| RuntimeError::Config(format!("{what} '{shown}' is not a Redis URL: {e}")))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
         .set_response_timeout(Some(std::time::Duration::from_secs(5)))
         .set_number_of_retries(2);
+    let unreachable =
+        |e: redis::RedisError| RuntimeError::Config(format!("{what} '{shown}': {}", explain(&e)));
     let mut conn = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         client.get_connection_manager_with_config(config),
     )
     .await
-    .map_err(|_| RuntimeError::Config(format!("{what} '{url}' did not answer")))?
-    .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is unreachable: {e}")))?;
+    .map_err(|_| RuntimeError::Config(format!("{what} '{shown}' did not answer")))?
+    .map_err(unreachable)?;
     let _: String = redis::cmd("PING")
         .query_async(&mut conn)
         .await
-        .map_err(|e| RuntimeError::Config(format!("{what} '{url}' is unreachable: {e}")))?;
+        .map_err(unreachable)?;
     Ok(conn)
 }
 
@@ -389,5 +425,22 @@ impl RedisState {
             }),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_show_in_messages() {
+        assert_eq!(
+            redacted("redis://temperature-delta:s3cr:et@redis:6379/0"),
+            "redis://temperature-delta:***@redis:6379/0"
+        );
+        assert_eq!(redacted("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redacted("rediss://pw@h:1"), "rediss://***@h:1");
+        assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redacted("not a url"), "not a url");
     }
 }
