@@ -633,4 +633,14 @@ async fn a_recreated_deltas_stream_is_followed_by_the_service_and_the_views() {
     );
     assert!(metric(&views.http, "kappa_views_input_replaced_total").await >= 1.0);
     assert_eq!(count(js, "DLQ").await, 0);
+
+    // A rebuild now reads the new log only (the documented rule): it swaps in although the
+    // active generation's positions in s-2's partition refer to the old log, gives s-1 the
+    // same view, and has no s-2.
+    let s1 = |all: &[serde_json::Value]| all.iter().find(|v| v["sensor_id"] == "s-1").cloned();
+    let s1_live = s1(&after);
+    let differing = integration_tests::views::differences_after_rebuild(&dag, &api).await;
+    let rebuilt = integration_tests::views::sensors(&api).await;
+    assert_eq!(s1(&rebuilt), s1_live, "{rebuilt:?}");
+    assert_eq!(differing, 1, "only s-2 differs: {rebuilt:?}");
 }

@@ -236,8 +236,14 @@ pub trait View: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, Self::Error>> + Send;
 
     /// Makes `generation` the active one if it has applied at least the active generation's
-    /// position in every partition.
-    fn swap(&self, generation: &str) -> impl Future<Output = Result<Swap, Self::Error>> + Send;
+    /// position in every partition whose position refers to input stream `source` (the one
+    /// the rebuild read: a position stored under another identity refers to a stream that was
+    /// replaced, and says nothing about this one).
+    fn swap(
+        &self,
+        generation: &str,
+        source: u64,
+    ) -> impl Future<Output = Result<Swap, Self::Error>> + Send;
 
     /// Gives up a rebuild of `generation`: clears the mark if it is ours and deletes it.
     fn abandon(&self, generation: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -979,7 +985,7 @@ impl<V: View> Rebuild<V> {
                 buffered = 0;
                 match self
                     .view
-                    .swap(&self.generation)
+                    .swap(&self.generation, source)
                     .await
                     .map_err(store_error)?
                 {

@@ -151,14 +151,14 @@ impl View for Sums {
         })?
     }
 
-    async fn swap(&self, generation: &str) -> Result<Swap, MemError> {
+    async fn swap(&self, generation: &str, source: u64) -> Result<Swap, MemError> {
         self.with(|m| {
             let active = m.generations.get(&m.active).cloned().unwrap_or_default();
             let new = m.generations.get(generation).cloned().unwrap_or_default();
-            let behind = active
-                .positions
-                .iter()
-                .any(|(p, pos)| new.positions.get(p).copied().unwrap_or(0) < *pos);
+            let behind = active.positions.iter().any(|(p, pos)| {
+                active.sources.get(p) == Some(&source)
+                    && new.positions.get(p).copied().unwrap_or(0) < *pos
+            });
             if behind {
                 return Swap::Behind {
                     active: m.active.clone(),

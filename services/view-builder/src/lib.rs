@@ -193,8 +193,8 @@ impl View for SensorViews {
         self.store.begin_rebuild(force).await
     }
 
-    async fn swap(&self, generation: &str) -> Result<Swap, StoreError> {
-        let (swapped, previous) = self.store.swap(generation).await?;
+    async fn swap(&self, generation: &str, source: u64) -> Result<Swap, StoreError> {
+        let (swapped, previous) = self.store.swap(generation, source).await?;
         Ok(if swapped {
             Swap::Swapped { previous }
         } else {

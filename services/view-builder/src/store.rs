@@ -152,8 +152,9 @@ return changed
 ";
 
 /// Swaps generation ARGV[1] in if it has caught up with the active one in every partition
-/// (whose position refers to the same deltas stream: the active one's may refer to a stream
-/// that was replaced). Returns {'1', old} when swapped, {'0', old} when not yet.
+/// whose position refers to deltas stream ARGV[2] (the one the rebuild read; a position
+/// stored under another identity refers to a stream that was replaced). Returns {'1', old}
+/// when swapped, {'0', old} when not yet.
 const SWAP: &str = r"
 local new = ARGV[1]
 local old = redis.call('GET', 'views:active') or '0'
@@ -163,7 +164,7 @@ local N = 'views:{' .. new .. '}:'
 local kv = redis.call('HGETALL', O .. 'positions')
 for j = 1, #kv, 2 do
   local n = tonumber(redis.call('HGET', N .. 'positions', kv[j]) or '0')
-  local same = redis.call('HGET', O .. 'sources', kv[j]) == redis.call('HGET', N .. 'sources', kv[j])
+  local same = redis.call('HGET', O .. 'sources', kv[j]) == ARGV[2]
   if same and n < tonumber(kv[j + 1]) then return {'0', old} end
 end
 redis.call('SET', 'views:active', new)
@@ -418,10 +419,16 @@ impl Store {
         Ok(changed == 1)
     }
 
-    /// Makes `generation` the active one if it has caught up; returns `(swapped, previous)`.
-    pub async fn swap(&self, generation: &str) -> Result<(bool, String), StoreError> {
+    /// Makes `generation` the active one if it has caught up with the active one in every
+    /// partition of deltas stream `source`; returns `(swapped, previous)`.
+    pub async fn swap(&self, generation: &str, source: u64) -> Result<(bool, String), StoreError> {
         let mut conn = self.conn.clone();
-        let r: Vec<String> = self.swap.arg(generation).invoke_async(&mut conn).await?;
+        let r: Vec<String> = self
+            .swap
+            .arg(generation)
+            .arg(source)
+            .invoke_async(&mut conn)
+            .await?;
         match r.as_slice() {
             [ok, old] => Ok((ok == "1", old.clone())),
             other => Err(StoreError::Protocol(format!("swap answered {other:?}"))),

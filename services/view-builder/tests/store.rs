@@ -206,7 +206,7 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
     // A rebuilt generation swaps in only once it has caught up.
     let g = Target::Generation("7".into());
     apply(&store, &g, 0, 0, vec![(1, delta("a", "lab", 1.0, 101, 1))]).await;
-    let (swapped, prev) = store.swap("7").await.expect("swap");
+    let (swapped, prev) = store.swap("7", SOURCE).await.expect("swap");
     assert!(!swapped);
     assert_eq!(prev, "0");
     assert_eq!(store.sensors().await.expect("all").views.len(), 3);
@@ -222,7 +222,7 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
         ],
     )
     .await;
-    assert!(store.swap("7").await.expect("swap").0);
+    assert!(store.swap("7", SOURCE).await.expect("swap").0);
     assert_eq!(store.active_generation().await.expect("gen"), "7");
     let b2 = store.sensor("b").await.expect("read").expect("b");
     assert_eq!(b2, b);
@@ -343,4 +343,62 @@ async fn a_replaced_deltas_stream_is_followed_from_its_start_and_keeps_the_views
         .await
         .expect("apply");
     assert_eq!(r, Applied::Skipped);
+
+    // A rebuild from the new stream swaps in although its positions are below the active
+    // generation's in a partition whose position still refers to the old stream.
+    assert!(matches!(
+        apply(
+            &store,
+            &active,
+            1,
+            1,
+            vec![(77, delta("c", "roof", 1.0, 177, 1))]
+        )
+        .await,
+        Applied::Changed(_)
+    ));
+    let g = Target::Generation("5".into());
+    let ups = fold_batch(vec![(2, delta("a", "lab", 6.0, 2, 1))], 3);
+    let r = store
+        .apply(
+            &g,
+            1,
+            0,
+            At {
+                previous: 0,
+                last: 2,
+                source: replaced,
+            },
+            3,
+            &ups,
+            &[None],
+        )
+        .await
+        .expect("apply to the new generation");
+    assert!(matches!(r, Applied::Changed(_)), "{r:?}");
+    let (swapped, _) = store.swap("5", replaced).await.expect("swap");
+    assert!(!swapped, "partition 0 of the new stream is not rebuilt yet");
+    let ups = fold_batch(vec![(1, delta("a", "lab", 5.0, 1, 1))], 3);
+    let r = store
+        .apply(
+            &g,
+            0,
+            0,
+            At {
+                previous: 0,
+                last: 1,
+                source: replaced,
+            },
+            3,
+            &ups,
+            &[None],
+        )
+        .await
+        .expect("apply to the new generation");
+    assert!(matches!(r, Applied::Changed(_)), "{r:?}");
+    let (swapped, _) = store.swap("5", replaced).await.expect("swap");
+    assert!(
+        swapped,
+        "the old stream's position in partition 1 held the swap back"
+    );
 }
