@@ -22,6 +22,17 @@ pub struct NatsArgs {
     /// NATS token.
     #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate: TLS is then required
+    /// (also with a `tls://` URL). Without it, a `tls://` URL is verified against the system's
+    /// roots.
+    #[arg(long, env = "NATS_CA")]
+    pub nats_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients (mutual TLS; with NATS_KEY).
+    #[arg(long, env = "NATS_CERT")]
+    pub nats_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of NATS_CERT.
+    #[arg(long, env = "NATS_KEY")]
+    pub nats_key: Option<std::path::PathBuf>,
     /// Seconds to wait for the first connection before giving up.
     #[arg(long, env = "NATS_CONNECT_TIMEOUT_SECS", default_value_t = 5)]
     pub nats_connect_timeout_secs: u64,
@@ -31,6 +42,26 @@ pub struct NatsArgs {
     /// sequence); a short one is for tests that outlast it.
     #[arg(long, env = "KAPPA_DUPLICATE_WINDOW_SECS", default_value_t = DEFAULT_DUPLICATE_WINDOW_SECS)]
     pub duplicate_window_secs: u64,
+}
+
+/// `url` (or a comma-separated list) with every password replaced by `***`, for messages: a
+/// NATS or Redis URL may carry credentials (`scheme://user:password@host:port`).
+pub fn redacted(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let Some((scheme, rest)) = u.split_once("://") else {
+                return u.to_string();
+            };
+            let Some((userinfo, host)) = rest.rsplit_once('@') else {
+                return u.to_string();
+            };
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Default duplicate window of the runtime's streams, in seconds.

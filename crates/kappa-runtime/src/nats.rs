@@ -94,16 +94,57 @@ pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, RuntimeErro
     list.into_iter()
         .map(|u| {
             let addr = async_nats::ServerAddr::from_str(u).map_err(|e| {
-                RuntimeError::Config(format!("NATS_URL '{u}' is not a NATS URL: {e}"))
+                RuntimeError::Config(format!(
+                    "NATS_URL '{}' is not a NATS URL: {e}",
+                    crate::config::redacted(u)
+                ))
             })?;
             match addr.scheme() {
                 "nats" | "tls" | "ws" | "wss" => Ok(addr),
                 other => Err(RuntimeError::Config(format!(
-                    "NATS_URL '{u}' has scheme '{other}'; expected nats://, tls://, ws:// or wss://"
+                    "NATS_URL '{}' has scheme '{other}'; expected nats://, tls://, ws:// or wss://",
+                    crate::config::redacted(u)
                 ))),
             }
         })
         .collect()
+}
+
+/// TLS as `args` asks for it: required with `NATS_CA` or a `tls://` URL, verified against
+/// `NATS_CA` (or the system's roots), with a client certificate when `NATS_CERT` and
+/// `NATS_KEY` are given. Unreadable files are configuration errors.
+fn tls(
+    mut opts: async_nats::ConnectOptions,
+    args: &NatsArgs,
+    addrs: &[async_nats::ServerAddr],
+) -> Result<async_nats::ConnectOptions, RuntimeError> {
+    let readable = |what: &str, p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|_| ())
+            .map_err(|e| RuntimeError::Config(format!("{what} '{}': {e}", p.display())))
+    };
+    if let Some(ca) = &args.nats_ca {
+        readable("NATS_CA", ca)?;
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    } else if addrs.iter().any(|a| a.scheme() == "tls") {
+        opts = opts.require_tls(true);
+    }
+    match (&args.nats_cert, &args.nats_key) {
+        (Some(cert), Some(key)) => {
+            readable("NATS_CERT", cert)?;
+            readable("NATS_KEY", key)?;
+            opts = opts
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        (None, None) => {}
+        _ => {
+            return Err(RuntimeError::Config(
+                "NATS_CERT and NATS_KEY go together (a client certificate and its key)".into(),
+            ));
+        }
+    }
+    Ok(opts)
 }
 
 /// Connects with the given name. Fails fast (within `nats_connect_timeout_secs`) when no server
@@ -165,10 +206,15 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
     if let Some(token) = &args.nats_token {
         opts = opts.token(token.clone());
     }
+    let tls_on = args.nats_ca.is_some()
+        || args.nats_cert.is_some()
+        || addrs.iter().any(|a| a.scheme() == "tls");
+    opts = tls(opts, args, &addrs)?;
+    let shown = crate::config::redacted(&args.nats_url);
     let timeout = Duration::from_secs(args.nats_connect_timeout_secs.max(1) + 1);
     let client = tokio::time::timeout(timeout, opts.connect(addrs))
         .await
-        .map_err(|_| RuntimeError::Nats(format!("no NATS server answered at {}", args.nats_url)))?
+        .map_err(|_| RuntimeError::Nats(format!("no NATS server answered at {shown}")))?
         .map_err(|e| {
             let who = match (&args.nats_user, &args.nats_creds) {
                 (Some(user), _) => format!(" as user '{user}'"),
@@ -177,12 +223,18 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
             };
             if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
                 RuntimeError::Nats(format!(
-                    "{} refused the connection{who}: authorization violation (check NATS_USER and \
-                     NATS_PASSWORD, or NATS_CREDS)",
-                    args.nats_url
+                    "{shown} refused the connection{who}: authorization violation (check NATS_USER \
+                     and NATS_PASSWORD, or NATS_CREDS)"
+                ))
+            } else if e.kind() == async_nats::ConnectErrorKind::Tls
+                || (tls_on && e.to_string().to_ascii_lowercase().contains("certificate"))
+            {
+                RuntimeError::Nats(format!(
+                    "cannot connect to {shown}{who}: TLS failed: {e} (check NATS_CA, and NATS_CERT \
+                     and NATS_KEY if the server verifies clients)"
                 ))
             } else {
-                RuntimeError::Nats(format!("cannot connect to {}{who}: {e}", args.nats_url))
+                RuntimeError::Nats(format!("cannot connect to {shown}{who}: {e}"))
             }
         })?;
     connected.store(true, Ordering::Relaxed);

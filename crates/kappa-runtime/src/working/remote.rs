@@ -114,20 +114,7 @@ pub struct RedisState {
     expected: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, Expected>>>,
 }
 
-/// `url` with its password replaced by `***` (for messages: a Redis URL may carry an ACL
-/// user's credentials, `redis://user:password@host:port`).
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
-    }
-}
+pub use crate::config::redacted;
 
 /// A Redis error with what it means for an operator: a refused password or a command or key
 /// the ACL user may not touch (see docs/operations.md, "Redis users").
@@ -442,5 +429,9 @@ mod url_tests {
         assert_eq!(redacted("rediss://pw@h:1"), "rediss://***@h:1");
         assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
         assert_eq!(redacted("not a url"), "not a url");
+        assert_eq!(
+            redacted("nats://a:x@h:1,nats://b:y@g:2"),
+            "nats://a:***@h:1,nats://b:***@g:2"
+        );
     }
 }

@@ -1,0 +1,225 @@
+//! TLS to NATS, on a real nats-server that requires it and verifies clients (mutual TLS),
+//! with a CA, a server and a client certificate the test makes with `openssl`: the runtime
+//! connects and uses JetStream with `NATS_CA` + `NATS_CERT`/`NATS_KEY`, and each way of getting
+//! it wrong is one clear error. Skipped, with a line on stderr, without `nats-server` or
+//! `openssl` on PATH.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kappa_runtime::config::{DEFAULT_DUPLICATE_WINDOW_SECS, NatsArgs};
+
+fn have(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+        || Command::new(cmd)
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok()
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a server (for 127.0.0.1) and a client certificate it signed, in `dir`.
+fn certificates(dir: &Path) {
+    let days = ["-days", "2"];
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=kappa test CA",
+            days[0],
+            days[1],
+        ],
+    );
+    for (name, ext) in [
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let extfile = format!("{name}.ext");
+        std::fs::write(dir.join(&extfile), ext).expect("ext file");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN=kappa test {name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-extfile",
+                &extfile,
+                days[0],
+                days[1],
+            ],
+        );
+    }
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn args(url: String, ca: Option<PathBuf>, client: Option<(PathBuf, PathBuf)>) -> NatsArgs {
+    NatsArgs {
+        nats_url: url,
+        nats_creds: None,
+        nats_user: None,
+        nats_password: None,
+        nats_token: None,
+        nats_ca: ca,
+        nats_cert: client.as_ref().map(|c| c.0.clone()),
+        nats_key: client.map(|c| c.1),
+        nats_connect_timeout_secs: 3,
+        duplicate_window_secs: DEFAULT_DUPLICATE_WINDOW_SECS,
+    }
+}
+
+#[tokio::test]
+async fn nats_over_mutual_tls_connects_with_its_certificates_and_says_what_is_wrong_without() {
+    if !have("nats-server") || !have("openssl") {
+        eprintln!("note: nats-server or openssl not on PATH; skipping the TLS test");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kappa-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    certificates(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let log = std::fs::File::create(dir.join("nats.log")).expect("log");
+    let _server = Server(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-sd", &dir.join("js").display().to_string()])
+            .args([
+                "--tlsverify",
+                "--tlscert",
+                "server.pem",
+                "--tlskey",
+                "server.key",
+            ])
+            .args(["--tlscacert", "ca.pem"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server"),
+    );
+    let url = format!("tls://127.0.0.1:{port}");
+    let ca = dir.join("ca.pem");
+    let client = (dir.join("client.pem"), dir.join("client.key"));
+
+    // With the CA and the client certificate: connected, and JetStream answers.
+    let mut nats = None;
+    for _ in 0..50 {
+        match kappa_runtime::nats::connect(
+            &args(url.clone(), Some(ca.clone()), Some(client.clone())),
+            "tls-test",
+        )
+        .await
+        {
+            Ok(n) => {
+                nats = Some(n);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let nats = nats.expect("connected over mutual TLS");
+    let info = nats.js.query_account().await.expect("JetStream over TLS");
+    assert_eq!(info.streams, 0);
+
+    // Without a client certificate the server refuses; without the CA the server is unknown.
+    for (what, a) in [
+        (
+            "no client certificate",
+            args(url.clone(), Some(ca.clone()), None),
+        ),
+        ("no CA", args(url.clone(), None, Some(client.clone()))),
+    ] {
+        let e = kappa_runtime::nats::connect(&a, "tls-test")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: connected"));
+        let text = e.to_string();
+        assert!(
+            text.contains("127.0.0.1") && text.contains("TLS failed") && text.contains("NATS_CA"),
+            "{what}: {text}"
+        );
+        eprintln!("{what}: {text}");
+    }
+    // A certificate without its key, and a CA file that is not there: configuration errors.
+    let mut half = args(url.clone(), Some(ca.clone()), Some(client.clone()));
+    half.nats_key = None;
+    let e = kappa_runtime::nats::connect(&half, "tls-test").await.err();
+    assert!(
+        matches!(e, Some(kappa_runtime::RuntimeError::Config(ref m)) if m.contains("NATS_KEY")),
+        "{e:?}"
+    );
+    let missing = args(url, Some(dir.join("nope.pem")), None);
+    let e = kappa_runtime::nats::connect(&missing, "tls-test")
+        .await
+        .err();
+    assert!(
+        matches!(e, Some(kappa_runtime::RuntimeError::Config(ref m)) if m.contains("NATS_CA")),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
