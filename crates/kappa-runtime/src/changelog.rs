@@ -92,7 +92,12 @@ pub fn is_conflict(e: &jetstream::context::PublishError) -> bool {
     if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
         return true;
     }
-    let text = e.to_string();
+    is_conflict_text(&e.to_string())
+}
+
+/// True if an error's text is JetStream's compare-and-set conflict: 10071 ("wrong last
+/// sequence: N") or 10164 (the same conflict as some server versions report it).
+pub fn is_conflict_text(text: &str) -> bool {
     text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence")
 }
 
