@@ -243,14 +243,15 @@ where
             ));
         }
     }
-    let store = js
-        .create_or_update_key_value(kv::Config {
-            bucket: bucket.clone(),
-            history: 1,
-            max_age: cfg.ttl,
-            num_replicas: cfg.replicas.max(1),
-            ..Default::default()
-        })
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        history: 1,
+        max_age: cfg.ttl,
+        num_replicas: cfg.replicas.max(1),
+        ..Default::default()
+    };
+    // Instances starting together create the bucket together: see `retry_timeouts`.
+    let store = crate::nats::retry_timeouts(|| js.create_or_update_key_value(config.clone()))
         .await
         .map_err(|e| RuntimeError::JetStream(format!("lease bucket {bucket}: {e}")))?;
     // Epochs must keep growing even if the bucket is deleted and created again (its revisions

@@ -284,6 +284,33 @@ pub fn check_replicas(client: &async_nats::Client, replicas: usize) -> Result<()
     }
 }
 
+/// Attempts at a JetStream declaration that timed out.
+const DECLARE_ATTEMPTS: u32 = 3;
+
+/// Runs a declaration (a stream or bucket created if missing) again when it timed out, up to
+/// [`DECLARE_ATTEMPTS`] times. Two instances declaring the same replicated stream at once is
+/// normal at start, and nats-server 2.15.1 answers neither the second create nor an update
+/// sent while the first create is in flight: both time out after 5 s (measured on a 3-node
+/// cluster with two concurrent requests); asked again, the stream exists and the answer comes
+/// at once.
+pub async fn retry_timeouts<T, E, F, Fut>(mut declare: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match declare().await {
+            Err(e) if attempt < DECLARE_ATTEMPTS && e.to_string().contains("timed out") => {
+                tracing::warn!(error = %e, attempt, "a declaration timed out; asking again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Declares a stream: creates it when missing, otherwise keeps the existing one (and logs when
 /// its subjects differ from what this service expects). An existing stream with another
 /// replica count than `config.num_replicas` is refused ([`replicas_differ`]); a stream whose
@@ -295,17 +322,19 @@ pub async fn declare_stream(
     let name = config.name.clone();
     let subjects = config.subjects.clone();
     let wanted = replicas_of(&config);
-    let mut s = js.get_or_create_stream(config).await.map_err(|e| {
-        let text = e.to_string();
-        if REPLICAS_DO_NOT_FIT.iter().any(|code| text.contains(code)) {
-            RuntimeError::Config(format!(
-                "KAPPA_REPLICAS={wanted} does not fit the cluster: creating stream {name} was \
+    let mut s = retry_timeouts(|| js.get_or_create_stream(config.clone()))
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            if REPLICAS_DO_NOT_FIT.iter().any(|code| text.contains(code)) {
+                RuntimeError::Config(format!(
+                    "KAPPA_REPLICAS={wanted} does not fit the cluster: creating stream {name} was \
                  refused: {text}"
-            ))
-        } else {
-            RuntimeError::JetStream(format!("declare stream {name}: {e}"))
-        }
-    })?;
+                ))
+            } else {
+                RuntimeError::JetStream(format!("declare stream {name}: {e}"))
+            }
+        })?;
     let info = s.info().await.map_err(RuntimeError::js)?;
     if info.config.subjects != subjects {
         tracing::warn!(stream = %name, existing = ?info.config.subjects, expected = ?subjects,
