@@ -292,3 +292,21 @@ impl ChangeLog {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_wrong_sequence_codes_are_conflicts() {
+        use super::is_conflict_text;
+        assert!(is_conflict_text(
+            "wrong last sequence: 4 (code 400, error code 10071)"
+        ));
+        assert!(is_conflict_text(
+            "jetstream error: (code 400, error code 10164)"
+        ));
+        assert!(!is_conflict_text(
+            "no suitable peers for placement (code 400, error code 10005)"
+        ));
+        assert!(!is_conflict_text("timed out: didn't receive ack in time"));
+    }
+}

@@ -351,3 +351,56 @@ pub async fn declare_stream(
 pub fn stream_seq(msg: &jetstream::Message) -> u64 {
     msg.info().map(|i| i.stream_sequence).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers `timeouts` time-outs, then `last`, counting the attempts.
+    async fn attempts(timeouts: u32, last: Result<u32, String>) -> (Result<u32, String>, u32) {
+        let calls = std::cell::Cell::new(0u32);
+        let r = retry_timeouts(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            let last = last.clone();
+            async move {
+                if n <= timeouts {
+                    Err("jetstream request timed out".to_string())
+                } else {
+                    last
+                }
+            }
+        })
+        .await;
+        (r, calls.get())
+    }
+
+    #[tokio::test]
+    async fn a_declaration_that_timed_out_is_asked_again_three_times_at_most() {
+        assert_eq!(attempts(0, Ok(7)).await, (Ok(7), 1));
+        assert_eq!(attempts(2, Ok(7)).await, (Ok(7), 3));
+        let (r, n) = attempts(5, Ok(7)).await;
+        assert!(r.is_err_and(|e| e.contains("timed out")));
+        assert_eq!(n, DECLARE_ATTEMPTS);
+        // Any other error is the answer: not asked again.
+        assert_eq!(
+            attempts(0, Err("no suitable peers for placement".into())).await,
+            (Err("no suitable peers for placement".into()), 1)
+        );
+    }
+
+    #[test]
+    fn a_stream_config_says_one_replica_by_default() {
+        let change = ChangeStream {
+            stream: "SENSORS".into(),
+            prefix: "registry.sensors".into(),
+        };
+        assert_eq!(replicas_of(&change.stream_config()), 1);
+        assert_eq!(replicas_of(&change.stream_config_with(3)), 3);
+        let refused = replicas_differ("DLQ", 3, 1).to_string();
+        assert!(
+            refused.contains("DLQ has 3 replica(s) but KAPPA_REPLICAS=1"),
+            "{refused}"
+        );
+    }
+}
