@@ -10,6 +10,7 @@
 //! silent fallback. With `env`, tests wipe the servers' streams and keys. Either way DAG tests
 //! run one at a time.
 
+pub mod docker_cluster;
 pub mod hosts;
 pub mod matrix;
 pub mod oracle;
@@ -43,8 +44,8 @@ pub struct Servers {
     pub nats_url: String,
     /// Redis URL to give the services.
     pub redis_url: String,
-    /// `docker`, `env`, `cluster` ([`nats_cluster`]), `hosts` ([`hosts::Hosts`]) or `secured`
-    /// ([`secured::secured_nats`]).
+    /// `docker`, `env`, `cluster` ([`nats_cluster`]), `hosts` ([`hosts::Hosts`]), `secured`
+    /// ([`secured::secured_nats`]) or `docker-cluster` ([`docker_cluster::DockerCluster`]).
     pub backend: &'static str,
     _nats: Option<ContainerAsync<GenericImage>>,
     _redis: Option<ContainerAsync<GenericImage>>,
@@ -52,7 +53,30 @@ pub struct Servers {
     _guard: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
-fn docker_reachable() -> bool {
+impl Servers {
+    /// Servers started by someone else (their owner stops them), for this crate's fixtures;
+    /// holds the one-DAG-test-at-a-time `guard`.
+    pub(crate) fn started_elsewhere(
+        nats_url: String,
+        redis_url: String,
+        backend: &'static str,
+        guard: tokio::sync::MutexGuard<'static, ()>,
+    ) -> Self {
+        Servers {
+            nats_url,
+            redis_url,
+            backend,
+            _nats: None,
+            _redis: None,
+            _procs: Vec::new(),
+            _guard: Some(guard),
+        }
+    }
+}
+
+/// True when the tests use Docker: `KAPPA_TEST_BACKEND=docker` forces it, `env` refuses it,
+/// otherwise when `DOCKER_HOST` is set or the Docker socket answers.
+pub fn docker_reachable() -> bool {
     match std::env::var("KAPPA_TEST_BACKEND").as_deref() {
         Ok("docker") => return true,
         Ok("env") => return false,

@@ -28,7 +28,8 @@ async fn racing_upserts_on_a_replicated_stream_have_one_winner() {
     let Some(servers) = nats_cluster(test, 3).await else {
         return;
     };
-    // Declared before the registries start (they keep an existing stream): replicated.
+    // Declared before the registries start (they keep an existing stream, whose replica count
+    // must be KAPPA_REPLICAS's): replicated.
     let (_, js) = nats(&servers.nats_url).await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "SENSORS".into(),
@@ -40,7 +41,7 @@ async fn racing_upserts_on_a_replicated_stream_have_one_winner() {
     })
     .await
     .expect("SENSORS on the cluster");
-    race(Dag::on(servers, test, &[]).await).await;
+    race(Dag::on(servers, test, &[("KAPPA_REPLICAS", "3")]).await).await;
 }
 
 async fn race(dag: Dag) {

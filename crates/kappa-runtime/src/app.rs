@@ -29,7 +29,8 @@ pub struct Service {
 }
 
 impl Service {
-    /// Initialises logs and metrics, connects to NATS and declares the dead-letter stream;
+    /// Initialises logs and metrics, connects to NATS, checks that `KAPPA_REPLICAS` fits the
+    /// server ([`crate::nats::check_replicas`]) and declares the dead-letter stream;
     /// SIGTERM or SIGINT cancels [`Service::shutdown`].
     pub async fn start(name: &str, nats: &NatsArgs) -> Result<Self, RuntimeError> {
         Self::start_with(name, nats, crate::shutdown::on_signal()).await
@@ -44,9 +45,10 @@ impl Service {
     ) -> Result<Self, RuntimeError> {
         crate::telemetry::init_tracing();
         let metrics = crate::telemetry::init_metrics()?;
-        let window = nats_args.duplicate_window()?;
+        let options = nats_args.stream_options()?;
         let nats = crate::nats::connect(nats_args, name).await?;
-        crate::dlq::declare_with_window(&nats.js, window).await?;
+        crate::nats::check_replicas(&nats.client, options.replicas)?;
+        crate::dlq::declare_with(&nats.js, options).await?;
         let health = Health::new();
         let n = nats.clone();
         health.register(

@@ -92,7 +92,12 @@ pub fn is_conflict(e: &jetstream::context::PublishError) -> bool {
     if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
         return true;
     }
-    let text = e.to_string();
+    is_conflict_text(&e.to_string())
+}
+
+/// True if an error's text is JetStream's compare-and-set conflict: 10071 ("wrong last
+/// sequence: N") or 10164 (the same conflict as some server versions report it).
+pub fn is_conflict_text(text: &str) -> bool {
     text.contains("10164") || text.contains("10071") || text.contains("wrong last sequence")
 }
 
@@ -285,5 +290,23 @@ impl ChangeLog {
                 Some(expected),
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_wrong_sequence_codes_are_conflicts() {
+        use super::is_conflict_text;
+        assert!(is_conflict_text(
+            "wrong last sequence: 4 (code 400, error code 10071)"
+        ));
+        assert!(is_conflict_text(
+            "jetstream error: (code 400, error code 10164)"
+        ));
+        assert!(!is_conflict_text(
+            "no suitable peers for placement (code 400, error code 10005)"
+        ));
+        assert!(!is_conflict_text("timed out: didn't receive ack in time"));
     }
 }

@@ -42,6 +42,13 @@ pub struct NatsArgs {
     /// sequence); a short one is for tests that outlast it.
     #[arg(long, env = "KAPPA_DUPLICATE_WINDOW_SECS", default_value_t = DEFAULT_DUPLICATE_WINDOW_SECS)]
     pub duplicate_window_secs: u64,
+    /// Replicas of every stream and KV bucket this process declares (input, change log, dead
+    /// letters, snapshots, leases, reference data): 1 on one server, 3 on a three-node
+    /// cluster. Checked at start against the server (a single server fits only 1); an existing
+    /// stream or bucket with another count is refused, never changed (see docs/operations.md,
+    /// "Running on a NATS cluster").
+    #[arg(long, env = "KAPPA_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
 }
 
 /// `url` (or a comma-separated list) with every password replaced by `***`, for messages: a
@@ -67,6 +74,29 @@ pub fn redacted(url: &str) -> String {
 /// Default duplicate window of the runtime's streams, in seconds.
 pub const DEFAULT_DUPLICATE_WINDOW_SECS: u64 = 120;
 
+/// Most replicas JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
+/// How the streams and buckets a process declares are created: what [`NatsArgs`] says, or
+/// the defaults (120 s duplicate window, one replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Duplicate window of a stream this process creates (an existing stream keeps its own).
+    pub duplicate_window: std::time::Duration,
+    /// Replicas of every stream and bucket this process declares (an existing one with another
+    /// count is refused).
+    pub replicas: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            duplicate_window: std::time::Duration::from_secs(DEFAULT_DUPLICATE_WINDOW_SECS),
+            replicas: 1,
+        }
+    }
+}
+
 impl NatsArgs {
     /// The validated duplicate window (1 s to 1 day).
     pub fn duplicate_window(&self) -> Result<std::time::Duration, crate::RuntimeError> {
@@ -77,6 +107,25 @@ impl NatsArgs {
             )));
         }
         Ok(std::time::Duration::from_secs(self.duplicate_window_secs))
+    }
+
+    /// The validated replica count (1 to [`MAX_REPLICAS`]).
+    pub fn replicas(&self) -> Result<usize, crate::RuntimeError> {
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(crate::RuntimeError::Config(format!(
+                "KAPPA_REPLICAS={} must be in 1..={MAX_REPLICAS}",
+                self.replicas
+            )));
+        }
+        Ok(self.replicas)
+    }
+
+    /// The validated [`StreamOptions`] of this process.
+    pub fn stream_options(&self) -> Result<StreamOptions, crate::RuntimeError> {
+        Ok(StreamOptions {
+            duplicate_window: self.duplicate_window()?,
+            replicas: self.replicas()?,
+        })
     }
 }
 
@@ -198,7 +247,7 @@ impl Settings {
     /// Checks what clap cannot; the error names the setting.
     pub fn validate(&self) -> Result<(), crate::RuntimeError> {
         self.validate_input()?;
-        self.nats.duplicate_window()?;
+        self.nats.stream_options()?;
         if self.working == WorkingMode::Affinity && self.affinity_redis_url.is_none() {
             return Err(crate::RuntimeError::Config(
                 "KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into(),

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crate::RuntimeError;
 use crate::changelog::{EntityLog, Layout, Written};
 use crate::compute::Rejection;
+use crate::config::StreamOptions;
 
 /// Name of the dead-letter stream.
 pub const STREAM: &str = "DLQ";
@@ -25,28 +26,25 @@ pub const REASON_HEADER: &str = "Kappa-Reason";
 /// Longest `Kappa-Detail` kept, in characters.
 const MAX_DETAIL: usize = 200;
 
-/// Declares the `DLQ` stream (idempotent); an existing one gets direct gets turned on, which
-/// the recovery of decisions needs.
+/// Declares the `DLQ` stream (idempotent) with the default [`StreamOptions`]; an existing one
+/// gets direct gets turned on, which the recovery of decisions needs.
 pub async fn declare(js: &jetstream::Context) -> Result<(), RuntimeError> {
-    declare_with_window(
-        js,
-        std::time::Duration::from_secs(crate::config::DEFAULT_DUPLICATE_WINDOW_SECS),
-    )
-    .await
+    declare_with(js, StreamOptions::default()).await
 }
 
-/// [`declare`] with duplicate window `duplicate_window` if the stream is created (an existing
-/// one keeps its own).
-pub async fn declare_with_window(
+/// [`declare`] with `options`: its duplicate window if the stream is created (an existing one
+/// keeps its own), its replicas (an existing stream with another count is refused).
+pub async fn declare_with(
     js: &jetstream::Context,
-    duplicate_window: std::time::Duration,
+    options: StreamOptions,
 ) -> Result<(), RuntimeError> {
     let config = stream::Config {
         name: STREAM.into(),
         subjects: vec![format!("{SUBJECT_PREFIX}.>")],
         max_age: std::time::Duration::from_secs(7 * 24 * 3600),
-        duplicate_window,
+        duplicate_window: options.duplicate_window,
         allow_direct: true,
+        num_replicas: options.replicas,
         ..Default::default()
     };
     let mut s = crate::nats::declare_stream(js, config).await?;

@@ -13,6 +13,12 @@
 //! gives up the ones assigned to someone else (drain, then delete its lease). On SIGTERM it
 //! releases everything at once; after a crash, its leases expire after the TTL.
 //!
+//! On a replicated bucket (`KAPPA_REPLICAS` > 1) every read that decides ownership (who holds a
+//! lease, which members are alive) goes to the bucket's stream leader (`STREAM.MSG.GET`), never
+//! a direct get, which any replica answers and a lagging one answers with the past. Writes are
+//! compare-and-set at the leader; a conflict (JetStream error 10071, or 10164 which async-nats
+//! 0.51 does not map to a wrong-last-sequence error) means someone else wrote first.
+//!
 //! What is still owned is never released because a read failed: a failed membership listing
 //! keeps the previous plan (`kappa_lease_listing_failures_total`). Renewals never wait for a
 //! partition to drain. And every partition carries a [`LeaseDeadline`] that each successful
@@ -39,6 +45,9 @@ pub struct LeaseConfig {
     pub partitions: u32,
     /// Lease time-to-live: a crashed owner's partitions move after at most this (+ one tick).
     pub ttl: Duration,
+    /// Replicas of the bucket (`KAPPA_REPLICAS`); an existing bucket with another count is
+    /// refused.
+    pub replicas: usize,
 }
 
 /// A partition this instance now owns.
@@ -169,11 +178,9 @@ async fn list_members(
         let Some(member) = subject.strip_prefix(&prefix) else {
             continue;
         };
-        if store
-            .get(format!("m.{member}"))
-            .await
-            .map_err(RuntimeError::js)?
-            .is_some()
+        if leader_entry(store, &format!("m.{member}"))
+            .await?
+            .is_some_and(|e| e.alive)
         {
             out.insert(member.to_string());
         }
@@ -225,13 +232,26 @@ where
         "KAPPA_LEASES_{}",
         cfg.service.to_uppercase().replace(['-', '.'], "_")
     );
-    let store = js
-        .create_or_update_key_value(kv::Config {
-            bucket: bucket.clone(),
-            history: 1,
-            max_age: cfg.ttl,
-            ..Default::default()
-        })
+    if let Ok(mut existing) = js.get_stream(format!("KV_{bucket}")).await {
+        let info = existing.info().await.map_err(RuntimeError::js)?;
+        let replicas = info.config.num_replicas.max(1);
+        if replicas != cfg.replicas.max(1) {
+            return Err(crate::nats::replicas_differ(
+                &format!("KV_{bucket}"),
+                replicas,
+                cfg.replicas,
+            ));
+        }
+    }
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        history: 1,
+        max_age: cfg.ttl,
+        num_replicas: cfg.replicas.max(1),
+        ..Default::default()
+    };
+    // Instances starting together create the bucket together: see `retry_timeouts`.
+    let store = crate::nats::retry_timeouts(|| js.create_or_update_key_value(config.clone()))
         .await
         .map_err(|e| RuntimeError::JetStream(format!("lease bucket {bucket}: {e}")))?;
     // Epochs must keep growing even if the bucket is deleted and created again (its revisions
@@ -360,10 +380,7 @@ where
                     continue;
                 }
                 let asked = Instant::now();
-                if let Ok(rev) = store
-                    .create(format!("p.{p}"), Bytes::from(me.clone()))
-                    .await
-                {
+                if let Some(rev) = acquire(&store, p, &me).await {
                     let stop = shutdown.child_token();
                     let (deadline, lease) = LeaseDeadline::starting_at(asked + valid_for);
                     let task = start(Grant {
@@ -481,15 +498,74 @@ async fn renew(store: &kv::Store, me: &str, p: u32, h: &mut Held, valid_for: Dur
     }
 }
 
-/// Who holds partition `p`'s lease now, and at which revision (`None`: nobody).
+/// Who holds partition `p`'s lease now, and at which revision (`None`: nobody), as the
+/// bucket's leader says.
 async fn lease_holder(store: &kv::Store, p: u32) -> Result<Option<(String, u64)>, RuntimeError> {
-    let entry = store
-        .entry(format!("p.{p}"))
-        .await
-        .map_err(RuntimeError::js)?;
-    Ok(entry
-        .filter(|e| matches!(e.operation, kv::Operation::Put))
+    Ok(leader_entry(store, &format!("p.{p}"))
+        .await?
+        .filter(|e| e.alive)
         .map(|e| (String::from_utf8_lossy(&e.value).into_owned(), e.revision)))
+}
+
+/// The last entry of a key, read from the bucket's stream leader.
+struct LeaderEntry {
+    /// A put (false: a delete or purge marker).
+    alive: bool,
+    value: Bytes,
+    revision: u64,
+}
+
+/// The last entry of `key` (`None`: none), read with `STREAM.MSG.GET`, which only the stream's
+/// leader answers: the KV's own reads are direct gets (async-nats turns them on for every
+/// bucket), and any replica of an R3 bucket answers those, a lagging one with an entry the
+/// leader has already replaced.
+async fn leader_entry(store: &kv::Store, key: &str) -> Result<Option<LeaderEntry>, RuntimeError> {
+    let subject = format!("{}{key}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => {
+            let op = m
+                .headers
+                .get("KV-Operation")
+                .map(|v| v.as_str().to_string());
+            Ok(Some(LeaderEntry {
+                alive: !matches!(op.as_deref(), Some("DEL" | "PURGE")),
+                value: m.payload,
+                revision: m.sequence,
+            }))
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(e) => Err(RuntimeError::JetStream(format!("read {key}: {e}"))),
+    }
+}
+
+/// True if a compare-and-set write failed because the key moved on (someone else wrote
+/// first): async-nats's wrong-last-revision kind, or the server's 10071 / 10164 in the text
+/// (10164 is not mapped by async-nats 0.51).
+fn is_cas_conflict(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision
+        || crate::changelog::is_conflict_text(&e.to_string())
+}
+
+/// Takes partition `p`'s lease if nobody holds it, and returns its revision: created if the
+/// key never existed, or written over a released (deleted) lease against the marker's
+/// revision, read from the leader. `None`: someone holds it, or the write failed (retried on
+/// the next plan).
+async fn acquire(store: &kv::Store, p: u32, me: &str) -> Option<u64> {
+    let key = format!("p.{p}");
+    let value = Bytes::from(me.to_string());
+    let conflict = match store.update(&key, value.clone(), 0).await {
+        Ok(rev) => return Some(rev),
+        Err(e) => is_cas_conflict(&e),
+    };
+    if !conflict {
+        return None;
+    }
+    match leader_entry(store, &key).await {
+        Ok(Some(e)) if !e.alive => store.update(&key, value, e.revision).await.ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -261,7 +261,7 @@ pub struct ChangeStream {
 }
 
 impl ChangeStream {
-    /// The stream's configuration.
+    /// The stream's configuration, with one replica.
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
@@ -271,24 +271,130 @@ impl ChangeStream {
             ..Default::default()
         }
     }
+
+    /// [`ChangeStream::stream_config`] with `replicas` replicas.
+    pub fn stream_config_with(&self, replicas: usize) -> stream::Config {
+        stream::Config {
+            num_replicas: replicas,
+            ..self.stream_config()
+        }
+    }
+}
+
+/// JetStream's answers to a stream that asks for more replicas than the servers can place:
+/// 10074 "replicas > 1 not supported in non-clustered mode" (a single server), 10005 "no
+/// suitable peers for placement" (fewer JetStream servers up than replicas; measured with
+/// nats-server 2.15.1: R5 on three nodes), 10023 "insufficient resources".
+const REPLICAS_DO_NOT_FIT: [&str; 3] = ["10074", "10005", "10023"];
+
+/// The stream's replica count as its configuration says (0 means 1).
+fn replicas_of(config: &stream::Config) -> usize {
+    config.num_replicas.max(1)
+}
+
+/// The refusal of a stream or bucket that exists with another replica count than
+/// `KAPPA_REPLICAS` asks for. The runtime never changes it: moving a stream's replicas copies
+/// its data between servers and several services declare the same streams, so an operator
+/// does it once (`nats stream edit <name> --replicas <n>`).
+pub fn replicas_differ(name: &str, existing: usize, wanted: usize) -> RuntimeError {
+    RuntimeError::Config(format!(
+        "stream {name} has {existing} replica(s) but KAPPA_REPLICAS={wanted}: it is left as it \
+         is; set KAPPA_REPLICAS={existing}, or change the stream first with \
+         `nats stream edit {name} --replicas {wanted}`"
+    ))
+}
+
+/// Checks at start that `replicas` fits the servers behind `client`: a single nats-server (not
+/// in a cluster) holds only one replica. A cluster's size is not known to a client (its INFO
+/// lists the client URLs of the servers it is routed to now, fewer while one is down), so
+/// there the server's answer to the first stream created is the check ([`declare_stream`]
+/// turns it into one clear line).
+pub fn check_replicas(client: &async_nats::Client, replicas: usize) -> Result<(), RuntimeError> {
+    let info = client.server_info();
+    match info.cluster.as_deref() {
+        None if replicas > 1 => Err(RuntimeError::Config(format!(
+            "KAPPA_REPLICAS={replicas} does not fit: nats-server {} is a single server, not in \
+             a cluster, and holds 1 replica only (set KAPPA_REPLICAS=1, or connect to a \
+             JetStream cluster of at least {replicas} servers)",
+            info.server_name
+        ))),
+        None => Ok(()),
+        Some(cluster) => {
+            let servers = info.connect_urls.len();
+            if servers > 0 && servers < replicas {
+                tracing::warn!(
+                    cluster,
+                    servers,
+                    replicas,
+                    "fewer servers of the cluster are up than KAPPA_REPLICAS: streams created now will be refused"
+                );
+            } else {
+                tracing::info!(cluster, servers, replicas, "connected to a NATS cluster");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Attempts at a JetStream declaration that timed out.
+const DECLARE_ATTEMPTS: u32 = 3;
+
+/// Runs a declaration (a stream or bucket created if missing) again when it timed out, up to
+/// [`DECLARE_ATTEMPTS`] times. Two instances declaring the same replicated stream at once is
+/// normal at start, and nats-server 2.15.1 answers neither the second create nor an update
+/// sent while the first create is in flight: both time out after 5 s (measured on a 3-node
+/// cluster with two concurrent requests); asked again, the stream exists and the answer comes
+/// at once.
+pub async fn retry_timeouts<T, E, F, Fut>(mut declare: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match declare().await {
+            Err(e) if attempt < DECLARE_ATTEMPTS && e.to_string().contains("timed out") => {
+                tracing::warn!(error = %e, attempt, "a declaration timed out; asking again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Declares a stream: creates it when missing, otherwise keeps the existing one (and logs when
-/// its subjects differ from what this service expects).
+/// its subjects differ from what this service expects). An existing stream with another
+/// replica count than `config.num_replicas` is refused ([`replicas_differ`]); a stream whose
+/// replicas the servers cannot place fails with one line naming `KAPPA_REPLICAS`.
 pub async fn declare_stream(
     js: &jetstream::Context,
     config: stream::Config,
 ) -> Result<stream::Stream, RuntimeError> {
     let name = config.name.clone();
     let subjects = config.subjects.clone();
-    let mut s = js
-        .get_or_create_stream(config)
+    let wanted = replicas_of(&config);
+    let mut s = retry_timeouts(|| js.get_or_create_stream(config.clone()))
         .await
-        .map_err(|e| RuntimeError::JetStream(format!("declare stream {name}: {e}")))?;
+        .map_err(|e| {
+            let text = e.to_string();
+            if REPLICAS_DO_NOT_FIT.iter().any(|code| text.contains(code)) {
+                RuntimeError::Config(format!(
+                    "KAPPA_REPLICAS={wanted} does not fit the cluster: creating stream {name} was \
+                 refused: {text}"
+                ))
+            } else {
+                RuntimeError::JetStream(format!("declare stream {name}: {e}"))
+            }
+        })?;
     let info = s.info().await.map_err(RuntimeError::js)?;
     if info.config.subjects != subjects {
         tracing::warn!(stream = %name, existing = ?info.config.subjects, expected = ?subjects,
             "stream exists with other subjects; keeping it");
+    }
+    let existing = replicas_of(&info.config);
+    if existing != wanted {
+        return Err(replicas_differ(&name, existing, wanted));
     }
     Ok(s)
 }
@@ -296,4 +402,57 @@ pub async fn declare_stream(
 /// The stream sequence of a message delivered by a consumer, or 0 if it has no JetStream info.
 pub fn stream_seq(msg: &jetstream::Message) -> u64 {
     msg.info().map(|i| i.stream_sequence).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers `timeouts` time-outs, then `last`, counting the attempts.
+    async fn attempts(timeouts: u32, last: Result<u32, String>) -> (Result<u32, String>, u32) {
+        let calls = std::cell::Cell::new(0u32);
+        let r = retry_timeouts(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            let last = last.clone();
+            async move {
+                if n <= timeouts {
+                    Err("jetstream request timed out".to_string())
+                } else {
+                    last
+                }
+            }
+        })
+        .await;
+        (r, calls.get())
+    }
+
+    #[tokio::test]
+    async fn a_declaration_that_timed_out_is_asked_again_three_times_at_most() {
+        assert_eq!(attempts(0, Ok(7)).await, (Ok(7), 1));
+        assert_eq!(attempts(2, Ok(7)).await, (Ok(7), 3));
+        let (r, n) = attempts(5, Ok(7)).await;
+        assert!(r.is_err_and(|e| e.contains("timed out")));
+        assert_eq!(n, DECLARE_ATTEMPTS);
+        // Any other error is the answer: not asked again.
+        assert_eq!(
+            attempts(0, Err("no suitable peers for placement".into())).await,
+            (Err("no suitable peers for placement".into()), 1)
+        );
+    }
+
+    #[test]
+    fn a_stream_config_says_one_replica_by_default() {
+        let change = ChangeStream {
+            stream: "SENSORS".into(),
+            prefix: "registry.sensors".into(),
+        };
+        assert_eq!(replicas_of(&change.stream_config()), 1);
+        assert_eq!(replicas_of(&change.stream_config_with(3)), 3);
+        let refused = replicas_differ("DLQ", 3, 1).to_string();
+        assert!(
+            refused.contains("DLQ has 3 replica(s) but KAPPA_REPLICAS=1"),
+            "{refused}"
+        );
+    }
 }

@@ -33,6 +33,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::RuntimeError;
+use crate::config::StreamOptions;
 pub use crate::lease::LeaseDeadline;
 use crate::shutdown::CancellationToken;
 
@@ -62,15 +63,13 @@ pub struct PartitionedStream {
 
 impl PartitionedStream {
     /// The stream's configuration: subjects `<prefix>.*`, stored as `<prefix>.<p>.<id>`, with
-    /// the default duplicate window ([`crate::config::DEFAULT_DUPLICATE_WINDOW_SECS`]).
+    /// the default [`StreamOptions`] (120 s duplicate window, one replica).
     pub fn stream_config(&self) -> stream::Config {
-        self.stream_config_with(Duration::from_secs(
-            crate::config::DEFAULT_DUPLICATE_WINDOW_SECS,
-        ))
+        self.stream_config_with(StreamOptions::default())
     }
 
-    /// [`PartitionedStream::stream_config`] with duplicate window `duplicate_window`.
-    pub fn stream_config_with(&self, duplicate_window: Duration) -> stream::Config {
+    /// [`PartitionedStream::stream_config`] with `options` (duplicate window, replicas).
+    pub fn stream_config_with(&self, options: StreamOptions) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
             subjects: vec![format!("{}.*", self.prefix)],
@@ -81,35 +80,29 @@ impl PartitionedStream {
                     self.prefix, self.partitions
                 ),
             }),
-            duplicate_window,
+            duplicate_window: options.duplicate_window,
             allow_direct: true,
+            num_replicas: options.replicas,
             ..Default::default()
         }
     }
 
-    /// Declares the stream and returns the number of partitions it really has (an existing
-    /// stream keeps the partition count it was created with).
+    /// Declares the stream with the default [`StreamOptions`] and learns the number of
+    /// partitions it really has (an existing stream keeps the partition count it was created
+    /// with).
     pub async fn declare(&mut self, js: &jetstream::Context) -> Result<(), RuntimeError> {
-        self.declare_with(js, self.stream_config()).await
+        self.declare_with(js, StreamOptions::default()).await
     }
 
-    /// [`PartitionedStream::declare`] with duplicate window `duplicate_window` if the stream is
-    /// created (an existing stream keeps its own).
-    pub async fn declare_with_window(
+    /// [`PartitionedStream::declare`] with `options`: its duplicate window if the stream is
+    /// created (an existing stream keeps its own), its replicas (an existing stream with
+    /// another count is refused, see [`crate::nats::declare_stream`]).
+    pub async fn declare_with(
         &mut self,
         js: &jetstream::Context,
-        duplicate_window: Duration,
+        options: StreamOptions,
     ) -> Result<(), RuntimeError> {
-        self.declare_with(js, self.stream_config_with(duplicate_window))
-            .await
-    }
-
-    async fn declare_with(
-        &mut self,
-        js: &jetstream::Context,
-        config: stream::Config,
-    ) -> Result<(), RuntimeError> {
-        let mut s = crate::nats::declare_stream(js, config).await?;
+        let mut s = crate::nats::declare_stream(js, self.stream_config_with(options)).await?;
         let info = s.info().await.map_err(RuntimeError::js)?;
         if let Some(p) = info
             .config

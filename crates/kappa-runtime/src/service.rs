@@ -100,7 +100,7 @@ impl<C: Compute> DomainService<C> {
     }
 
     /// Declares another stream at start (e.g. the observed owner's, so start order does not
-    /// matter).
+    /// matter), with `KAPPA_REPLICAS` replicas whatever `config` says.
     #[must_use]
     pub fn declare(mut self, config: stream::Config) -> Self {
         self.declare.push(config);
@@ -142,17 +142,21 @@ impl<C: Compute> DomainService<C> {
             prefix: in_prefix.clone(),
             partitions: s.partitions,
         };
-        let window = s.nats.duplicate_window()?;
-        input.declare_with_window(&js, window).await?;
+        let options = s.nats.stream_options()?;
+        input.declare_with(&js, options).await?;
         PartitionedStream {
             stream: out_stream.clone(),
             prefix: out_prefix.clone(),
             partitions: input.partitions,
         }
-        .declare_with_window(&js, window)
+        .declare_with(&js, options)
         .await?;
         for c in &self.declare {
-            crate::nats::declare_stream(&js, c.clone()).await?;
+            let c = stream::Config {
+                num_replicas: options.replicas,
+                ..c.clone()
+            };
+            crate::nats::declare_stream(&js, c).await?;
         }
         let observed = match &self.observe {
             None => None,
@@ -315,6 +319,7 @@ where
                 service: service.to_string(),
                 partitions: driver.input.partitions,
                 ttl: Duration::from_secs(settings.lease_ttl_secs.max(1)),
+                replicas: settings.nats.replicas()?,
             };
             let start = |g: crate::lease::Grant| {
                 let (js, driver, board, make) =

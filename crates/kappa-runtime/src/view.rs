@@ -340,7 +340,8 @@ impl<V: View> ViewService<V> {
         self
     }
 
-    /// Declares another stream at start (so start order does not matter).
+    /// Declares another stream at start (so start order does not matter), with
+    /// `KAPPA_REPLICAS` replicas whatever `config` says.
     #[must_use]
     pub fn declare(mut self, config: stream::Config) -> Self {
         self.declare.push(config);
@@ -400,9 +401,14 @@ impl<V: View> ViewService<V> {
             prefix: in_prefix.clone(),
             partitions: s.partitions,
         };
-        input.declare(&js).await?;
+        let options = s.nats.stream_options()?;
+        input.declare_with(&js, options).await?;
         for c in &declare {
-            crate::nats::declare_stream(&js, c.clone()).await?;
+            let c = stream::Config {
+                num_replicas: options.replicas,
+                ..c.clone()
+            };
+            crate::nats::declare_stream(&js, c).await?;
         }
         let observed = match &observe {
             None => None,

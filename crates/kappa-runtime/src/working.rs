@@ -81,7 +81,10 @@ pub async fn build(
     use crate::config::WorkingMode;
     use std::sync::Arc;
     let snapshots = || async {
-        let s = Arc::new(snapshot::Snapshotter::new(js.clone(), namespace).await?);
+        let s = Arc::new(
+            snapshot::Snapshotter::with_replicas(js.clone(), namespace, settings.nats.replicas()?)
+                .await?,
+        );
         s.spawn_flusher(
             std::time::Duration::from_secs(settings.snapshot_interval_secs.max(1)),
             shutdown.clone(),

@@ -17,8 +17,14 @@ pub async fn nats(
     {
         opts = opts.user_and_password(user.to_string(), pass.to_string());
     }
+    // One URL or a comma-separated list of seeds (a cluster).
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("'{url}' is not a NATS URL or list of them"))?;
     let c = opts
-        .connect(url)
+        .connect(addrs)
         .await
         .with_context(|| format!("NATS at {url} is not reachable"))?;
     let js = jetstream::new(c.clone());

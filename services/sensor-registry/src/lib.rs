@@ -111,8 +111,9 @@ impl Registry {
     }
 }
 
-/// The `SENSORS` stream's configuration (every change kept, last per subject readable); the
-/// stream itself is part of the wire contract, [`thermo_domain::runtime::sensors_stream`].
+/// The `SENSORS` stream's configuration with one replica (every change kept, last per subject
+/// readable); the stream itself is part of the wire contract,
+/// [`thermo_domain::runtime::sensors_stream`].
 pub fn stream_config() -> stream::Config {
     thermo_domain::runtime::sensors_stream().stream_config()
 }
@@ -324,7 +325,11 @@ pub fn lookup(registry: &Registry, id: &str) -> serde_json::Value {
 /// Runs the registry until shutdown.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let svc = Service::start(SERVICE, &cfg.nats).await?;
-    kappa_runtime::nats::declare_stream(&svc.nats.js, stream_config()).await?;
+    kappa_runtime::nats::declare_stream(
+        &svc.nats.js,
+        thermo_domain::runtime::sensors_stream().stream_config_with(cfg.nats.replicas()?),
+    )
+    .await?;
     let registry = Registry::default();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {

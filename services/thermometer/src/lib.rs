@@ -327,7 +327,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Summary> {
         .unwrap_or(8);
     let mut readings = thermo_domain::runtime::readings_stream(partitions);
     readings
-        .declare_with_window(&svc.nats.js, cfg.nats.duplicate_window()?)
+        .declare_with(&svc.nats.js, cfg.nats.stream_options()?)
         .await?;
     let http = svc.serve_http(cfg.http_addr, axum::Router::new()).await?;
 

@@ -62,11 +62,13 @@ pub async fn run(cfg: Config, args: RebuildArgs) -> anyhow::Result<Report> {
     kappa_runtime::telemetry::init_tracing();
     let nats = kappa_runtime::nats::connect(&cfg.kappa.nats, "view-builder-rebuild").await?;
     let store = crate::connect_views(&cfg).await?;
+    let options = cfg.kappa.nats.stream_options()?;
+    kappa_runtime::nats::check_replicas(&nats.client, options.replicas)?;
     let mut deltas = cfg.deltas();
-    deltas.declare(&nats.js).await?;
+    deltas.declare_with(&nats.js, options).await?;
     kappa_runtime::nats::declare_stream(
         &nats.js,
-        thermo_domain::runtime::sensors_stream().stream_config(),
+        thermo_domain::runtime::sensors_stream().stream_config_with(options.replicas),
     )
     .await?;
     rebuild(&nats, &store, &cfg, &args).await

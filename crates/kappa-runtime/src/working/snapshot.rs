@@ -168,9 +168,20 @@ fn generation(epoch: u64) -> String {
 }
 
 impl Snapshotter {
-    /// Declares the snapshot stream and returns a snapshotter for service `namespace`. Values
-    /// larger than the server's maximum payload (less room for headers) are chunked.
+    /// Declares the snapshot stream (one replica) and returns a snapshotter for service
+    /// `namespace`. Values larger than the server's maximum payload (less room for headers)
+    /// are chunked.
     pub async fn new(js: jetstream::Context, namespace: &str) -> Result<Self, RuntimeError> {
+        Self::with_replicas(js, namespace, 1).await
+    }
+
+    /// [`Snapshotter::new`] with a snapshot stream of `replicas` replicas (an existing stream
+    /// with another count is refused).
+    pub async fn with_replicas(
+        js: jetstream::Context,
+        namespace: &str,
+        replicas: usize,
+    ) -> Result<Self, RuntimeError> {
         crate::nats::declare_stream(
             &js,
             stream::Config {
@@ -179,6 +190,7 @@ impl Snapshotter {
                 max_messages_per_subject: 1,
                 allow_direct: true,
                 max_message_size: 8 * 1024 * 1024,
+                num_replicas: replicas,
                 ..Default::default()
             },
         )
