@@ -126,6 +126,7 @@ fn args(url: String, ca: Option<PathBuf>, client: Option<(PathBuf, PathBuf)>) ->
         nats_key: client.map(|c| c.1),
         nats_connect_timeout_secs: 3,
         duplicate_window_secs: DEFAULT_DUPLICATE_WINDOW_SECS,
+        replicas: 1,
     }
 }
 
