@@ -122,6 +122,18 @@ async fn only_the_owner_may_write() {
         views.log_text()
     );
 
+    // Under its own user, no service was refused anything while the DAG ran.
+    for p in [&registry, &delta, &views, &api] {
+        let refused = metric(&p.http, "kappa_nats_permission_violations_total").await;
+        assert_eq!(
+            refused,
+            0.0,
+            "{} was refused {refused} times:\n{}",
+            p.name,
+            p.log_tail(20)
+        );
+    }
+
     // Forgeries, each by a user who does not own the subject.
     let deltas_before = count(&js, "DELTAS").await;
     let sensors_before = count(&js, "SENSORS").await;
