@@ -252,14 +252,27 @@ pub struct SensorHistory {
     pub history: Vec<HistoryEntry>,
 }
 
-/// The query parameters of a list page.
+/// The query parameters of a `/v1/sensors` page.
 #[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct PageParams {
+pub struct SensorsPageParams {
     /// Views per page, 1..=1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-    /// `next_cursor` of the previous page (absent: the first page).
+    /// `next_cursor` of the previous page (absent or empty: the first page).
+    #[param(pattern = r"^[A-Za-z0-9_-]{0,64}$")]
+    pub cursor: Option<String>,
+}
+
+/// The query parameters of a `/v1/sites/{site}` page.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SitePageParams {
+    /// Views per page, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page (absent or empty: the first page).
+    #[param(pattern = r"^(-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?:[A-Za-z0-9_-]{1,64})?$")]
     pub cursor: Option<String>,
 }
 
@@ -298,8 +311,10 @@ fn parse_bounded_limit(raw: Option<&str>, default: usize, max: usize) -> Result<
     let Some(raw) = raw else {
         return Ok(default);
     };
-    match raw.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
+    // Digits only: `usize::from_str` would take "+5" too, which the schema's integer is not.
+    let digits = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
+    match raw.parse::<usize>() {
+        Ok(n) if digits && (1..=max).contains(&n) => Ok(n),
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("limit must be an integer in 1..={max}"),
@@ -314,29 +329,58 @@ fn bad_cursor() -> ApiError {
     )
 }
 
-/// Checks `/v1/sensors`' cursor: a sensor id (`""` when absent).
+/// Checks `/v1/sensors`' cursor: a sensor id (`""` when absent or empty: the first page).
 pub fn parse_sensors_cursor(raw: Option<&str>) -> Result<&str, ApiError> {
     match raw {
-        None => Ok(""),
+        None | Some("") => Ok(""),
         Some(c) if thermo_domain::valid_sensor_id(c) => Ok(c),
         Some(_) => Err(bad_cursor()),
     }
 }
 
-/// Checks a site page's cursor: `<score>:<sensor id>`, the score a finite number (`""` when
-/// absent).
+/// Checks a site page's cursor: `<score>:<sensor id>`, the score a number in decimal or
+/// exponent notation (`""` when absent or empty: the first page).
 pub fn parse_site_cursor(raw: Option<&str>) -> Result<&str, ApiError> {
-    let Some(c) = raw else { return Ok("") };
+    let c = match raw {
+        None | Some("") => return Ok(""),
+        Some(c) => c,
+    };
     let (score, id) = c.split_once(':').ok_or_else(bad_cursor)?;
-    let finite = score.parse::<f64>().is_ok_and(f64::is_finite)
-        && score
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
-    if finite && thermo_domain::valid_sensor_id(id) {
+    if is_score(score) && thermo_domain::valid_sensor_id(id) {
         Ok(c)
     } else {
         Err(bad_cursor())
     }
+}
+
+/// `-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?`, the way Redis writes a score (so no "inf" or
+/// "nan" reaches the script), and exactly the cursor pattern `/openapi.json` states.
+fn is_score(s: &str) -> bool {
+    fn digits(s: &str) -> (&str, bool) {
+        let rest = s.trim_start_matches(|c: char| c.is_ascii_digit());
+        (rest, rest.len() < s.len())
+    }
+    let s = s.strip_prefix('-').unwrap_or(s);
+    let (mut rest, whole) = digits(s);
+    if !whole {
+        return false;
+    }
+    if let Some(frac) = rest.strip_prefix('.') {
+        let (r, ok) = digits(frac);
+        if !ok {
+            return false;
+        }
+        rest = r;
+    }
+    if let Some(exp) = rest.strip_prefix(['e', 'E']) {
+        let exp = exp.strip_prefix(['-', '+']).unwrap_or(exp);
+        let (r, ok) = digits(exp);
+        if !ok {
+            return false;
+        }
+        rest = r;
+    }
+    rest.is_empty()
 }
 
 /// True if `new` is at least as recent as `old` (by view sequence, then metadata version).
@@ -465,7 +509,7 @@ async fn list_slot(s: &ApiState) -> Result<tokio::sync::SemaphorePermit<'_>, Api
 }
 
 /// Every sensor's view, one page by `sensor_id`.
-#[utoipa::path(get, path = "/v1/sensors", params(PageParams),
+#[utoipa::path(get, path = "/v1/sensors", params(SensorsPageParams),
     responses(
         (status = 200, description = "a page of views by sensor id", body = SensorPage),
         (status = 400, description = "bad limit or cursor", body = ErrorBody),
@@ -496,7 +540,7 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
 
 /// One sensor's view.
 #[utoipa::path(get, path = "/v1/sensors/{id}",
-    params(("id" = String, Path, description = "sensor id, [A-Za-z0-9_-]{1,64}")),
+    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001")),
     responses(
         (status = 200, description = "the sensor's view", body = SensorView),
         (status = 400, description = "bad sensor id", body = ErrorBody),
@@ -518,7 +562,7 @@ async fn sensor(
 
 /// A sensor's history, oldest first.
 #[utoipa::path(get, path = "/v1/sensors/{id}/history",
-    params(("id" = String, Path, description = "sensor id, [A-Za-z0-9_-]{1,64}")),
+    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001")),
     responses(
         (status = 200, description = "the sensor's history", body = SensorHistory),
         (status = 400, description = "bad sensor id", body = ErrorBody),
@@ -547,7 +591,7 @@ async fn history(
 
 /// A site's sensors, one page by `abs(delta_celsius)` descending, ties by id.
 #[utoipa::path(get, path = "/v1/sites/{site}",
-    params(("site" = String, Path, description = "site, [A-Za-z0-9_-]{1,64}"), PageParams),
+    params(("site" = String, Path, description = "site", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "site-1"), SitePageParams),
     responses(
         (status = 200, description = "a page of the site's views", body = SitePage),
         (status = 400, description = "bad site, limit or cursor", body = ErrorBody),
@@ -853,6 +897,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn cursors() {
+        assert_eq!(parse_sensors_cursor(None).ok(), Some(""));
+        assert_eq!(parse_sensors_cursor(Some("")).ok(), Some(""));
+        assert_eq!(parse_sensors_cursor(Some("s-1")).ok(), Some("s-1"));
+        assert!(parse_sensors_cursor(Some("a:b")).is_err());
+        for good in [
+            "-1.5:s-1",
+            "0:a",
+            "-0:a",
+            "-1.0000000000000001e-05:a",
+            "2E+3:a",
+        ] {
+            assert_eq!(parse_site_cursor(Some(good)).ok(), Some(good), "{good}");
+        }
+        for bad in [
+            "a", ":a", "1:", "inf:a", "nan:a", "+1:a", ".5:a", "5.:a", "1e:a", "1:a.b", "--1:a",
+        ] {
+            assert!(parse_site_cursor(Some(bad)).is_err(), "{bad}");
+        }
+        assert!(parse_page_limit(Some("+5")).is_err());
+        assert!(parse_page_limit(Some(" 5")).is_err());
+        assert_eq!(parse_page_limit(Some("1000")).ok(), Some(1000));
+        assert!(parse_page_limit(Some("1001")).is_err());
     }
 
     #[test]
