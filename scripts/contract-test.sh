@@ -58,7 +58,9 @@ for _ in $(seq 1 150); do
 done
 [ "$total" = "$SENSORS" ] || fail "the views hold $total sensors, not $SENSORS"
 echo "views of $SENSORS sensors ready at $API; schemathesis, $EXAMPLES examples per operation"
-# Checks: every one that applies to a read-only API without authentication.
+# Checks: every one that applies to a read-only API without authentication. Run from the
+# temporary folder: schemathesis keeps a cache folder in its working directory.
+cd "$WORK"
 st run "$API/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,positive_data_acceptance,unsupported_method \
   --exclude-path /v1/live \
