@@ -126,8 +126,9 @@ lines.append(f"`scripts/read-load.sh` on {datetime.datetime.now(datetime.timezon
              f"single sensors for {secs} s, first alone (*unloaded*), then (*loaded*) while `wrk -t1 -c32` requests full "
              f"list pages (`/v1/sensors?limit=1000` and each site's, `limit=1000`, in turn) and `scripts/live-clients.py` "
              f"holds {live_clients} `/v1/live` clients. Everything shares the 2 cores, so figures compare within the run; "
-             "nothing is asserted.\n")
-lines.append("| `QUERY_LIST_CONCURRENCY` | single reads unloaded: req/s, p50 / p99 ms | loaded: req/s, p50 / p99 ms | loaded / unloaded: req/s, p99 | list pages: req/s, p99 ms, non-2xx | live clients connected (gauge), refused, events received |")
+             "nothing is asserted. `QUERY_LIST_CONCURRENCY` is the number of list pages query-api reads at once "
+             "(the default is 2); each row is its own query-api process on the same views.\n")
+lines.append("| `QUERY_LIST_CONCURRENCY` | single reads unloaded: req/s, p50 / p99 ms | loaded: req/s, p50 / p99 ms | loaded / unloaded: req/s, p99 | list pages: req/s, p99 ms, non-2xx | live clients connected (the gauge 3 s after they began connecting), refused, events received |")
 lines.append("| --- | --- | --- | --- | --- | --- |")
 for r in rows:
     b, l, li, lv = r["base"], r["loaded"], r["lists"], r["live"]
@@ -143,7 +144,7 @@ block = f"{begin}\n{body}{end}\n"
 old = open(out).read() if os.path.exists(out) else ""
 a, b = old.find(begin), old.find(end)
 if a >= 0 and b > a:
-    new = old[:a] + block + old[b + len(end):].lstrip("\n")
+    new = old[:a] + block + "\n" + old[b + len(end):].lstrip("\n")
 elif "## How to reproduce" in old:
     i = old.index("## How to reproduce")
     new = old[:i] + block + "\n" + old[i:]
