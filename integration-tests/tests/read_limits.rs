@@ -1,4 +1,5 @@
-//! The read side's limits on the real DAG: list pages (small pages, many of them) hold every
+//! The read side's limits on the real DAG, its views in their own Redis database
+//! (`VIEWS_REDIS_URL`): list pages (small pages, many of them) hold every
 //! sensor exactly once with the oracle's latest delta and in the list's order, the live
 //! clients' cap answers a JSON 503, a request that outlives the timeout answers a JSON 503,
 //! and bad limit settings stop query-api with one line.
@@ -8,16 +9,28 @@ use std::time::Duration;
 
 use integration_tests::procs::run_expecting_failure;
 use integration_tests::views::{all_pages, wait_applied};
-use integration_tests::{Dag, registry_sensors, verify_exactly_once, wait_drained, wait_until};
+use integration_tests::{
+    Dag, registry_sensors, servers, verify_exactly_once, wait_drained, wait_until,
+};
 
 const SENSORS: usize = 250;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_live_cap_and_timeout() {
     let test = "read_limits";
-    let dag = Dag::start(
+    let s = servers(test).await;
+    // The views in a database of their own (VIEWS_REDIS_URL, as compose's redis-views): the
+    // working state stays in REDIS_URL's database 0, and a query-api that read REDIS_URL would
+    // find no views.
+    let views_url = format!("{}/2", s.redis_url);
+    let dag = Dag::on(
+        s,
         test,
-        &[("QUERY_MAX_LIVE", "3"), ("QUERY_REQUEST_TIMEOUT_MS", "300")],
+        &[
+            ("QUERY_MAX_LIVE", "3"),
+            ("QUERY_REQUEST_TIMEOUT_MS", "300"),
+            ("VIEWS_REDIS_URL", &views_url),
+        ],
     )
     .await;
     let js = &dag.js;
