@@ -6,13 +6,41 @@ use std::time::Duration;
 
 use crate::{Dag, Proc, count, procs, wait_until};
 
-/// Every sensor's view from `GET /v1/sensors` (empty if the API does not answer).
+/// Every sensor's view from `GET /v1/sensors`, page after page (empty if the API does not
+/// answer).
 pub async fn sensors(api: &Proc) -> Vec<serde_json::Value> {
-    let Ok(r) = reqwest::get(format!("http://{}/v1/sensors", api.http)).await else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = r.json().await.unwrap_or_default();
-    v["sensors"].as_array().cloned().unwrap_or_default()
+    all_pages(&api.http, "/v1/sensors", 1000)
+        .await
+        .unwrap_or_default()
+}
+
+/// Every view of a paged list (`/v1/sensors`, `/v1/sites/{site}`) at `http`, following
+/// `next_cursor` with pages of `limit`; `None` if a page does not answer 200 with a list.
+pub async fn all_pages(http: &str, path: &str, limit: usize) -> Option<Vec<serde_json::Value>> {
+    let client = reqwest::Client::new();
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    // A page holds at least one view, so a list of n views ends within n + 1 pages; the bound
+    // only stops a cursor that never ends.
+    for _ in 0..100_000 {
+        let mut req = client
+            .get(format!("http://{http}{path}"))
+            .query(&[("limit", limit.to_string())]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let r = req.send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let page: serde_json::Value = r.json().await.ok()?;
+        out.extend(page["sensors"].as_array()?.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Some(out),
+        }
+    }
+    None
 }
 
 /// Waits (`timeout` at most) until the views have applied every delta in `DELTAS`: each

@@ -272,12 +272,13 @@ async fn two_view_builders_and_a_rebuild_agree_with_one() {
     let done = |want: u64| {
         let api = &api;
         async move {
-            let v: serde_json::Value = reqwest::get(format!("http://{}/v1/sensors", api.http))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v: serde_json::Value =
+                reqwest::get(format!("http://{}/v1/sensors?limit=1000", api.http))
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
             (v["view_seq"].as_u64() == Some(want) && v["sensors"].as_array()?.len() == 200)
                 .then_some(())
         }

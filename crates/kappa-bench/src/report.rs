@@ -170,21 +170,22 @@ impl Report {
         format!("{}{}", self.head, self.body)
     }
 
-    /// Writes BENCHMARKS.md and benchmarks.json in `dir`, keeping the durability section and
-    /// key an earlier `durability` run left there (that mode measures separately).
+    /// Writes BENCHMARKS.md and benchmarks.json in `dir`, keeping the sections (and the
+    /// durability key) that separate measurements left there: an earlier `durability` run's,
+    /// and `scripts/read-load.sh`'s (`read-load`).
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         use crate::durability::{SECTION, section};
         std::fs::create_dir_all(dir)?;
         let md_path = dir.join("BENCHMARKS.md");
-        let kept = std::fs::read_to_string(&md_path)
-            .ok()
-            .and_then(|old| section(&old, SECTION));
+        let old = std::fs::read_to_string(&md_path).unwrap_or_default();
         let mut md = self.markdown();
-        if let Some(kept) = kept {
-            md = match md.find("## How to reproduce") {
-                Some(i) => format!("{}{kept}\n{}", &md[..i], &md[i..]),
-                None => format!("{md}\n{kept}"),
-            };
+        for name in [SECTION, "read-load"] {
+            if let Some(kept) = section(&old, name) {
+                md = match md.find("## How to reproduce") {
+                    Some(i) => format!("{}{kept}\n{}", &md[..i], &md[i..]),
+                    None => format!("{md}\n{kept}"),
+                };
+            }
         }
         std::fs::write(&md_path, md)?;
         let json_path = dir.join("benchmarks.json");

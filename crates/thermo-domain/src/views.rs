@@ -88,6 +88,7 @@ impl Keys {
 
 /// Sensor metadata shown in a view: the registry's, or (until the registry's is known) the one
 /// the delta was computed with. The highest `version` wins.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SensorMeta {
     /// The sensor's site; decides the site view the sensor is ranked in.
@@ -131,6 +132,7 @@ impl SensorMeta {
 }
 
 /// A sensor's view as query-api serves it and as `thermo.views.sensor.<id>` carries it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SensorView {
     /// The sensor.
@@ -153,9 +155,11 @@ pub struct SensorView {
     pub window_secs: u32,
     /// Window end `T`.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub window_end: time::OffsetDateTime,
     /// Event time of the reading behind the latest delta.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub measured_at: time::OffsetDateTime,
     /// Calibration offset the delta used.
     pub calibration_offset: f64,
@@ -192,6 +196,7 @@ pub fn compose(delta: &Delta, view_seq: u64, meta: SensorMeta) -> SensorView {
 }
 
 /// One point of a sensor's history (the sparkline).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// The delta.
@@ -200,6 +205,7 @@ pub struct HistoryEntry {
     pub latest_celsius: f64,
     /// Window end.
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub window_end: time::OffsetDateTime,
     /// Readings-stream sequence.
     pub source_seq: u64,
@@ -245,9 +251,11 @@ pub struct History {
 }
 
 /// A consistent read of the active generation (`EVAL` it with no keys; the arguments are
-/// [`Read::args`]). Returns the highest applied position over the partitions, then per view:
-/// id, delta JSON, seq, meta JSON; for `history`: the position, the sensor's seq (`''` if it
-/// has no view) and the points. Parse the answer with [`parse_view_list`] or [`parse_history`].
+/// [`Read::args`], then [`Read::cursor`] for pages). Returns the highest applied position over
+/// the partitions, then per view: id, delta JSON, seq, meta JSON (pages put the list's size and
+/// the next cursor, `''` on the last page, before the views: [`parse_view_page`]); for
+/// `history`: the position, the sensor's seq (`''` if it has no view) and the points. Parse the
+/// answer with [`parse_view_list`], [`parse_view_page`] or [`parse_history`].
 pub const READ_SCRIPT: &str = r"
 local gen = redis.call('GET', 'views:active') or '0'
 local P = 'views:{' .. gen .. '}:'
@@ -269,6 +277,55 @@ if kind == 'history' then
   table.insert(out, seq)
   for _, e in ipairs(redis.call('LRANGE', P .. 'history:' .. arg, 0, -1)) do
     table.insert(out, e)
+  end
+  return out
+end
+if kind == 'sensors_page' or kind == 'site_page' then
+  -- One page after a cursor: O(log N + limit) whatever the number of sensors, and ZCARD is
+  -- O(1). ARGV[4] is the cursor ('' = the first page): for 'sensors_page' the last id of the
+  -- previous page; for 'site_page' '<score>:<id>' of it.
+  local after = ARGV[4] or ''
+  local key
+  local ids = {}
+  local next_cursor = ''
+  if kind == 'sensors_page' then
+    key = P .. 'sensors'
+    local min = '-'
+    if after ~= '' then min = '(' .. after end
+    local got = redis.call('ZRANGEBYLEX', key, min, '+', 'LIMIT', 0, limit + 1)
+    for i = 1, math.min(#got, limit) do ids[i] = got[i] end
+    if #got > limit then next_cursor = got[limit] end
+  else
+    key = P .. 'site:' .. arg
+    local start = 0
+    if after ~= '' then
+      local sep = string.find(after, ':', 1, true)
+      local score = string.sub(after, 1, sep - 1)
+      local id = string.sub(after, sep + 1)
+      local cur = redis.call('ZSCORE', key, id)
+      if cur and tonumber(cur) == tonumber(score) then
+        start = redis.call('ZRANK', key, id) + 1
+      else
+        -- The cursor's sensor moved since: resume at the first member not ranked before its
+        -- old score.
+        start = redis.call('ZCOUNT', key, '-inf', '(' .. score)
+      end
+    end
+    local got = redis.call('ZRANGE', key, start, start + limit, 'WITHSCORES')
+    local n = math.min(#got / 2, limit)
+    for i = 1, n do ids[i] = got[2 * i - 1] end
+    if #got / 2 > limit then next_cursor = got[2 * n] .. ':' .. got[2 * n - 1] end
+  end
+  table.insert(out, tostring(redis.call('ZCARD', key)))
+  table.insert(out, next_cursor)
+  for _, id in ipairs(ids) do
+    local h = redis.call('HMGET', P .. 'sensor:' .. id, 'delta', 'seq', 'meta')
+    if h[1] and h[2] and h[3] then
+      table.insert(out, id)
+      table.insert(out, h[1])
+      table.insert(out, h[2])
+      table.insert(out, h[3])
+    end
   end
   return out
 end
@@ -298,8 +355,25 @@ return out
 /// What [`READ_SCRIPT`] is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read<'a> {
-    /// Every sensor's view, by id.
+    /// Every sensor's view, by id (O(all sensors): for tools and tests, not for the API).
     Sensors,
+    /// A page of at most `limit` views by id, after the id `after` (`""`: the first page).
+    SensorsPage {
+        /// The cursor: the last id of the previous page.
+        after: &'a str,
+        /// Page size.
+        limit: usize,
+    },
+    /// A page of at most `limit` views of a site by |delta| descending (ties by id), after
+    /// the cursor `after` (`"<score>:<id>"` of the previous page's last view; `""`: the first).
+    SitePage {
+        /// The site.
+        site: &'a str,
+        /// The cursor.
+        after: &'a str,
+        /// Page size.
+        limit: usize,
+    },
     /// One sensor's view.
     Sensor(&'a str),
     /// A site's sensors by |delta| descending (ties by id).
@@ -315,12 +389,53 @@ impl Read<'_> {
     pub fn args(&self) -> (&'static str, &str, usize) {
         match *self {
             Self::Sensors => ("sensors", "", 0),
+            Self::SensorsPage { limit, .. } => ("sensors_page", "", limit),
+            Self::SitePage { site, limit, .. } => ("site_page", site, limit),
             Self::Sensor(id) => ("sensor", id, 1),
             Self::Site(site) => ("site", site, 0),
             Self::Top(n) => ("top", "", n),
             Self::History(id) => ("history", id, 0),
         }
     }
+
+    /// The page cursor, the script's fourth argument (`""` for reads that are not pages).
+    pub fn cursor(&self) -> &str {
+        match *self {
+            Self::SensorsPage { after, .. } | Self::SitePage { after, .. } => after,
+            _ => "",
+        }
+    }
+}
+
+/// A page of a list read ([`Read::SensorsPage`], [`Read::SitePage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewPage {
+    /// The views of the page, and the highest applied position over the partitions.
+    pub list: ViewList,
+    /// How many sensors the whole list holds now.
+    pub total: u64,
+    /// The cursor of the next page, `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Parses the answer to a page read. Views that do not decode are left out; their ids come
+/// second, for the caller to log.
+pub fn parse_view_page(answer: &[String]) -> Result<(ViewPage, Vec<String>), BadAnswer> {
+    let [head, total, next, rest @ ..] = answer else {
+        return Err(BadAnswer("short page answer".into()));
+    };
+    let mut list_answer = Vec::with_capacity(rest.len() + 1);
+    list_answer.push(head.clone());
+    list_answer.extend_from_slice(rest);
+    let (list, undecodable) = parse_view_list(&list_answer)?;
+    Ok((
+        ViewPage {
+            list,
+            total: parse_u64(total)?,
+            next_cursor: (!next.is_empty()).then(|| next.clone()),
+        },
+        undecodable,
+    ))
 }
 
 /// An answer of [`READ_SCRIPT`] that does not follow its protocol.

@@ -28,7 +28,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = kappa_runtime::app::parse_cli("query-api");
     if let Some(Cmd::Healthcheck) = cli.cmd {
         return kappa_runtime::app::healthcheck(cli.cfg.http_addr).await;
     }

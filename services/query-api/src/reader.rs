@@ -2,7 +2,7 @@
 //! ([`thermo_domain::views`]): one Lua script per read, so every answer is consistent.
 
 use redis::aio::ConnectionManager;
-use thermo_domain::views::{self, History, READ_SCRIPT, Read, SensorView, ViewList};
+use thermo_domain::views::{self, History, READ_SCRIPT, Read, SensorView, ViewList, ViewPage};
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,7 @@ impl ViewReader {
             .arg(kind)
             .arg(arg)
             .arg(limit)
+            .arg(what.cursor())
             .invoke_async(&mut conn)
             .await?)
     }
@@ -57,9 +58,33 @@ impl ViewReader {
         Ok(list)
     }
 
-    /// Every sensor's view, by id.
+    async fn page(&self, what: Read<'_>) -> Result<ViewPage, ReadError> {
+        let (page, undecodable) = views::parse_view_page(&self.read(what).await?)?;
+        for id in undecodable {
+            tracing::warn!(sensor_id = %id, "undecodable view; skipped");
+        }
+        Ok(page)
+    }
+
+    /// Every sensor's view, by id (O(all sensors): the API reads pages).
     pub async fn sensors(&self) -> Result<ViewList, ReadError> {
         self.list(Read::Sensors).await
+    }
+
+    /// At most `limit` views by id, after the id `after` (`""`: from the first).
+    pub async fn sensors_page(&self, after: &str, limit: usize) -> Result<ViewPage, ReadError> {
+        self.page(Read::SensorsPage { after, limit }).await
+    }
+
+    /// At most `limit` views of `site` by |delta| descending, after the cursor `after`
+    /// (`"<score>:<id>"`, `""`: from the first).
+    pub async fn site_page(
+        &self,
+        site: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<ViewPage, ReadError> {
+        self.page(Read::SitePage { site, after, limit }).await
     }
 
     /// One sensor's view.
