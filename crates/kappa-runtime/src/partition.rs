@@ -44,6 +44,9 @@ use crate::shutdown::CancellationToken;
 /// one consumer-info request per *idle* partition every 2 s (a busy partition never checks):
 /// 4 requests/s for 8 idle partitions, nothing next to a reading's publish, store and delta.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// How long a partition whose consumer seems to have delivered what never arrived waits for
+/// it once more before recreating the consumer.
+const IDLE_SECOND_LOOK: Duration = Duration::from_millis(500);
 
 /// A partition's durable consumers are removed by the server after this long without a pull
 /// (an owner that died or was fenced; the new owner also deletes older epochs' consumers at
@@ -463,14 +466,28 @@ pub async fn run_partition_at<P: Processor>(
                                 Ok(info) => {
                                     let (pending, sent) =
                                         (info.num_pending, info.delivered.stream_sequence);
-                                    if let Some(why) = idle_stall(pending, sent, position) {
-                                        tracing::warn!(partition, pending, delivered_upto = sent,
-                                            position, "{why}; recreating consumer at the position");
-                                        metrics::counter!("kappa_consumer_recreated_total")
-                                            .increment(1);
-                                        continue 'consumer;
+                                    let Some(why) = idle_stall(pending, sent, position) else {
+                                        continue;
+                                    };
+                                    // Deliveries that reached this client while the info was
+                                    // asked for are not lost: look once more before recreating
+                                    // (the warning was seen with nothing lost, on a cluster).
+                                    match tokio::time::timeout(
+                                        IDLE_SECOND_LOOK,
+                                        chunks.next(),
+                                    )
+                                    .await
+                                    {
+                                        Ok(c) => c,
+                                        Err(_) => {
+                                            tracing::warn!(partition, pending,
+                                                delivered_upto = sent, position,
+                                                "{why}; recreating consumer at the position");
+                                            metrics::counter!("kappa_consumer_recreated_total")
+                                                .increment(1);
+                                            continue 'consumer;
+                                        }
                                     }
-                                    continue;
                                 }
                                 Err(e) if matches!(e.kind(),
                                     ConsumerInfoErrorKind::NotFound
