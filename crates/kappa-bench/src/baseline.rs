@@ -247,11 +247,22 @@ pub fn lat(h: &Histogram<u64>) -> Lat {
 /// (open loop). Latency is measured from each message's *intended* send time, so a stalled
 /// publisher cannot hide delay (no coordinated omission).
 pub async fn one_hop(js: &jetstream::Context, rate: f64, secs: f64) -> anyhow::Result<Lat> {
+    one_hop_replicated(js, rate, secs, 1).await
+}
+
+/// [`one_hop`] through a stream of `replicas` replicas.
+pub async fn one_hop_replicated(
+    js: &jetstream::Context,
+    rate: f64,
+    secs: f64,
+    replicas: usize,
+) -> anyhow::Result<Lat> {
     let _ = js.delete_stream("BENCH_HOP").await;
     let stream = js
         .create_stream(jetstream::stream::Config {
             name: "BENCH_HOP".into(),
             subjects: vec!["bench.hop.>".into()],
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;

@@ -95,9 +95,36 @@ pub enum Durability {
     Strict,
 }
 
+/// How NATS is laid out for `kappa-bench topology`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Topology {
+    /// One nats-server, no users, streams R1 (what the other benchmarks run).
+    OneNode,
+    /// One nats-server with the users and permissions of docker/nats/permissions.conf, each
+    /// service connecting as its own user; streams R1.
+    OneNodeUsers,
+    /// Three nats-servers in one JetStream cluster, every stream and bucket R3
+    /// (`KAPPA_REPLICAS=3`), the services given the three seeds.
+    ThreeNodes,
+}
+
+/// The users of docker/nats/permissions.conf.
+const NATS_USERS: [&str; 6] = [
+    "admin",
+    "thermometer",
+    "sensor-registry",
+    "temperature-delta",
+    "view-builder",
+    "query-api",
+];
+
 /// The servers the benchmark runs against.
 pub struct Servers {
     pub nats_url: String,
+    /// Environment every service gets besides the URLs (e.g. `KAPPA_REPLICAS`).
+    pub env: Vec<(String, String)>,
+    /// Environment of one service only (its NATS user), by service name.
+    pub service_env: Vec<(String, Vec<(String, String)>)>,
     pub redis_url: String,
     /// `unix://` URL of the colocated Redis (affinity working state).
     pub affinity_url: String,
@@ -227,12 +254,152 @@ impl Servers {
         Ok(Servers {
             nats_pid: pid_of("nats-server"),
             redis_pid: pid_of("redis-server"),
+            env: Vec::new(),
+            service_env: Vec::new(),
             nats_url,
             redis_url,
             affinity_url,
             dir: dir.to_path_buf(),
             _procs: procs,
         })
+    }
+
+    /// Servers for `topology`: Redis as [`Servers::start`] starts it, NATS laid out as `t`
+    /// (the single server it starts is replaced by the users' one or by a 3-node cluster).
+    pub async fn start_topology(dir: &Path, t: Topology) -> anyhow::Result<Servers> {
+        let mut s = Servers::start_with(dir, false, Durability::Volatile).await?;
+        if t == Topology::OneNode {
+            return Ok(s);
+        }
+        s._procs.retain(|p| p.name != "nats-server");
+        let _ = std::fs::remove_dir_all(dir.join("js"));
+        let nodes = if t == Topology::ThreeNodes { 3 } else { 1 };
+        let ports: Vec<(u16, u16)> = (0..nodes)
+            .map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?)))
+            .collect::<Result<_, _>>()?;
+        let routes = ports
+            .iter()
+            .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let password = |u: &str| format!("bench-{u}");
+        let mut pids = Vec::new();
+        for (i, (client, cluster)) in ports.iter().enumerate() {
+            let mut nats = Command::new("nats-server");
+            if t == Topology::OneNodeUsers {
+                // The compose file's permissions, next to a configuration that includes them.
+                let perms = workspace_root().join("docker/nats/permissions.conf");
+                std::fs::copy(&perms, dir.join("permissions.conf"))
+                    .with_context(|| format!("{}", perms.display()))?;
+                let conf = dir.join("nats-users.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "host: 127.0.0.1\nport: {client}\njetstream {{ store_dir: \"{}\" }}\ninclude permissions.conf\n",
+                        dir.join("js").display()
+                    ),
+                )?;
+                nats.arg("-c").arg(&conf);
+                for u in NATS_USERS {
+                    nats.env(
+                        format!(
+                            "KAPPA_NATS_{}_PASSWORD",
+                            u.to_ascii_uppercase().replace('-', "_")
+                        ),
+                        password(u),
+                    );
+                }
+            } else {
+                nats.args(["-js", "-a", "127.0.0.1", "-p", &client.to_string()])
+                    .arg("-sd")
+                    .arg(dir.join(format!("js-{i}")))
+                    .args(["--server_name", &format!("n{i}"), "--cluster_name", "bench"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{cluster}")])
+                    .args(["--routes", &routes]);
+            }
+            let p = Proc::spawn(
+                "nats-server",
+                nats,
+                dir.join(format!("logs/nats-server-{i}.log")),
+            )?;
+            pids.push(p.pid());
+            s._procs.push(p);
+            if !wait_tcp(&format!("127.0.0.1:{client}"), Duration::from_secs(20)).await {
+                bail!("nats-server {i} did not start on port {client}");
+            }
+        }
+        s.nats_pid = pids.first().copied();
+        let seeds: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("nats://127.0.0.1:{c}"))
+            .collect();
+        if t == Topology::OneNodeUsers {
+            s.nats_url = format!(
+                "nats://admin:{}@127.0.0.1:{}",
+                password("admin"),
+                ports[0].0
+            );
+            s.service_env = NATS_USERS[1..]
+                .iter()
+                .map(|u| {
+                    (
+                        u.to_string(),
+                        vec![
+                            ("NATS_USER".to_string(), u.to_string()),
+                            ("NATS_PASSWORD".to_string(), password(u)),
+                        ],
+                    )
+                })
+                .collect();
+        } else {
+            s.nats_url = seeds.join(",");
+            s.env.push(("KAPPA_REPLICAS".into(), "3".into()));
+            // Ready once the cluster has a meta leader: a replicated stream can be created.
+            let url = s.nats_url.clone();
+            let formed =
+                wait_until_every(Duration::from_secs(30), Duration::from_millis(200), || {
+                    let url = url.clone();
+                    async move {
+                        let Ok((_, js)) = clients::nats(&url, "kappa-bench").await else {
+                            return false;
+                        };
+                        let probe = jetstream::stream::Config {
+                            name: "BENCH_PROBE".into(),
+                            subjects: vec!["bench.probe".into()],
+                            num_replicas: 3,
+                            ..Default::default()
+                        };
+                        js.get_or_create_stream(probe).await.is_ok()
+                            && js.delete_stream("BENCH_PROBE").await.is_ok()
+                    }
+                })
+                .await;
+            if !formed {
+                bail!(
+                    "the 3-node cluster did not form (logs in {})",
+                    dir.display()
+                );
+            }
+        }
+        Ok(s)
+    }
+
+    /// The replica count of the streams this layout's services and baselines create.
+    pub fn replicas(&self) -> usize {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "KAPPA_REPLICAS")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// The environment of service `name` besides the URLs.
+    pub fn env_of(&self, name: &str) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        if let Some((_, e)) = self.service_env.iter().find(|(n, _)| n == name) {
+            env.extend(e.iter().cloned());
+        }
+        env
     }
 
     /// A client of the NATS server, named `kappa-bench`.
@@ -278,6 +445,15 @@ impl Servers {
         }
         Ok(())
     }
+}
+
+/// The workspace's root folder.
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// `(version line)` of a command, or "unknown".

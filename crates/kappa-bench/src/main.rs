@@ -12,6 +12,7 @@ mod durability;
 mod infra;
 mod report;
 mod services;
+mod topology;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,6 +62,9 @@ enum Mode {
     /// Only the durability comparison: default vs strict (`sync_interval: always`,
     /// `appendfsync always`), written as its own section of BENCHMARKS.md.
     Durability,
+    /// Only the topology comparison: one node, one node with per-service users, a 3-node
+    /// cluster with R3 streams; written as its own section of BENCHMARKS.md.
+    Topology,
 }
 
 struct Plan {
@@ -113,21 +117,30 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
-    if cli.mode == Mode::Durability {
+    if matches!(cli.mode, Mode::Durability | Mode::Topology) {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
         });
+        let name = if cli.mode == Mode::Durability {
+            "durability"
+        } else {
+            "topology"
+        };
         if cli.reuse {
-            anyhow::bail!("durability starts its own servers (one pair per mode): no --reuse");
+            anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
         }
         let command = format!(
-            "cargo run --release -p kappa-bench -- durability{}",
+            "cargo run --release -p kappa-bench -- {name}{}",
             cli.readings
                 .map(|n| format!(" --readings {n}"))
                 .unwrap_or_default()
         );
         let out = cli.out.clone().unwrap_or_else(|| root.join("docs"));
-        return durability::run(&root, bin_dir, out, cli.readings, command).await;
+        return if cli.mode == Mode::Durability {
+            durability::run(&root, bin_dir, out, cli.readings, command).await
+        } else {
+            topology::run(&root, bin_dir, out, cli.readings, command).await
+        };
     }
     let plan = match cli.mode {
         Mode::All => Plan {
@@ -143,7 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability => Plan {
+        Mode::Smoke | Mode::Durability | Mode::Topology => Plan {
             name: "smoke",
             n: cli.readings.unwrap_or(2_000),
             sensors: 100,
@@ -159,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability => root.join("target/bench-smoke"),
+        Mode::Smoke | Mode::Durability | Mode::Topology => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))

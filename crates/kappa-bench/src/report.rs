@@ -179,7 +179,7 @@ impl Report {
         let md_path = dir.join("BENCHMARKS.md");
         let old = std::fs::read_to_string(&md_path).unwrap_or_default();
         let mut md = self.markdown();
-        for name in [SECTION, "read-load"] {
+        for name in [SECTION, crate::topology::SECTION, "read-load"] {
             if let Some(kept) = section(&old, name) {
                 md = match md.find("## How to reproduce") {
                     Some(i) => format!("{}{kept}\n{}", &md[..i], &md[i..]),

@@ -80,6 +80,7 @@ impl Ctx {
             .env("REDIS_URL", &self.servers.redis_url)
             .env("KAPPA_PARTITIONS", "8")
             .env("RUST_LOG", "info,async_nats=warn")
+            .envs(self.servers.env_of(name))
             .envs(env.iter().map(|(k, v)| (k, v)));
         Proc::service(name, cmd, self.logs.join(format!("{n:03}-{name}.log")))
     }
