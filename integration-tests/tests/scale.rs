@@ -165,7 +165,15 @@ async fn zombie_instance_is_fenced() {
     a.signal("-CONT");
     // The zombie finds out and gives its old partitions up; the fair share is restored later.
     let gave_up = wait_until(Duration::from_secs(20), || async {
-        a.log_text().contains("lease lost") || a.log_text().contains("lost the partition")
+        // Its own lease deadline stops it first (self-fencing), or the lost lease does.
+        let log = a.log_text();
+        [
+            "lease lost",
+            "lost the partition",
+            "lease expired (not renewed in time)",
+        ]
+        .iter()
+        .any(|m| log.contains(m))
     })
     .await;
     assert!(
