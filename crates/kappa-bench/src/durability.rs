@@ -128,6 +128,33 @@ fn median_lat(v: Vec<Lat>) -> Option<Lat> {
     v.get(v.len() / 2).copied()
 }
 
+/// Prints `body`, writes it as section `name` of `out`/BENCHMARKS.md ([`splice_section`]) and
+/// `value` as key `name` of `out`/benchmarks.json, leaving the rest of both files as they are.
+pub fn write_section(
+    out: &Path,
+    name: &str,
+    body: &str,
+    value: serde_json::Value,
+) -> anyhow::Result<()> {
+    print!("{body}");
+    std::fs::create_dir_all(out)?;
+    splice_section(&out.join("BENCHMARKS.md"), name, body)?;
+    let jpath = out.join("benchmarks.json");
+    let mut j: serde_json::Value = std::fs::read_to_string(&jpath)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| json!({}));
+    if let Some(m) = j.as_object_mut() {
+        m.insert(name.into(), value);
+    }
+    std::fs::write(&jpath, serde_json::to_string_pretty(&j)? + "\n")?;
+    eprintln!(
+        "wrote the {name} section of {}",
+        out.join("BENCHMARKS.md").display()
+    );
+    Ok(())
+}
+
 /// Replaces (or adds, before "## How to reproduce" or at the end) the marked section `name` of
 /// the Markdown file `path` with `body`.
 pub fn splice_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
@@ -314,26 +341,13 @@ pub async fn run(
          (`--readings N` to change N; writes only this section of BENCHMARKS.md and the key \
          `durability` of benchmarks.json).\n\n",
     );
-    print!("{body}");
-    std::fs::create_dir_all(&out)?;
-    splice_section(&out.join("BENCHMARKS.md"), SECTION, &body)?;
-    let jpath = out.join("benchmarks.json");
-    let mut j: serde_json::Value = std::fs::read_to_string(&jpath)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_else(|| json!({}));
-    if let Some(m) = j.as_object_mut() {
-        m.insert(
-            "durability".into(),
-            json!({"date": date, "command": command, "readings": n, "sensors": sensors,
-                "rows": json_rows, "rounds": rounds.iter().map(|(d, r)| json!({"mode": d, "round": r})).collect::<Vec<_>>()}),
-        );
-    }
-    std::fs::write(&jpath, serde_json::to_string_pretty(&j)? + "\n")?;
-    eprintln!(
-        "wrote the durability section of {}",
-        out.join("BENCHMARKS.md").display()
-    );
+    write_section(
+        &out,
+        SECTION,
+        &body,
+        json!({"date": date, "command": command, "readings": n, "sensors": sensors,
+            "rows": json_rows, "rounds": rounds.iter().map(|(d, r)| json!({"mode": d, "round": r})).collect::<Vec<_>>()}),
+    )?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }

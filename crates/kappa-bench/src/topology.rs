@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::baseline::{self, Lat};
-use crate::durability::splice_section;
+use crate::durability::write_section;
 use crate::infra::{Servers, Topology, version_of};
 use crate::report::{fmt_lat, fmt_rate, ratio};
 use crate::services::{self, Ctx, TdCase};
@@ -229,27 +229,14 @@ pub async fn run(
          (`--readings N` to change N; writes only this section of BENCHMARKS.md and the key \
          `topology` of benchmarks.json).\n\n",
     );
-    print!("{body}");
-    std::fs::create_dir_all(&out)?;
-    splice_section(&out.join("BENCHMARKS.md"), SECTION, &body)?;
-    let jpath = out.join("benchmarks.json");
-    let mut j: serde_json::Value = std::fs::read_to_string(&jpath)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_else(|| json!({}));
-    if let Some(m) = j.as_object_mut() {
-        m.insert(
-            "topology".into(),
-            json!({"date": date, "command": command, "readings": n, "sensors": sensors,
-                "rows": json_rows,
-                "rounds": rounds.iter().map(|(t, r)| json!({"layout": t, "round": r})).collect::<Vec<_>>()}),
-        );
-    }
-    std::fs::write(&jpath, serde_json::to_string_pretty(&j)? + "\n")?;
-    eprintln!(
-        "wrote the topology section of {}",
-        out.join("BENCHMARKS.md").display()
-    );
+    write_section(
+        &out,
+        SECTION,
+        &body,
+        json!({"date": date, "command": command, "readings": n, "sensors": sensors,
+            "rows": json_rows,
+            "rounds": rounds.iter().map(|(t, r)| json!({"layout": t, "round": r})).collect::<Vec<_>>()}),
+    )?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
