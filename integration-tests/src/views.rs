@@ -45,8 +45,8 @@ pub async fn all_pages(http: &str, path: &str, limit: usize) -> Option<Vec<serde
 
 /// Waits (`timeout` at most) until the views have applied every delta in `DELTAS`: each
 /// sensor's view reflects that sensor's last delta (its `view_seq` is the stream sequence of
-/// it). The answer's top-level `view_seq` is not enough: it is the highest position over the
-/// partitions, so other partitions may still be behind.
+/// it). This judges the views by the stream itself, not by what the API says of its own
+/// positions (`view_seq`, `positions`, `min_seq`), which are under test elsewhere.
 pub async fn wait_applied(dag: &Dag, api: &Proc, timeout: Duration) -> bool {
     wait_complete(&dag.js, api, timeout).await
 }

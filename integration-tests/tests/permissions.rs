@@ -122,6 +122,27 @@ async fn only_the_owner_may_write() {
         views.log_text()
     );
 
+    // Read-your-writes under query-api's own user: the last reading's bound is reached.
+    let last = js
+        .get_stream("READINGS")
+        .await
+        .expect("READINGS")
+        .cached_info()
+        .state
+        .last_sequence;
+    let bounded = kappa_testkit::http::get(
+        &http,
+        &api.http,
+        &format!("/v1/sensors?min_seq={last}&max_wait_ms=4000"),
+    )
+    .await;
+    assert_eq!(
+        bounded.as_ref().map(|b| b.0),
+        Some(200),
+        "min_seq={last} under permissions: {bounded:?}\n{}",
+        api.log_tail(20)
+    );
+
     // Under its own user, no service was refused anything while the DAG ran.
     for p in [&registry, &delta, &views, &api] {
         let refused = metric(&p.http, "kappa_nats_permission_violations_total").await;

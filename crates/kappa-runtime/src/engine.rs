@@ -134,6 +134,8 @@ pub(crate) struct Parts<C: Compute> {
     pub input_stream: String,
     /// JetStream, for the input stream's state.
     pub js: async_nats::jetstream::Context,
+    /// Where each partition's committed position is published (read-your-writes).
+    pub progress: crate::progress::Reporter,
 }
 
 /// Which logged outcomes the engine believes: written by this service, for an input that
@@ -491,6 +493,7 @@ impl<C: Compute> Engine<C> {
             .commit(self.partition, self.epoch, position, writes)
             .await?;
         self.source_unrecorded = false;
+        self.report(position);
         Ok(())
     }
 }
@@ -614,6 +617,17 @@ impl<C: Compute> Engine<C> {
         }
     }
 
+    /// Publishes (in the background) that the partition has decided its input up to `position`.
+    fn report(&self, position: u64) {
+        self.parts.progress.report(
+            self.partition,
+            crate::progress::Mark {
+                position,
+                source: self.source,
+            },
+        );
+    }
+
     /// Fenced once the lease deadline has passed: a successor may own the partition.
     fn check_lease(&self) -> Result<(), ProcessError> {
         if self.lease.expired() {
@@ -666,6 +680,7 @@ impl<C: Compute> Processor for Engine<C> {
         }
         self.source = source;
         self.source_unrecorded = recorded != Some(source);
+        self.report(position);
         Ok(position)
     }
 

@@ -127,6 +127,26 @@ impl PartitionedStream {
     }
 }
 
+/// The partition the server's subject transform `partition(P, 1)` puts entity `key` in: the
+/// FNV-1a (32 bits) hash of the token modulo `partitions`, as nats-server computes it, so a
+/// reader can find an entity's partition without a message of it in hand.
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
+/// The number of partitions of an existing partitioned stream, from its subject transform.
+pub(crate) fn partition_count(config: &stream::Config) -> Option<u32> {
+    config
+        .subject_transform
+        .as_ref()
+        .and_then(|t| parse_partition_count(&t.destination))
+}
+
 fn parse_partition_count(dest: &str) -> Option<u32> {
     let start = dest.find("partition(")? + "partition(".len();
     let rest = &dest[start..];

@@ -206,6 +206,9 @@ impl<C: Compute> DomainService<C> {
         };
         tracing::info!(service = %self.name, observed = %s.observed, working = %s.working,
             partitions = input.partitions, ownership = ?s.ownership, "starting");
+        let progress =
+            crate::progress::Reporter::start(&js, &self.name, options.replicas, shutdown.clone())
+                .await?;
         let parts = Arc::new(Parts {
             compute: Arc::new(self.compute),
             service: self.name.clone(),
@@ -226,6 +229,7 @@ impl<C: Compute> DomainService<C> {
             input_prefix: in_prefix,
             input_stream: input.stream.clone(),
             js: js.clone(),
+            progress,
         });
         let driver = DriverConfig {
             input,

@@ -232,11 +232,28 @@ pub fn rank_score(delta_celsius: f64) -> f64 {
     -delta_celsius.abs()
 }
 
+/// Where the views stand in one partition of the deltas stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionPosition {
+    /// Last deltas-stream sequence applied in the partition.
+    pub position: u64,
+    /// Identity (creation time) of the deltas stream `position` refers to.
+    pub source: u64,
+}
+
+/// The views' position in every partition they have applied something in, as one read saw it.
+pub type Positions = std::collections::BTreeMap<u32, PartitionPosition>;
+
+/// The highest position over the partitions (not a watermark: a partition may be behind it).
+pub fn highest(positions: &Positions) -> u64 {
+    positions.values().map(|p| p.position).max().unwrap_or(0)
+}
+
 /// A read of a list of views.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewList {
-    /// Highest deltas-stream sequence applied over the partitions.
-    pub view_seq: u64,
+    /// Where the views stood, per partition, when the list was read.
+    pub positions: Positions,
     /// The views, in the list's order.
     pub views: Vec<SensorView>,
 }
@@ -244,6 +261,8 @@ pub struct ViewList {
 /// A read of a sensor's history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct History {
+    /// Where the views stood, per partition, when the history was read.
+    pub positions: Positions,
     /// The sensor's view sequence.
     pub view_seq: u64,
     /// Points, oldest first.
@@ -251,8 +270,8 @@ pub struct History {
 }
 
 /// A consistent read of the active generation (`EVAL` it with no keys; the arguments are
-/// [`Read::args`], then [`Read::cursor`] for pages). Returns the highest applied position over
-/// the partitions, then per view: id, delta JSON, seq, meta JSON (pages put the list's size and
+/// [`Read::args`], then [`Read::cursor`] for pages). Returns every partition's position
+/// ([`parse_positions`]), then per view: id, delta JSON, seq, meta JSON (pages put the list's size and
 /// the next cursor, `''` on the last page, before the views: [`parse_view_page`]); for
 /// `history`: the position, the sensor's seq (`''` if it has no view) and the points. Parse the
 /// answer with [`parse_view_list`], [`parse_view_page`] or [`parse_history`].
@@ -262,12 +281,17 @@ local P = 'views:{' .. gen .. '}:'
 local kind = ARGV[1]
 local arg = ARGV[2]
 local limit = tonumber(ARGV[3])
-local maxpos = 0
-for _, v in ipairs(redis.call('HVALS', P .. 'positions')) do
-  local x = tonumber(v)
-  if x > maxpos then maxpos = x end
+-- Every partition's position and the identity of the stream it refers to:
+-- '<partition>:<position>:<source>' joined by ','.
+local srcs = {}
+local sv = redis.call('HGETALL', P .. 'sources')
+for i = 1, #sv, 2 do srcs[sv[i]] = sv[i + 1] end
+local parts = {}
+local pv = redis.call('HGETALL', P .. 'positions')
+for i = 1, #pv, 2 do
+  table.insert(parts, pv[i] .. ':' .. pv[i + 1] .. ':' .. (srcs[pv[i]] or '0'))
 end
-local out = {tostring(maxpos)}
+local out = {table.concat(parts, ',')}
 if kind == 'history' then
   local seq = redis.call('HGET', P .. 'sensor:' .. arg, 'seq')
   if not seq then
@@ -448,13 +472,37 @@ fn parse_u64(s: &str) -> Result<u64, BadAnswer> {
         .map_err(|_| BadAnswer(format!("not a number: {s}")))
 }
 
+/// Parses the head of a [`READ_SCRIPT`] answer: `<partition>:<position>:<source>` joined by
+/// `,` (empty when no partition has a position yet).
+pub fn parse_positions(head: &str) -> Result<Positions, BadAnswer> {
+    let mut out = Positions::new();
+    for part in head.split(',').filter(|p| !p.is_empty()) {
+        let mut it = part.split(':');
+        let (Some(p), Some(pos), Some(src), None) = (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(BadAnswer(format!("not a partition position: {part}")));
+        };
+        let p = p
+            .parse()
+            .map_err(|_| BadAnswer(format!("not a partition: {p}")))?;
+        out.insert(
+            p,
+            PartitionPosition {
+                position: parse_u64(pos)?,
+                source: parse_u64(src)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// Parses the answer to a list read (every [`Read`] but `History`). Views that do not decode
 /// are left out; their ids come second, for the caller to log.
 pub fn parse_view_list(answer: &[String]) -> Result<(ViewList, Vec<String>), BadAnswer> {
     let (head, rest) = answer
         .split_first()
         .ok_or_else(|| BadAnswer("empty read answer".into()))?;
-    let view_seq = parse_u64(head)?;
+    let positions = parse_positions(head)?;
     let mut views = Vec::with_capacity(rest.len() / 4);
     let mut undecodable = Vec::new();
     for item in rest.chunks(4) {
@@ -471,13 +519,13 @@ pub fn parse_view_list(answer: &[String]) -> Result<(ViewList, Vec<String>), Bad
             _ => undecodable.push(id.clone()),
         }
     }
-    Ok((ViewList { view_seq, views }, undecodable))
+    Ok((ViewList { positions, views }, undecodable))
 }
 
 /// Parses the answer to [`Read::History`]: `None` if the sensor has no view. Points that do
 /// not decode are left out.
 pub fn parse_history(answer: &[String]) -> Result<Option<History>, BadAnswer> {
-    let Some(seq) = answer.get(1) else {
+    let (Some(head), Some(seq)) = (answer.first(), answer.get(1)) else {
         return Err(BadAnswer("short history answer".into()));
     };
     if seq.is_empty() {
@@ -488,6 +536,7 @@ pub fn parse_history(answer: &[String]) -> Result<Option<History>, BadAnswer> {
         .filter_map(|e| serde_json::from_str::<HistoryEntry>(e).ok())
         .collect();
     Ok(Some(History {
+        positions: parse_positions(head)?,
         view_seq: parse_u64(seq)?,
         points,
     }))
@@ -578,7 +627,7 @@ mod tests {
         let d = delta("a", 1.0, 5);
         let meta = SensorMeta::from_delta(&d);
         let answer = vec![
-            "7".to_string(),
+            "0:7:100,3:2:100".to_string(),
             "a".into(),
             serde_json::to_string(&d).expect("json"),
             "6".into(),
@@ -589,19 +638,31 @@ mod tests {
             "{}".into(),
         ];
         let (list, bad) = parse_view_list(&answer).expect("list");
-        assert_eq!(list.view_seq, 7);
+        assert_eq!(highest(&list.positions), 7);
+        assert_eq!(
+            list.positions.get(&3),
+            Some(&PartitionPosition {
+                position: 2,
+                source: 100
+            })
+        );
         assert_eq!(list.views, vec![compose(&d, 6, meta)]);
         assert_eq!(bad, vec!["b".to_string()]);
         assert!(parse_view_list(&[]).is_err());
         assert!(parse_view_list(&["x".into()]).is_err());
+        assert!(parse_view_list(&["0:1".into()]).is_err());
+        assert_eq!(
+            parse_view_list(&[String::new()]).map(|l| l.0.positions.len()),
+            Ok(0)
+        );
 
         let point = serde_json::to_string(&HistoryEntry::of(&d, 6)).expect("json");
-        let h = parse_history(&["7".into(), "6".into(), point])
+        let h = parse_history(&["0:7:1".into(), "6".into(), point])
             .expect("history")
             .expect("some");
         assert_eq!((h.view_seq, h.points.len()), (6, 1));
-        assert_eq!(parse_history(&["7".into(), String::new()]), Ok(None));
-        assert!(parse_history(&["7".into()]).is_err());
+        assert_eq!(parse_history(&["0:7:1".into(), String::new()]), Ok(None));
+        assert!(parse_history(&["0:7:1".into()]).is_err());
         assert_eq!(Read::Top(3).args(), ("top", "", 3));
     }
 }

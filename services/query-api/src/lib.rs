@@ -17,8 +17,12 @@
 //! in Redis whatever the number of sensors N.
 //!
 //! `view_seq` is the deltas-stream sequence a view reflects: per sensor, the sequence of its
-//! latest delta; for a list, the highest sequence applied over the partitions when it was read
-//! (every page is read in one atomic Lua call). Errors are `{"error": "..."}`: 400 for a bad id,
+//! latest delta; for a list, a true low watermark, the least position over every partition of
+//! the deltas stream when it was read (every page is read in one atomic Lua call), with each
+//! partition's own in `positions`. Every read takes `min_seq=N` (a READINGS sequence, such as
+//! a reading's publish ack) and `max_wait_ms`: the answer then reflects every reading of the
+//! requested sensors up to `N`, or is a 503 with `bound` saying which hop is behind and where
+//! it stands ([`bound`]). Errors are `{"error": "..."}`: 400 for a bad id,
 //! site, limit or cursor, 404 for an unknown sensor or site, 503 when Redis fails, a request
 //! outlives `QUERY_REQUEST_TIMEOUT_MS`, `QUERY_MAX_IN_FLIGHT` requests are in flight or
 //! `QUERY_MAX_LIVE` live clients are connected.
@@ -26,9 +30,10 @@
 //! Single-sensor reads go through a small in-process cache (moka, a few seconds' time-to-live)
 //! that the view-change feed keeps current; an entry is only ever replaced by a newer view.
 
+pub mod bound;
 pub mod reader;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +50,7 @@ use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt};
 use kappa_runtime::config::{NatsArgs, parse_listen_addr};
+use kappa_runtime::consistency::Scope;
 use kappa_runtime::shutdown::CancellationToken;
 use moka::future::Cache;
 use serde::Serialize;
@@ -141,13 +147,33 @@ impl Default for Limits {
     }
 }
 
-/// An API error: a status and a message, sent as `{"error": message}`.
+/// An API error: a status and a message, sent as `{"error": message}` (with `bound` when a
+/// `min_seq` was not reached).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// What went wrong.
     pub message: String,
+    /// Where the views stood, when a `min_seq` bound was not reached in time.
+    pub bound: Option<BoundDetail>,
+}
+
+/// Why a `min_seq` bound was not reached: the least advanced hop and where it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct BoundDetail {
+    /// The bound asked for (a READINGS stream sequence).
+    pub min_seq: u64,
+    /// `input` (the readings stream does not hold `min_seq` yet), `decided` (temperature-delta
+    /// has not decided every reading up to it) or `applied` (the views have not applied every
+    /// delta of those readings).
+    #[schema(value_type = String)]
+    pub stage: kappa_runtime::consistency::Stage,
+    /// The partition that is behind (of the readings for `decided`, of the deltas for
+    /// `applied`).
+    pub partition: u32,
+    /// Its position (the readings stream's last sequence for `input`).
+    pub position: u64,
 }
 
 impl ApiError {
@@ -155,6 +181,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            bound: None,
         }
     }
     fn unavailable(e: impl std::fmt::Display) -> Self {
@@ -171,6 +198,7 @@ impl IntoResponse for ApiError {
             self.status,
             Json(ErrorBody {
                 error: self.message,
+                bound: self.bound,
             }),
         )
             .into_response();
@@ -205,13 +233,24 @@ impl From<QueryRejection> for ApiError {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+    /// Set when a `min_seq` bound was not reached in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub bound: Option<BoundDetail>,
 }
 
 /// A page of `/v1/sensors`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SensorPage {
-    /// Highest deltas-stream sequence applied over the partitions when the page was read.
+    /// Low watermark: every delta with a deltas-stream sequence at most this is reflected (the
+    /// least position over the partitions when the page was read).
     pub view_seq: u64,
+    /// Each deltas partition's position when the page was read.
+    pub positions: BTreeMap<String, u64>,
+    /// The `min_seq` asked for, reached: every reading of these sensors up to it is reflected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_seq: Option<u64>,
     /// Sensors with a view now (all pages).
     pub total: u64,
     /// `cursor` of the next page; `null` on the last page.
@@ -225,8 +264,15 @@ pub struct SensorPage {
 pub struct SitePage {
     /// The site.
     pub site: String,
-    /// Highest deltas-stream sequence applied over the partitions when the page was read.
+    /// Low watermark: every delta with a deltas-stream sequence at most this is reflected (the
+    /// least position over the partitions when the page was read).
     pub view_seq: u64,
+    /// Each deltas partition's position when the page was read.
+    pub positions: BTreeMap<String, u64>,
+    /// The `min_seq` asked for, reached: every reading of these sensors up to it is reflected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_seq: Option<u64>,
     /// The site's sensors now (all pages).
     pub total: u64,
     /// `cursor` of the next page; `null` on the last page.
@@ -238,8 +284,15 @@ pub struct SitePage {
 /// `/v1/top`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TopList {
-    /// Highest deltas-stream sequence applied over the partitions when the list was read.
+    /// Low watermark: every delta with a deltas-stream sequence at most this is reflected (the
+    /// least position over the partitions when the list was read).
     pub view_seq: u64,
+    /// Each deltas partition's position when the list was read.
+    pub positions: BTreeMap<String, u64>,
+    /// The `min_seq` asked for, reached: every reading up to it is reflected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_seq: Option<u64>,
     /// The views, `abs(delta_celsius)` descending, ties by `sensor_id`.
     pub top: Vec<SensorView>,
 }
@@ -251,6 +304,10 @@ pub struct SensorHistory {
     pub sensor_id: String,
     /// The sensor's view sequence.
     pub view_seq: u64,
+    /// The `min_seq` asked for, reached: every reading of the sensor up to it is reflected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_seq: Option<u64>,
     /// Points, oldest first.
     pub history: Vec<HistoryEntry>,
 }
@@ -277,6 +334,19 @@ pub struct SitePageParams {
     /// `next_cursor` of the previous page (absent or empty: the first page).
     #[param(pattern = r"^(-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?:[A-Za-z0-9_-]{1,64})?$")]
     pub cursor: Option<String>,
+}
+
+/// Read-your-writes, accepted by every read.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BoundParams {
+    /// A READINGS stream sequence (e.g. a reading's publish ack): the answer reflects every
+    /// reading of the requested sensors up to it, or is a 503 with `bound` (0: no bound).
+    #[param(minimum = 0)]
+    pub min_seq: Option<u64>,
+    /// How long to wait for `min_seq`, in ms (default 3000, at most the request timeout).
+    #[param(minimum = 0, maximum = 60000)]
+    pub max_wait_ms: Option<u32>,
 }
 
 /// The query parameters of `/v1/top`.
@@ -395,6 +465,7 @@ pub fn is_newer(new: &SensorView, old: &SensorView) -> bool {
 #[derive(Clone)]
 pub struct ApiState {
     store: ViewReader,
+    consistency: Option<kappa_runtime::consistency::Consistency>,
     cache: Option<Cache<String, Arc<SensorView>>>,
     live: tokio::sync::broadcast::Sender<String>,
     shutdown: CancellationToken,
@@ -420,6 +491,7 @@ impl ApiState {
         });
         Self {
             store,
+            consistency: None,
             cache,
             live: tokio::sync::broadcast::channel(4096).0,
             shutdown,
@@ -428,6 +500,14 @@ impl ApiState {
             list_pages: Arc::new(Semaphore::new(limits.list_concurrency)),
             live_clients: Arc::new(Semaphore::new(limits.max_live)),
         }
+    }
+
+    /// Checks `min_seq` bounds with `c` (without it, a bounded read is a 503) and states
+    /// watermarks over all of the deltas stream's partitions.
+    #[must_use]
+    pub fn with_consistency(mut self, c: kappa_runtime::consistency::Consistency) -> Self {
+        self.consistency = Some(c);
+        self
     }
 
     /// Takes in a view change from the feed: refreshes the cache and relays it to live clients.
@@ -512,7 +592,7 @@ async fn list_slot(s: &ApiState) -> Result<tokio::sync::SemaphorePermit<'_>, Api
 }
 
 /// Every sensor's view, one page by `sensor_id`.
-#[utoipa::path(get, path = "/v1/sensors", params(SensorsPageParams),
+#[utoipa::path(get, path = "/v1/sensors", params(SensorsPageParams, BoundParams),
     responses(
         (status = 200, description = "a page of views by sensor id", body = SensorPage),
         (status = 400, description = "bad limit or cursor", body = ErrorBody),
@@ -523,18 +603,29 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
     let Query(q) = q?;
     let limit = parse_page_limit(query_value(&q, "limit"))?;
     let after = parse_sensors_cursor(query_value(&q, "cursor"))?;
+    let bound = bound::parse_bound(&q)?;
     let _slot = list_slot(&s).await?;
+    let (page, positions) = s
+        .read_bounded(bound, Scope::All, || async {
+            let p = s
+                .store
+                .sensors_page(after, limit)
+                .await
+                .map_err(ApiError::unavailable)?;
+            let positions = p.list.positions.clone();
+            Ok((p, positions))
+        })
+        .await?;
     let ViewPage {
         list,
         total,
         next_cursor,
-    } = s
-        .store
-        .sensors_page(after, limit)
-        .await
-        .map_err(ApiError::unavailable)?;
+    } = page;
+    let w = s.watermark(&positions).await;
     Ok(Json(SensorPage {
-        view_seq: list.view_seq,
+        view_seq: w.low,
+        positions: w.positions,
+        min_seq: bound.map(|b| b.min_seq),
         total,
         next_cursor,
         sensors: list.views,
@@ -543,7 +634,7 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
 
 /// One sensor's view.
 #[utoipa::path(get, path = "/v1/sensors/{id}",
-    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001")),
+    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001"), BoundParams),
     responses(
         (status = 200, description = "the sensor's view", body = SensorView),
         (status = 400, description = "bad sensor id", body = ErrorBody),
@@ -553,19 +644,30 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
 async fn sensor(
     State(s): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
+    q: QueryMap,
 ) -> Result<Json<SensorView>, ApiError> {
     count("sensor");
     let Path(id) = id?;
+    let Query(q) = q?;
     check_name("sensor id", &id)?;
-    s.sensor(&id)
-        .await?
-        .map(Json)
+    let view = match bound::parse_bound(&q)? {
+        // The cache holds no positions: a bounded read goes to the store.
+        Some(b) => {
+            s.read_bounded(Some(b), Scope::Key(&id), || async {
+                s.store.sensor_at(&id).await.map_err(ApiError::unavailable)
+            })
+            .await?
+            .0
+        }
+        None => s.sensor(&id).await?,
+    };
+    view.map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown sensor '{id}'")))
 }
 
 /// A sensor's history, oldest first.
 #[utoipa::path(get, path = "/v1/sensors/{id}/history",
-    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001")),
+    params(("id" = String, Path, description = "sensor id", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "s-0001"), BoundParams),
     responses(
         (status = 200, description = "the sensor's history", body = SensorHistory),
         (status = 400, description = "bad sensor id", body = ErrorBody),
@@ -575,26 +677,33 @@ async fn sensor(
 async fn history(
     State(s): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
+    q: QueryMap,
 ) -> Result<Json<SensorHistory>, ApiError> {
     count("history");
     let Path(id) = id?;
+    let Query(q) = q?;
     check_name("sensor id", &id)?;
-    let h = s
-        .store
-        .history(&id)
-        .await
-        .map_err(ApiError::unavailable)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown sensor '{id}'")))?;
+    let bound = bound::parse_bound(&q)?;
+    let (h, _) = s
+        .read_bounded(bound, Scope::Key(&id), || async {
+            let h = s.store.history(&id).await.map_err(ApiError::unavailable)?;
+            let positions = h.as_ref().map(|h| h.positions.clone()).unwrap_or_default();
+            Ok((h, positions))
+        })
+        .await?;
+    let h =
+        h.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown sensor '{id}'")))?;
     Ok(Json(SensorHistory {
         sensor_id: id,
         view_seq: h.view_seq,
+        min_seq: bound.map(|b| b.min_seq),
         history: h.points,
     }))
 }
 
 /// A site's sensors, one page by `abs(delta_celsius)` descending, ties by id.
 #[utoipa::path(get, path = "/v1/sites/{site}",
-    params(("site" = String, Path, description = "site", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "site-1"), SitePageParams),
+    params(("site" = String, Path, description = "site", pattern = r"^[A-Za-z0-9_-]{1,64}$", example = "site-1"), SitePageParams, BoundParams),
     responses(
         (status = 200, description = "a page of the site's views", body = SitePage),
         (status = 400, description = "bad site, limit or cursor", body = ErrorBody),
@@ -612,25 +721,36 @@ async fn site(
     check_name("site", &site)?;
     let limit = parse_page_limit(query_value(&q, "limit"))?;
     let after = parse_site_cursor(query_value(&q, "cursor"))?;
+    let bound = bound::parse_bound(&q)?;
     let _slot = list_slot(&s).await?;
+    let (page, positions) = s
+        .read_bounded(bound, Scope::All, || async {
+            let p = s
+                .store
+                .site_page(&site, after, limit)
+                .await
+                .map_err(ApiError::unavailable)?;
+            let positions = p.list.positions.clone();
+            Ok((p, positions))
+        })
+        .await?;
     let ViewPage {
         list,
         total,
         next_cursor,
-    } = s
-        .store
-        .site_page(&site, after, limit)
-        .await
-        .map_err(ApiError::unavailable)?;
+    } = page;
     if total == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("unknown site '{site}'"),
         ));
     }
+    let w = s.watermark(&positions).await;
     Ok(Json(SitePage {
         site,
-        view_seq: list.view_seq,
+        view_seq: w.low,
+        positions: w.positions,
+        min_seq: bound.map(|b| b.min_seq),
         total,
         next_cursor,
         sensors: list.views,
@@ -638,7 +758,7 @@ async fn site(
 }
 
 /// The sensors with the largest change, `abs(delta_celsius)` descending, ties by id.
-#[utoipa::path(get, path = "/v1/top", params(TopParams),
+#[utoipa::path(get, path = "/v1/top", params(TopParams, BoundParams),
     responses(
         (status = 200, description = "the ranking's head", body = TopList),
         (status = 400, description = "bad limit", body = ErrorBody),
@@ -648,9 +768,19 @@ async fn top(State(s): State<ApiState>, q: QueryMap) -> Result<Json<TopList>, Ap
     count("top");
     let Query(q) = q?;
     let limit = parse_limit(query_value(&q, "limit"))?;
-    let list = s.store.top(limit).await.map_err(ApiError::unavailable)?;
+    let bound = bound::parse_bound(&q)?;
+    let (list, positions) = s
+        .read_bounded(bound, Scope::All, || async {
+            let l = s.store.top(limit).await.map_err(ApiError::unavailable)?;
+            let positions = l.positions.clone();
+            Ok((l, positions))
+        })
+        .await?;
+    let w = s.watermark(&positions).await;
     Ok(Json(TopList {
-        view_seq: list.view_seq,
+        view_seq: w.low,
+        positions: w.positions,
+        min_seq: bound.map(|b| b.min_seq),
         top: list.views,
     }))
 }
@@ -765,7 +895,8 @@ async fn limit_requests(State(s): State<ApiState>, req: Request, next: Next) -> 
         SitePage,
         TopList,
         SensorHistory,
-        ErrorBody
+        ErrorBody,
+        BoundDetail
     ))
 )]
 pub struct ApiDoc;
@@ -837,7 +968,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Duration::from_secs(cfg.cache_ttl_secs),
         cfg.limits(),
         service.shutdown.clone(),
-    );
+    )
+    .with_consistency(bound::checker(service.nats.js.clone()));
 
     let redis_up = Arc::new(AtomicBool::new(true));
     {

@@ -2,7 +2,9 @@
 //! ([`thermo_domain::views`]): one Lua script per read, so every answer is consistent.
 
 use redis::aio::ConnectionManager;
-use thermo_domain::views::{self, History, READ_SCRIPT, Read, SensorView, ViewList, ViewPage};
+use thermo_domain::views::{
+    self, History, Positions, READ_SCRIPT, Read, SensorView, ViewList, ViewPage,
+};
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,13 @@ impl ViewReader {
 
     /// One sensor's view.
     pub async fn sensor(&self, id: &str) -> Result<Option<SensorView>, ReadError> {
-        Ok(self.list(Read::Sensor(id)).await?.views.pop())
+        Ok(self.sensor_at(id).await?.0)
+    }
+
+    /// One sensor's view and where the views stood when it was read.
+    pub async fn sensor_at(&self, id: &str) -> Result<(Option<SensorView>, Positions), ReadError> {
+        let mut list = self.list(Read::Sensor(id)).await?;
+        Ok((list.views.pop(), list.positions))
     }
 
     /// A site's sensors by |delta| descending (ties by id).

@@ -162,7 +162,9 @@ async fn api_answers_from_the_views() {
 
     let (code, all) = get(addr, "/v1/sensors").await;
     assert_eq!(code, 200);
-    assert_eq!(all["view_seq"], 4);
+    // The low watermark: partition 0 is at 3, partition 1 at 4.
+    assert_eq!(all["view_seq"], 3);
+    assert_eq!(all["positions"], serde_json::json!({"0": 3, "1": 4}));
     let ids: Vec<&str> = all["sensors"]
         .as_array()
         .expect("sensors")

@@ -113,7 +113,10 @@ async fn batches_are_atomic_idempotent_fenced_and_rebuildable() {
     let lab = store.site("lab").await.expect("site");
     let ids: Vec<&str> = lab.views.iter().map(|v| v.sensor_id.as_str()).collect();
     assert_eq!(ids, vec!["b", "a"]);
-    assert_eq!(lab.view_seq, 4);
+    // The read states the partition's position and the stream it refers to.
+    let p = lab.positions.values().next().expect("a position");
+    assert_eq!((lab.positions.len(), p.position), (1, 4));
+    assert!(p.source > 0, "{p:?}");
     // The first two of the ranking; ties by id ascending.
     let top = store.top(2).await.expect("top");
     let ids: Vec<&str> = top.views.iter().map(|v| v.sensor_id.as_str()).collect();
