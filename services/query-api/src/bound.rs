@@ -3,6 +3,7 @@
 //! sensors with a sequence at most `N` ([`kappa_runtime::consistency`] decides), up to
 //! `max_wait_ms` (default [`DEFAULT_WAIT_MS`], at most the request timeout); past it the answer
 //! is a JSON 503 naming the position reached (IQv2's `NOT_UP_TO_BOUND`), never a stale answer.
+//! A bound beyond the readings stream's end is a 409 at once: no ack gave it.
 //!
 //! Aggregate answers state a true low watermark: `view_seq` is the least position over every
 //! partition of the deltas stream (one the views have applied nothing in counts 0), and
@@ -178,6 +179,18 @@ impl ApiState {
                     return Ok((answer, positions));
                 }
                 Verdict::Behind {
+                    stage: Stage::Input,
+                    position,
+                    ..
+                } => {
+                    // No reading has this sequence yet: the client's bound is not one an ack
+                    // gave (the leader that acked it answers the stream's state), or it refers
+                    // to a stream since replaced. Waiting would not help.
+                    metrics::counter!("kappa_query_refused_total", "reason" => "min_seq_beyond")
+                        .increment(1);
+                    return Err(not_reached(bound, Stage::Input, 0, position));
+                }
+                Verdict::Behind {
                     stage,
                     partition,
                     position,
@@ -196,23 +209,35 @@ impl ApiState {
 }
 
 fn not_reached(bound: Bound, stage: Stage, partition: u32, position: u64) -> ApiError {
-    let what = match stage {
-        Stage::Input => format!("the readings stream ends at {position}"),
-        Stage::Decided => format!(
-            "temperature-delta has decided partition {partition} of the readings up to {position}"
+    let (status, message) = match stage {
+        Stage::Input => (
+            StatusCode::CONFLICT,
+            format!(
+                "min_seq={} is beyond the readings stream, which ends at {position}",
+                bound.min_seq
+            ),
         ),
-        Stage::Applied => {
-            format!("the views have applied partition {partition} of the deltas up to {position}")
+        Stage::Decided | Stage::Applied => {
+            let what = if stage == Stage::Decided {
+                format!(
+                    "temperature-delta has decided partition {partition} of the readings up to {position}"
+                )
+            } else {
+                format!(
+                    "the views have applied partition {partition} of the deltas up to {position}"
+                )
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not up to min_seq={} within {} ms: {what}",
+                    bound.min_seq,
+                    bound.wait.as_millis()
+                ),
+            )
         }
     };
-    let mut e = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "not up to min_seq={} within {} ms: {what}",
-            bound.min_seq,
-            bound.wait.as_millis()
-        ),
-    );
+    let mut e = ApiError::new(status, message);
     e.bound = Some(crate::BoundDetail {
         min_seq: bound.min_seq,
         stage,

@@ -596,7 +596,8 @@ async fn list_slot(s: &ApiState) -> Result<tokio::sync::SemaphorePermit<'_>, Api
     responses(
         (status = 200, description = "a page of views by sensor id", body = SensorPage),
         (status = 400, description = "bad limit or cursor", body = ErrorBody),
-        (status = 503, description = "views unavailable, timed out or overloaded", body = ErrorBody),
+        (status = 409, description = "min_seq is beyond the readings stream's end", body = ErrorBody),
+        (status = 503, description = "views unavailable, timed out, overloaded, or not up to min_seq within max_wait_ms", body = ErrorBody),
     ))]
 async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPage>, ApiError> {
     count("sensors");
@@ -639,7 +640,8 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
         (status = 200, description = "the sensor's view", body = SensorView),
         (status = 400, description = "bad sensor id", body = ErrorBody),
         (status = 404, description = "the sensor has no view", body = ErrorBody),
-        (status = 503, description = "views unavailable, timed out or overloaded", body = ErrorBody),
+        (status = 409, description = "min_seq is beyond the readings stream's end", body = ErrorBody),
+        (status = 503, description = "views unavailable, timed out, overloaded, or not up to min_seq within max_wait_ms", body = ErrorBody),
     ))]
 async fn sensor(
     State(s): State<ApiState>,
@@ -672,7 +674,8 @@ async fn sensor(
         (status = 200, description = "the sensor's history", body = SensorHistory),
         (status = 400, description = "bad sensor id", body = ErrorBody),
         (status = 404, description = "the sensor has no view", body = ErrorBody),
-        (status = 503, description = "views unavailable, timed out or overloaded", body = ErrorBody),
+        (status = 409, description = "min_seq is beyond the readings stream's end", body = ErrorBody),
+        (status = 503, description = "views unavailable, timed out, overloaded, or not up to min_seq within max_wait_ms", body = ErrorBody),
     ))]
 async fn history(
     State(s): State<ApiState>,
@@ -708,7 +711,8 @@ async fn history(
         (status = 200, description = "a page of the site's views", body = SitePage),
         (status = 400, description = "bad site, limit or cursor", body = ErrorBody),
         (status = 404, description = "no sensor with a view at this site", body = ErrorBody),
-        (status = 503, description = "views unavailable, timed out or overloaded", body = ErrorBody),
+        (status = 409, description = "min_seq is beyond the readings stream's end", body = ErrorBody),
+        (status = 503, description = "views unavailable, timed out, overloaded, or not up to min_seq within max_wait_ms", body = ErrorBody),
     ))]
 async fn site(
     State(s): State<ApiState>,
@@ -762,7 +766,8 @@ async fn site(
     responses(
         (status = 200, description = "the ranking's head", body = TopList),
         (status = 400, description = "bad limit", body = ErrorBody),
-        (status = 503, description = "views unavailable, timed out or overloaded", body = ErrorBody),
+        (status = 409, description = "min_seq is beyond the readings stream's end", body = ErrorBody),
+        (status = 503, description = "views unavailable, timed out, overloaded, or not up to min_seq within max_wait_ms", body = ErrorBody),
     ))]
 async fn top(State(s): State<ApiState>, q: QueryMap) -> Result<Json<TopList>, ApiError> {
     count("top");
