@@ -18,6 +18,7 @@
 //! | `views:{g}:sensors` | sorted set | every sensor with a view (score 0: ordered by id) |
 //! | `views:{g}:sites` | set | every site with at least one sensor |
 //! | `views:{g}:positions` | hash | partition -> last applied deltas-stream sequence |
+//! | `views:{g}:sources` | hash | partition -> identity (creation time) of the deltas stream its position refers to |
 //! | `views:{g}:epochs` | hash | partition -> fencing epoch of its current writer |
 //! | `views:active`, `views:building`, `views:next-gen` | string | generation pointers |
 //!
