@@ -11,6 +11,7 @@ mod baseline;
 mod durability;
 mod infra;
 mod report;
+mod ryw;
 mod services;
 mod topology;
 
@@ -65,6 +66,9 @@ enum Mode {
     /// Only the topology comparison: one node, one node with per-service users, a 3-node
     /// cluster with R3 streams; written as its own section of BENCHMARKS.md.
     Topology,
+    /// Only read-your-writes: `min_seq` reads right after each publish ack at 10% and 50% of
+    /// the DAG's maximum, beside the one-hop baseline; its own section of BENCHMARKS.md.
+    Ryw,
 }
 
 struct Plan {
@@ -117,14 +121,14 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
-    if matches!(cli.mode, Mode::Durability | Mode::Topology) {
+    if matches!(cli.mode, Mode::Durability | Mode::Topology | Mode::Ryw) {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
         });
-        let name = if cli.mode == Mode::Durability {
-            "durability"
-        } else {
-            "topology"
+        let name = match cli.mode {
+            Mode::Durability => "durability",
+            Mode::Ryw => "ryw",
+            _ => "topology",
         };
         if cli.reuse {
             anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
@@ -136,10 +140,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
         let out = cli.out.clone().unwrap_or_else(|| root.join("docs"));
-        return if cli.mode == Mode::Durability {
-            durability::run(&root, bin_dir, out, cli.readings, command).await
-        } else {
-            topology::run(&root, bin_dir, out, cli.readings, command).await
+        return match cli.mode {
+            Mode::Durability => durability::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
+            _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
         };
     }
     let plan = match cli.mode {
@@ -156,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability | Mode::Topology => Plan {
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw => Plan {
             name: "smoke",
             n: cli.readings.unwrap_or(2_000),
             sensors: 100,
@@ -172,7 +176,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability | Mode::Topology => root.join("target/bench-smoke"),
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw => {
+            root.join("target/bench-smoke")
+        }
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
