@@ -236,3 +236,56 @@ async fn stateful_replica_of_10k_sensors_is_ready_only_when_complete() {
     );
     assert_eq!(count(js, "DLQ").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_asks_the_registry_once_per_batch_not_once_per_reading() {
+    let test = "stateless_batch";
+    let dag = Dag::start(
+        test,
+        &[
+            ("KAPPA_OBSERVED", "stateless"),
+            ("KAPPA_PARTITIONS", "1"),
+            ("KAPPA_OWNERSHIP", "static"),
+        ],
+    )
+    .await;
+    let (c, js) = (&dag.client, &dag.js);
+    // 40 known sensors (calibration offset = their number / 10) and 5 unknown ones, all
+    // published before temperature-delta starts, so that they come in few batches.
+    for i in 0..40 {
+        register(c, &format!("s-{i}"), "lab", f64::from(i) / 10.0, 600).await;
+    }
+    // A first start declares the streams.
+    let mut first = dag.ready("temperature-delta").await;
+    first.terminate(Duration::from_secs(10));
+    for i in 0..45 {
+        let id = format!("s-{i}");
+        publish_raw(js, &id, reading(&id, 20.0, "2026-11-24T17:00:00Z")).await;
+    }
+    let delta = dag.ready("temperature-delta").await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(js, "DELTAS").await == 40 && count(js, "DLQ").await == 5
+        })
+        .await,
+        "40 deltas and 5 unknown sensors expected:\n{}",
+        delta.log_text()
+    );
+    for d in deltas(js).await {
+        let i: f64 = d["sensor_id"].as_str().expect("id")[2..]
+            .parse()
+            .expect("n");
+        assert_eq!(d["latest_celsius"].as_f64(), Some(20.0 + i / 10.0), "{d}");
+    }
+    let singles = metric(&dag.registry.http, "registry_lookups_total").await;
+    let batches = metric(&dag.registry.http, "registry_batch_lookups_total").await;
+    let asked = metric(&delta.http, "kappa_observed_requests_total").await;
+    eprintln!(
+        "[{test}] 45 readings: {batches} batched lookups, {singles} single ones, {asked} requests"
+    );
+    assert_eq!(singles, 0.0, "a lookup went out key by key");
+    assert!(
+        (1.0..=5.0).contains(&batches) && asked == batches,
+        "{batches} batches for 45 readings"
+    );
+}

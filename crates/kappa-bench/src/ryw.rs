@@ -48,6 +48,8 @@ struct Level {
 #[derive(Default)]
 struct Samples {
     hist: Option<hdrhistogram::Histogram<u64>>,
+    /// (latency µs, seconds into the run) of the slowest reads, for the log.
+    slowest: Vec<(u64, f64)>,
     wrong: u64,
     refused: u64,
 }
@@ -116,6 +118,9 @@ async fn bounded_reads(
                         if let Some(h) = s.hist.as_mut() {
                             let _ = h.record(took.max(1));
                         }
+                        s.slowest.push((took, (due - start).as_secs_f64()));
+                        s.slowest.sort_by_key(|x| std::cmp::Reverse(x.0));
+                        s.slowest.truncate(5);
                     } else {
                         s.wrong += 1;
                     }
@@ -127,6 +132,13 @@ async fn bounded_reads(
     while tasks.join_next().await.is_some() {}
     let s = samples.lock().map_err(|_| anyhow::anyhow!("lock"))?;
     let h = s.hist.as_ref().context("histogram")?;
+    eprintln!(
+        "[ryw]   slowest reads (ms, at s into the run): {:?}",
+        s.slowest
+            .iter()
+            .map(|(us, at)| (us / 1000, (at * 10.0).round() / 10.0))
+            .collect::<Vec<_>>()
+    );
     Ok((lat(h), total, s.wrong, s.refused))
 }
 

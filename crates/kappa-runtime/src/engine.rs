@@ -298,7 +298,7 @@ impl<C: Compute> Engine<C> {
         let Some(observed) = &self.parts.observed else {
             return HashMap::new();
         };
-        let found = join_all(keys.iter().map(|k| observed.get(k))).await;
+        let found = observed.get_many(&keys).await;
         for (k, f) in keys.iter().zip(&found) {
             if let Err(e) = f {
                 tracing::warn!(key = %k, error = %e, "reference lookup failed");

@@ -26,6 +26,10 @@ pub struct ObservedSource {
     pub change_prefix: String,
     /// Lookups are requests to `<request_prefix>.<key>`.
     pub request_prefix: String,
+    /// Batched lookups, if the owner answers them: a request to this subject with a JSON array
+    /// of keys, answered with a JSON array of one reply per key, in order (each the value or
+    /// `{"ok": false, "error": "not found"}`). `stateless` asks for a batch's keys at once.
+    pub batch_subject: Option<String>,
     /// Time allowed for one request.
     pub request_timeout: Duration,
     /// Attempts per lookup before it fails.
@@ -37,6 +41,9 @@ pub trait Versioned: DeserializeOwned + Send + Sync + 'static {
     /// The owner's version.
     fn version(&self) -> u64;
 }
+
+/// One lookup's answer: the value, `None` if the owner does not know the key, or why it failed.
+pub type Lookup<V> = Result<Option<Arc<V>>, ObservedError>;
 
 /// Why a lookup failed (not-found is `Ok(None)`, not an error).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,6 +57,12 @@ pub enum ObservedError {
 pub trait ObservedState<V: Versioned>: Send + Sync + 'static {
     /// The current value of `key`, `None` if the owner does not know it.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<V>>, ObservedError>>;
+    /// The values of `keys`, in order (what the engine asks once per batch). The default asks
+    /// [`ObservedState::get`] for each key concurrently; an option that can do better (one
+    /// request for many keys) overrides it.
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Vec<Lookup<V>>> {
+        Box::pin(futures::future::join_all(keys.iter().map(|k| self.get(k))))
+    }
     /// True once lookups can be answered (the stateful replica is bootstrapped).
     fn ready(&self) -> bool;
     /// Entries held in memory (replica or cache size).
@@ -62,6 +75,26 @@ pub trait ObservedState<V: Versioned>: Send + Sync + 'static {
 pub fn decode_reply<V: Versioned>(payload: &[u8]) -> Result<Option<V>, ObservedError> {
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| ObservedError::Unavailable(format!("undecodable reply: {e}")))?;
+    decode_value(value)
+}
+
+/// Decodes an owner's batched reply to `n` keys: one [`decode_reply`] per element, in order.
+pub fn decode_batch_reply<V: Versioned>(
+    payload: &[u8],
+    n: usize,
+) -> Result<Vec<Result<Option<V>, ObservedError>>, ObservedError> {
+    let values: Vec<serde_json::Value> = serde_json::from_slice(payload)
+        .map_err(|e| ObservedError::Unavailable(format!("undecodable batch reply: {e}")))?;
+    if values.len() != n {
+        return Err(ObservedError::Unavailable(format!(
+            "batch reply has {} answers for {n} keys",
+            values.len()
+        )));
+    }
+    Ok(values.into_iter().map(decode_value).collect())
+}
+
+fn decode_value<V: Versioned>(value: serde_json::Value) -> Result<Option<V>, ObservedError> {
     if value.get("ok").and_then(serde_json::Value::as_bool) == Some(false) {
         let err = value
             .get("error")

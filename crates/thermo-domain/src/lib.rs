@@ -39,6 +39,9 @@ pub mod subjects {
     pub const REGISTRY_UPSERT: &str = "registry.cmd.upsert";
     /// Prefix of request-reply lookups: `registry.get.<sensor_id>`.
     pub const REGISTRY_GET_PREFIX: &str = "registry.get";
+    /// Request-reply subject for batched lookups: a JSON array of sensor ids, answered with a
+    /// JSON array of one `registry.get.<id>` reply per id, in order.
+    pub const REGISTRY_LOOKUP: &str = "registry.lookup";
 
     /// `thermo.readings.<id>`
     pub fn reading(sensor_id: &str) -> String {

@@ -50,6 +50,7 @@ pub fn registry_source(request_timeout: Duration) -> ObservedSource {
         stream: streams::SENSORS.into(),
         change_prefix: subjects::SENSORS_PREFIX.into(),
         request_prefix: subjects::REGISTRY_GET_PREFIX.into(),
+        batch_subject: Some(subjects::REGISTRY_LOOKUP.into()),
         request_timeout,
         attempts: 3,
     }

@@ -322,6 +322,23 @@ pub fn lookup(registry: &Registry, id: &str) -> serde_json::Value {
     }
 }
 
+/// Most ids one batched lookup may ask for.
+pub const MAX_LOOKUP_KEYS: usize = 1024;
+
+/// The reply to `registry.lookup`: a JSON array of ids answered with one [`lookup`] per id, in
+/// order; anything else (not an array of strings, too many ids) with `{"ok": false, "error"}`.
+pub fn lookup_many(registry: &Registry, payload: &[u8]) -> serde_json::Value {
+    match serde_json::from_slice::<Vec<String>>(payload) {
+        Ok(ids) if ids.len() <= MAX_LOOKUP_KEYS => {
+            serde_json::Value::Array(ids.iter().map(|id| lookup(registry, id)).collect())
+        }
+        Ok(ids) => serde_json::json!({"ok": false,
+            "error": format!("{} ids asked, at most {MAX_LOOKUP_KEYS} per lookup", ids.len())}),
+        Err(e) => serde_json::json!({"ok": false,
+            "error": format!("a lookup is a JSON array of sensor ids: {e}")}),
+    }
+}
+
 /// Runs the registry until shutdown.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let svc = Service::start(SERVICE, &cfg.nats).await?;
@@ -365,9 +382,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             SERVICE.into(),
         )
         .await?;
+    let mut batches = client
+        .queue_subscribe(subjects::REGISTRY_LOOKUP, SERVICE.into())
+        .await?;
     loop {
         tokio::select! {
             _ = svc.shutdown.cancelled() => break,
+            Some(m) = batches.next() => {
+                metrics::counter!("registry_batch_lookups_total").increment(1);
+                if let Some(to) = m.reply {
+                    let body = serde_json::to_vec(&lookup_many(&registry, &m.payload))
+                        .unwrap_or_default();
+                    let _ = client.publish(to, body.into()).await;
+                }
+            }
             Some(m) = cmds.next() => {
                 // Commands are applied one at a time: the registry is their only writer here.
                 let reply = upsert(&svc.nats.js, &log, &registry, &m.payload).await;
@@ -388,6 +416,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = cmds.unsubscribe().await;
     let _ = gets.unsubscribe().await;
+    let _ = batches.unsubscribe().await;
     svc.drain().await;
     feed.stopped().await;
     let _ = http.await;
