@@ -8,6 +8,7 @@
 //! ```
 
 mod baseline;
+mod cost;
 mod durability;
 mod infra;
 mod report;
@@ -69,6 +70,9 @@ enum Mode {
     /// Only read-your-writes: `min_seq` reads right after each publish ack at 10% and 50% of
     /// the DAG's maximum, beside the one-hop baseline; its own section of BENCHMARKS.md.
     Ryw,
+    /// Only the per-message cost: temperature-delta's options against the relay, in
+    /// alternated rounds; its own section of BENCHMARKS.md.
+    Cost,
 }
 
 struct Plan {
@@ -121,13 +125,17 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
-    if matches!(cli.mode, Mode::Durability | Mode::Topology | Mode::Ryw) {
+    if matches!(
+        cli.mode,
+        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost
+    ) {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
         });
         let name = match cli.mode {
             Mode::Durability => "durability",
             Mode::Ryw => "ryw",
+            Mode::Cost => "cost",
             _ => "topology",
         };
         if cli.reuse {
@@ -143,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return match cli.mode {
             Mode::Durability => durability::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
         };
     }
@@ -160,7 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw => Plan {
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost => Plan {
             name: "smoke",
             n: cli.readings.unwrap_or(2_000),
             sensors: 100,
@@ -176,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw => {
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost => {
             root.join("target/bench-smoke")
         }
     });
