@@ -19,6 +19,17 @@
 //! compare-and-set at the leader; a conflict (JetStream error 10071, or 10164 which async-nats
 //! 0.51 does not map to a wrong-last-sequence error) means someone else wrote first.
 //!
+//! A crashed owner is found at once, not after its leases expire: every instance answers
+//! liveness probes on `kappa.alive.<service>.<instance>` (core NATS), and each listing probes
+//! the other members. A member for which the server has *no subscriber at all* (no responders,
+//! twice, [`GONE_CONFIRM`] apart) has lost its connection: its process died (kill -9 closes its
+//! socket) or its server lost it. It is dropped from the plan at once, its membership key is
+//! deleted, and its leases are taken over against their last revision. A member that is stopped,
+//! slow or cut off but still connected keeps its subscription, so its probe times out instead and
+//! it keeps its leases until they expire: only a disconnected member is taken from. Taking over
+//! early is safe for the same reason a successor after an expiry is: the new epoch fences the
+//! working state, and the change log's compare-and-set fences every append.
+//!
 //! What is still owned is never released because a read failed: a failed membership listing
 //! keeps the previous plan (`kappa_lease_listing_failures_total`). Renewals never wait for a
 //! partition to drain. And every partition carries a [`LeaseDeadline`] that each successful
@@ -100,6 +111,64 @@ impl LeaseDeadline {
             .as_ref()
             .map(|rx| rx.borrow().saturating_duration_since(Instant::now()))
     }
+}
+
+/// How often an instance probes the other members between ticks (a crashed owner's partitions
+/// move within about this, plus [`GONE_CONFIRM`] and the successor's recovery).
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// The second look before a member without responders is taken as gone (a reconnecting client
+/// has its subscriptions back within milliseconds).
+const GONE_CONFIRM: Duration = Duration::from_millis(100);
+/// Time a liveness probe may take; a slow answer (or none) means alive.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The subject `member` of `service` answers liveness probes on.
+fn alive_subject(service: &str, member: &str) -> String {
+    format!("kappa.alive.{service}.{member}")
+}
+
+/// Whether the server has no subscriber for `member`'s liveness subject: `Some(true)` if it
+/// said so (no responders), `Some(false)` if someone answered or the probe timed out (a member
+/// that is stopped or slow is alive), `None` if the probe could not be sent.
+async fn disconnected(client: &async_nats::Client, service: &str, member: &str) -> Option<bool> {
+    let probe = client.request(alive_subject(service, member), Bytes::new());
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(_)) | Err(_) => Some(false),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Some(true),
+        Ok(Err(_)) => None,
+    }
+}
+
+/// The members among `others` that are gone: disconnected at two probes [`GONE_CONFIRM`] apart.
+async fn gone_members<'a>(
+    client: &async_nats::Client,
+    service: &str,
+    others: impl Iterator<Item = &'a String>,
+) -> BTreeSet<String> {
+    let first = futures::future::join_all(
+        others.map(|m| async move { (m, disconnected(client, service, m).await == Some(true)) }),
+    )
+    .await;
+    let suspects: Vec<&String> = first
+        .into_iter()
+        .filter(|(_, d)| *d)
+        .map(|(m, _)| m)
+        .collect();
+    if suspects.is_empty() {
+        return BTreeSet::new();
+    }
+    tokio::time::sleep(GONE_CONFIRM).await;
+    let second = futures::future::join_all(
+        suspects
+            .into_iter()
+            .map(|m| async move { (m, disconnected(client, service, m).await == Some(true)) }),
+    )
+    .await;
+    second
+        .into_iter()
+        .filter(|(_, d)| *d)
+        .map(|(m, _)| m.clone())
+        .collect()
 }
 
 /// How far before the lease's expiry an owner stops on its own: a fifth of the TTL (1.2 s
@@ -269,6 +338,24 @@ where
     let me = instance_id();
     let member_key = format!("m.{me}");
     let mut watch = store.watch_all().await.map_err(RuntimeError::js)?;
+    // Answer liveness probes while this keeper runs (see the module docs).
+    let client = js.client();
+    let service_token = cfg.service.replace('.', "_");
+    let mut alive = client
+        .subscribe(alive_subject(&service_token, &me))
+        .await
+        .map_err(|e| RuntimeError::Nats(format!("liveness subscription: {e}")))?;
+    let answering = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(m) = alive.next().await {
+                if let Some(to) = m.reply {
+                    let _ = client.publish(to, Bytes::from_static(b"alive")).await;
+                }
+            }
+        })
+    };
+    let mut gone: BTreeSet<String> = BTreeSet::new();
     let tick = (cfg.ttl / 4).max(Duration::from_millis(200));
     let valid_for = cfg.ttl.saturating_sub(safety_margin(cfg.ttl));
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
@@ -335,7 +422,19 @@ where
         let members = if draining {
             None
         } else {
-            let listed = list_members(&js, &bucket, &store).await;
+            let mut listed = list_members(&js, &bucket, &store).await;
+            if let Ok(m) = &mut listed {
+                gone = gone_members(&client, &service_token, m.iter().filter(|x| **x != me)).await;
+                for g in &gone {
+                    tracing::warn!(member = %g,
+                        "member disconnected (no subscriber for its liveness probe); taking its share now");
+                    metrics::counter!("kappa_members_gone_total").increment(1);
+                    m.remove(g);
+                    // Others see it at once (their watch wakes); a member that was only
+                    // reconnecting puts its key back with its next heartbeat.
+                    let _ = store.delete(format!("m.{g}")).await;
+                }
+            }
             match &listed {
                 Ok(m) if !m.contains(&me) && !held.is_empty() => {
                     tracing::warn!(
@@ -380,7 +479,7 @@ where
                     continue;
                 }
                 let asked = Instant::now();
-                if let Some(rev) = acquire(&store, p, &me).await {
+                if let Some(rev) = acquire(&store, p, &me, &gone).await {
                     let stop = shutdown.child_token();
                     let (deadline, lease) = LeaseDeadline::starting_at(asked + valid_for);
                     let task = start(Grant {
@@ -423,10 +522,18 @@ where
         } else {
             next_tick
         };
+        let mut probe_at = tokio::time::Instant::now() + PROBE_EVERY;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled(), if !draining => break,
                 _ = tokio::time::sleep_until(wake) => break,
+                _ = tokio::time::sleep_until(probe_at), if !draining => {
+                    probe_at = tokio::time::Instant::now() + PROBE_EVERY;
+                    let others = known.iter().filter(|m| **m != me);
+                    if !gone_members(&client, &service_token, others).await.is_empty() {
+                        break;
+                    }
+                }
                 e = watch.next(), if !draining => {
                     let Some(Ok(e)) = e else {
                         // The watch broke: re-plan on ticks until it is recreated below.
@@ -451,6 +558,7 @@ where
         }
     }
     let _ = store.delete(&member_key).await;
+    answering.abort();
     if let Ok(mut g) = owned_gauge.write() {
         g.clear();
     }
@@ -548,11 +656,11 @@ fn is_cas_conflict(e: &kv::UpdateError) -> bool {
         || crate::changelog::is_conflict_text(&e.to_string())
 }
 
-/// Takes partition `p`'s lease if nobody holds it, and returns its revision: created if the
-/// key never existed, or written over a released (deleted) lease against the marker's
-/// revision, read from the leader. `None`: someone holds it, or the write failed (retried on
-/// the next plan).
-async fn acquire(store: &kv::Store, p: u32, me: &str) -> Option<u64> {
+/// Takes partition `p`'s lease if nobody holds it, or if a member of `gone` does, and returns
+/// its revision: created if the key never existed, or written over a released (deleted) lease
+/// or a gone member's lease against its revision, read from the leader. `None`: someone alive
+/// holds it, or the write failed (retried on the next plan).
+async fn acquire(store: &kv::Store, p: u32, me: &str, gone: &BTreeSet<String>) -> Option<u64> {
     let key = format!("p.{p}");
     let value = Bytes::from(me.to_string());
     let conflict = match store.update(&key, value.clone(), 0).await {
@@ -564,6 +672,15 @@ async fn acquire(store: &kv::Store, p: u32, me: &str) -> Option<u64> {
     }
     match leader_entry(store, &key).await {
         Ok(Some(e)) if !e.alive => store.update(&key, value, e.revision).await.ok(),
+        Ok(Some(e)) if gone.contains(String::from_utf8_lossy(&e.value).as_ref()) => {
+            let r = store.update(&key, value, e.revision).await.ok();
+            if r.is_some() {
+                tracing::warn!(partition = p, from = %String::from_utf8_lossy(&e.value),
+                    "lease taken over from a disconnected member");
+                metrics::counter!("kappa_leases_taken_over_total").increment(1);
+            }
+            r
+        }
         _ => None,
     }
 }
