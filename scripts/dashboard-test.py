@@ -112,7 +112,8 @@ def fmt(x):
 
 
 def signed(x):
-    return ("+" if x > 0 else "") + fmt(x)
+    t = fmt(x)
+    return fmt(0) if float(t) == 0 else ("+" if float(t) > 0 else "") + t
 
 
 def expected():
@@ -222,8 +223,12 @@ def main():
     rows = [(sid, secs, c) for sid, rs in readings.items() for secs, c in rs]
     replay(rows, "first")
     want = expected()
-    wait_for("the views hold the oracle's sensors",
-             lambda: get_json("/v1/sensors?limit=1000")["total"] == len(want), timeout=30)
+    # Every reading applied (so the page's first read is final, histories included).
+    def api_is_oracle():
+        page = get_json("/v1/sensors?limit=1000")["sensors"]
+        return {v["sensor_id"]: (v["site"], fmt(v["latest_celsius"]), signed(v["delta_celsius"]), v["samples"])
+                for v in page} == {k: (w["site"], w["latest"], w["delta"], w["points"]) for k, w in want.items()}
+    wait_for("the views hold the oracle's sensors and values", api_is_oracle, timeout=30)
     log(f"{len(want)} sensors at {len(SITES)} sites published and in the views")
 
     d = browser()
