@@ -55,5 +55,7 @@ start temperature-delta "$(free_port)" KAPPA_WORKING=$DASH_DELTA_WORKING KAPPA_O
 start view-builder "$(free_port)" KAPPA_OBSERVED=$DASH_VIEWS_OBSERVED
 start query-api "$API_PORT"
 mkdir -p "$OUT"
+# SE_OFFLINE: Selenium uses the browser and driver named here, and never downloads one.
 DASH_API="http://127.0.0.1:$API_PORT" DASH_NATS_PORT=$NATS_PORT DASH_BIN=$BIN DASH_WORK=$WORK DASH_OUT=$OUT \
-  DASH_PARTITIONS=$KAPPA_PARTITIONS python3 scripts/dashboard-test.py || fail "the dashboard test failed"
+  DASH_PARTITIONS=$KAPPA_PARTITIONS CHROMIUM=$(command -v chromium) CHROMEDRIVER=$(command -v chromedriver) SE_OFFLINE=true \
+  python3 scripts/dashboard-test.py || fail "the dashboard test failed"
