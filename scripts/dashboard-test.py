@@ -277,6 +277,10 @@ def main():
         wait_for("the DLQ count shows the malformed reading",
                  lambda: pipeline_panel(d)["dlq"].isdigit() and int(pipeline_panel(d)["dlq"]) >= 1, timeout=15)
         check(True, f"the DLQ count went to {pipeline_panel(d)['dlq']} {time.time() - t:.1f} s after one malformed reading")
+        n = len(rows)
+        wait_for("the stream counts", lambda: (d.find_element(By.ID, "readings-count").text,
+                                               d.find_element(By.ID, "deltas-count").text) == (str(n + 1), str(n)))
+        check(True, f"the pipeline panel counts {n + 1} readings ({n} and the malformed one) and {n} deltas")
 
         d.save_screenshot(os.path.join(OUT, "dashboard.png"))
         errs = console_errors(d)
