@@ -54,7 +54,7 @@ start sensor-registry "$(free_port)"
 start temperature-delta "$(free_port)" KAPPA_WORKING=$DASH_DELTA_WORKING KAPPA_OBSERVED=$DASH_DELTA_OBSERVED
 start view-builder "$(free_port)" KAPPA_OBSERVED=$DASH_VIEWS_OBSERVED
 start query-api "$API_PORT"
-mkdir -p "$OUT"
+mkdir -p "$OUT" && rm -f "$OUT"/dashboard*.png   # no screenshot of an earlier run
 # SE_OFFLINE: Selenium uses the browser and driver named here, and never downloads one.
 DASH_API="http://127.0.0.1:$API_PORT" DASH_NATS_PORT=$NATS_PORT DASH_BIN=$BIN DASH_WORK=$WORK DASH_OUT=$OUT \
   DASH_PARTITIONS=$KAPPA_PARTITIONS CHROMIUM=$(command -v chromium) CHROMEDRIVER=$(command -v chromedriver) SE_OFFLINE=true \
