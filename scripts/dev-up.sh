@@ -50,5 +50,5 @@ for svc in sensor-registry temperature-delta view-builder query-api thermometer;
   sleep 0.3
 done
 echo
-echo "DAG running. Try:  curl -s localhost:8080/v1/top?limit=5   (Ctrl-C stops everything)"
+echo "DAG running. Try:  curl -s localhost:8080/v1/top?limit=5  or open http://localhost:8080/ (the dashboard)   (Ctrl-C stops everything)"
 wait

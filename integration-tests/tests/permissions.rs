@@ -143,6 +143,44 @@ async fn only_the_owner_may_write() {
         api.log_tail(20)
     );
 
+    // query-api gathers every service's status on kappa.status, each answering under its own
+    // user (and so subscribed and replied within its permissions).
+    let services = [
+        "query-api",
+        "sensor-registry",
+        "temperature-delta",
+        "view-builder",
+    ];
+    let answered = std::cell::RefCell::new(Vec::<String>::new());
+    let gathered = wait_until(Duration::from_secs(20), || async {
+        let Some((200, body)) = kappa_testkit::http::get(&http, &api.http, "/v1/pipeline").await
+        else {
+            return false;
+        };
+        let Ok(b) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return false;
+        };
+        *answered.borrow_mut() = b["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["service"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        services
+            .iter()
+            .all(|s| answered.borrow().iter().any(|a| a == s))
+            && b["dlq_messages"].is_u64()
+    })
+    .await;
+    assert!(
+        gathered,
+        "/v1/pipeline did not gather {services:?} (answered: {:?}):\n{}",
+        answered.borrow(),
+        api.log_tail(20)
+    );
+
     // Under its own user, no service was refused anything while the DAG ran.
     for p in [&registry, &delta, &views, &api] {
         let refused = metric(&p.http, "kappa_nats_permission_violations_total").await;

@@ -13,6 +13,7 @@ use crate::config::NatsArgs;
 use crate::http::Health;
 use crate::nats::Nats;
 use crate::shutdown::CancellationToken;
+use crate::status::Status;
 
 /// A started service: its connection, readiness, metrics and shutdown token.
 pub struct Service {
@@ -22,6 +23,8 @@ pub struct Service {
     pub nats: Nats,
     /// Readiness checks.
     pub health: Health,
+    /// What the instance answers on `kappa.status` (its readiness, options and partitions).
+    pub status: Status,
     /// Prometheus handle behind `/metrics`.
     pub metrics: PrometheusHandle,
     /// Cancelled on SIGTERM/SIGINT.
@@ -30,8 +33,9 @@ pub struct Service {
 
 impl Service {
     /// Initialises logs and metrics, connects to NATS, checks that `KAPPA_REPLICAS` fits the
-    /// server ([`crate::nats::check_replicas`]) and declares the dead-letter stream;
-    /// SIGTERM or SIGINT cancels [`Service::shutdown`].
+    /// server ([`crate::nats::check_replicas`]), declares the dead-letter stream and answers
+    /// status requests ([`crate::status`]) until shutdown; SIGTERM or SIGINT cancels
+    /// [`Service::shutdown`].
     pub async fn start(name: &str, nats: &NatsArgs) -> Result<Self, RuntimeError> {
         Self::start_with(name, nats, crate::shutdown::on_signal()).await
     }
@@ -56,10 +60,13 @@ impl Service {
             std::sync::Arc::new(move || (n.is_connected(), serde_json::json!(null))),
         );
         metrics::gauge!("kappa_up", "service" => name.to_string()).set(1.0);
+        let status = Status::new(name, health.clone());
+        crate::status::spawn_responder(nats.client.clone(), status.clone(), shutdown.clone());
         Ok(Self {
             name: name.to_string(),
             nats,
             health,
+            status,
             metrics,
             shutdown,
         })

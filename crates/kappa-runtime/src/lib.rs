@@ -17,7 +17,8 @@
 //! - the seed's options, chosen by configuration: [`observed`] (`stateful`, `stateless`,
 //!   `semi-stateless`) and [`working`] (`local`, `remote`, `affinity`);
 //! - plumbing: [`app`] (start, health check subcommand, CLI errors), [`nats`], [`http`]
-//!   (`/healthz`, `/metrics`), [`telemetry`], [`shutdown`] (an injectable token).
+//!   (`/healthz`, `/metrics`), [`status`] (the same report and the options on
+//!   `kappa.status`, over NATS), [`telemetry`], [`shutdown`] (an injectable token).
 //!
 //! # Allocator
 //!
@@ -46,6 +47,7 @@ pub mod partition;
 pub mod progress;
 pub mod service;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod view;
 pub mod working;

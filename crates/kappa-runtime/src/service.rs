@@ -180,6 +180,9 @@ impl<C: Compute> DomainService<C> {
             Ownership::Leases => None,
         };
         register_partitions(&svc.health, &board, expected);
+        svc.status.partitions(board.clone());
+        svc.status
+            .settings(s, input.partitions, true, observed.is_some());
         if let Some(o) = observed.clone() {
             svc.health.register(
                 "observed",

@@ -432,6 +432,9 @@ impl<V: View> ViewService<V> {
             Ownership::Leases => None,
         };
         register_partitions(&svc.health, &board, expected);
+        svc.status.partitions(board.clone());
+        svc.status
+            .settings(s, input.partitions, false, observed.is_some());
         if let Some(o) = observed.clone() {
             svc.health.register(
                 "observed",

@@ -9,6 +9,7 @@
 //! | `GET /v1/sites/{site}?limit=N&cursor=C` | `{"site", "view_seq", "total", "next_cursor", "sensors": [view...]}`, one page by `abs(delta_celsius)` descending |
 //! | `GET /v1/top?limit=N` | `{"view_seq", "top": [view...]}`, `abs(delta_celsius)` descending, ties by id; `N` in 1..=100 (default 10) |
 //! | `GET /v1/live` | Server-Sent Events `sensor`, one per view change (`thermo.views.sensor.>`) |
+//! | `GET /v1/pipeline` | the pipeline's health, gathered on `kappa.status` ([`pipeline`]) |
 //! | `GET /openapi.json` | the OpenAPI document of these routes, generated from the handlers |
 //! | `GET /` | the dashboard |
 //!
@@ -31,6 +32,7 @@
 //! that the view-change feed keeps current; an entry is only ever replaced by a newer view.
 
 pub mod bound;
+pub mod pipeline;
 pub mod reader;
 
 use std::collections::{BTreeMap, HashMap};
@@ -109,6 +111,9 @@ pub struct Config {
     #[arg(long, env = "QUERY_MAX_LIVE", default_value_t = 2000,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub max_live: u32,
+    /// How `/v1/pipeline` gathers the services' status.
+    #[command(flatten)]
+    pub pipeline: pipeline::PipelineArgs,
 }
 
 impl Config {
@@ -473,6 +478,7 @@ pub struct ApiState {
     in_flight: Arc<Semaphore>,
     list_pages: Arc<Semaphore>,
     live_clients: Arc<Semaphore>,
+    pipeline: Option<pipeline::Pipeline>,
 }
 
 impl ApiState {
@@ -499,6 +505,7 @@ impl ApiState {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             list_pages: Arc::new(Semaphore::new(limits.list_concurrency)),
             live_clients: Arc::new(Semaphore::new(limits.max_live)),
+            pipeline: None,
         }
     }
 
@@ -507,6 +514,13 @@ impl ApiState {
     #[must_use]
     pub fn with_consistency(mut self, c: kappa_runtime::consistency::Consistency) -> Self {
         self.consistency = Some(c);
+        self
+    }
+
+    /// Serves `/v1/pipeline` with `pipeline` (without it, `/v1/pipeline` answers 503).
+    #[must_use]
+    pub fn with_pipeline(mut self, pipeline: pipeline::Pipeline) -> Self {
+        self.pipeline = Some(pipeline);
         self
     }
 
@@ -891,7 +905,7 @@ async fn limit_requests(State(s): State<ApiState>, req: Request, next: Next) -> 
         title = "kappa query-api",
         description = "The views of the reference DAG: per-sensor 10-minute temperature changes."
     ),
-    paths(sensors, sensor, history, site, top, live),
+    paths(sensors, sensor, history, site, top, live, pipeline::pipeline),
     components(schemas(
         SensorView,
         SensorMeta,
@@ -901,7 +915,11 @@ async fn limit_requests(State(s): State<ApiState>, req: Request, next: Next) -> 
         TopList,
         SensorHistory,
         ErrorBody,
-        BoundDetail
+        BoundDetail,
+        pipeline::PipelineStatus,
+        pipeline::ServiceStatus,
+        pipeline::PartitionLag,
+        pipeline::StreamStatus
     ))
 )]
 pub struct ApiDoc;
@@ -917,6 +935,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sites/{site}", get(site))
         .route("/v1/top", get(top))
         .route("/v1/live", get(live))
+        .route("/v1/pipeline", get(pipeline::pipeline))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -974,7 +993,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.limits(),
         service.shutdown.clone(),
     )
-    .with_consistency(bound::checker(service.nats.js.clone()));
+    .with_consistency(bound::checker(service.nats.js.clone()))
+    .with_pipeline(pipeline::Pipeline::new(
+        service.nats.client.clone(),
+        &cfg.pipeline,
+    ));
 
     let redis_up = Arc::new(AtomicBool::new(true));
     {

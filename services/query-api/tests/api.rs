@@ -252,7 +252,9 @@ async fn api_answers_from_the_views() {
     }
     let (code, page) = get(addr, "/").await;
     assert_eq!(code, 200);
-    assert!(page.as_str().is_some_and(|p| p.contains("/v1/top")));
+    assert!(page.as_str().is_some_and(|p| p.contains("/v1/live")
+        && p.contains("/v1/pipeline")
+        && !p.contains("://")));
 }
 
 /// Pages of `/v1/sensors` and `/v1/sites/{site}` together hold every sensor exactly once, in
