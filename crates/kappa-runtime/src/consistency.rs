@@ -7,7 +7,10 @@
 //! 1. **decided** — the producer's [progress mark](crate::progress) of the input's partition
 //!    is at `N` or beyond, or no input of the partition (of the key, for one entity) lies
 //!    between the mark and `N`. The mark covers inputs that changed nothing or were rejected,
-//!    which the change log alone cannot tell from inputs not yet processed;
+//!    which the change log alone cannot tell from inputs not yet processed. For one entity, its
+//!    own last change is asked first: an entity's outcomes are written in input order, so a
+//!    change of the producer's for an input at `N` or beyond (of the current input stream)
+//!    means every input of the entity up to `N` is decided, without waiting for the mark;
 //! 2. **applied** — once every input up to `N` is decided, every change they caused is in the
 //!    change log at or below its last sequence `D` (read *after* step 1). The view reflects
 //!    them when, in each of the change log's partitions it reads, its position is at `D` or
@@ -188,6 +191,34 @@ impl Consistency {
         Ok((now.identity, now.partitions))
     }
 
+    /// The input sequence the producer's last change of `key` was decided for (0 if the key
+    /// has no change, or its last one is not the producer's for an input of the stream
+    /// `input`), and that change's sequence in the log.
+    async fn decided_by_change(
+        &self,
+        changes: &Now,
+        key: &str,
+        input: u64,
+    ) -> Result<(u64, u64), RuntimeError> {
+        let q = partition_for(key, changes.partitions);
+        let subject = format!("{}.{q}.{key}", self.changes.prefix);
+        let m = match changes.stream.direct_get_last_for_subject(subject).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(RuntimeError::js(e)),
+        };
+        let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string());
+        let ours = header(crate::changelog::SERVICE_HEADER).as_deref() == Some(&self.producer);
+        let stream: Option<u64> =
+            header(crate::changelog::SOURCE_STREAM_HEADER).and_then(|v| v.parse().ok());
+        let seq: Option<u64> =
+            header(crate::changelog::SOURCE_SEQ_HEADER).and_then(|v| v.parse().ok());
+        Ok(match (ours, stream, seq) {
+            (true, Some(s), Some(seq)) if s == input => (seq, m.sequence),
+            _ => (0, m.sequence),
+        })
+    }
+
     /// Whether a view standing at `view` (per change-log partition) reflects every input of
     /// `scope` with a sequence at most `min_seq`.
     pub async fn check(
@@ -213,9 +244,16 @@ impl Consistency {
             Some(k) => vec![partition_for(k, input.partitions)],
             None => (0..input.partitions).collect(),
         };
+        let changes = self.changes.now(&self.js).await?;
+        // The entity's last change: (the input it was decided for, its sequence in the log).
+        let last_change = match key {
+            Some(k) => self.decided_by_change(&changes, k, input.identity).await?,
+            None => (0, 0),
+        };
+        let by_change = last_change.0 >= min_seq;
         let progress = self.progress().await?;
         let input = &input;
-        let decided = join_all(parts.iter().map(|&p| async move {
+        let decided = join_all(parts.iter().filter(|_| !by_change).map(|&p| async move {
             let mark = progress.mark(p).await?;
             let at = mark
                 .filter(|m| m.source == input.identity)
@@ -234,9 +272,15 @@ impl Consistency {
                 });
             }
         }
-        // 2. Applied: every change of those inputs is at or below the log's last sequence now.
-        let changes = self.changes.now(&self.js).await?;
-        let upto = changes.last;
+        // 2. Applied: every change of those inputs is at or below the log's last sequence now
+        // (read after step 1 decided them).
+        let changes = if by_change {
+            changes
+        } else {
+            self.changes.now(&self.js).await?
+        };
+        // The change read in step 1 may be newer than the stream info read before it.
+        let upto = changes.last.max(last_change.1);
         let parts: Vec<u32> = match key {
             Some(k) => vec![partition_for(k, changes.partitions)],
             None => (0..changes.partitions).collect(),
