@@ -208,6 +208,31 @@ impl ApiState {
     }
 }
 
+impl ApiState {
+    /// A list read (every entity) under `bound`, with the watermark of the positions the
+    /// answer `positions` names.
+    pub(crate) async fn read_list<T, F, Fut>(
+        &self,
+        bound: Option<Bound>,
+        read: F,
+        positions: fn(&T) -> &Positions,
+    ) -> Result<(T, Watermark), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, crate::reader::ReadError>>,
+    {
+        let (answer, at) = self
+            .read_bounded(bound, Scope::All, || async {
+                let t = read().await.map_err(ApiError::unavailable)?;
+                let p = positions(&t).clone();
+                Ok((t, p))
+            })
+            .await?;
+        let w = self.watermark(&at).await;
+        Ok((answer, w))
+    }
+}
+
 fn not_reached(bound: Bound, stage: Stage, partition: u32, position: u64) -> ApiError {
     let (status, message) = match stage {
         Stage::Input => (

@@ -620,23 +620,18 @@ async fn sensors(State(s): State<ApiState>, q: QueryMap) -> Result<Json<SensorPa
     let after = parse_sensors_cursor(query_value(&q, "cursor"))?;
     let bound = bound::parse_bound(&q)?;
     let _slot = list_slot(&s).await?;
-    let (page, positions) = s
-        .read_bounded(bound, Scope::All, || async {
-            let p = s
-                .store
-                .sensors_page(after, limit)
-                .await
-                .map_err(ApiError::unavailable)?;
-            let positions = p.list.positions.clone();
-            Ok((p, positions))
-        })
+    let (page, w) = s
+        .read_list(
+            bound,
+            || s.store.sensors_page(after, limit),
+            |p| &p.list.positions,
+        )
         .await?;
     let ViewPage {
         list,
         total,
         next_cursor,
     } = page;
-    let w = s.watermark(&positions).await;
     Ok(Json(SensorPage {
         view_seq: w.low,
         positions: w.positions,
@@ -741,16 +736,12 @@ async fn site(
     let after = parse_site_cursor(query_value(&q, "cursor"))?;
     let bound = bound::parse_bound(&q)?;
     let _slot = list_slot(&s).await?;
-    let (page, positions) = s
-        .read_bounded(bound, Scope::All, || async {
-            let p = s
-                .store
-                .site_page(&site, after, limit)
-                .await
-                .map_err(ApiError::unavailable)?;
-            let positions = p.list.positions.clone();
-            Ok((p, positions))
-        })
+    let (page, w) = s
+        .read_list(
+            bound,
+            || s.store.site_page(&site, after, limit),
+            |p| &p.list.positions,
+        )
         .await?;
     let ViewPage {
         list,
@@ -763,7 +754,6 @@ async fn site(
             format!("unknown site '{site}'"),
         ));
     }
-    let w = s.watermark(&positions).await;
     Ok(Json(SitePage {
         site,
         view_seq: w.low,
@@ -788,14 +778,9 @@ async fn top(State(s): State<ApiState>, q: QueryMap) -> Result<Json<TopList>, Ap
     let Query(q) = q?;
     let limit = parse_limit(query_value(&q, "limit"))?;
     let bound = bound::parse_bound(&q)?;
-    let (list, positions) = s
-        .read_bounded(bound, Scope::All, || async {
-            let l = s.store.top(limit).await.map_err(ApiError::unavailable)?;
-            let positions = l.positions.clone();
-            Ok((l, positions))
-        })
+    let (list, w) = s
+        .read_list(bound, || s.store.top(limit), |l| &l.positions)
         .await?;
-    let w = s.watermark(&positions).await;
     Ok(Json(TopList {
         view_seq: w.low,
         positions: w.positions,
