@@ -51,6 +51,32 @@ pub struct NatsArgs {
     pub replicas: usize,
 }
 
+/// TLS to Redis: a `rediss://` URL turns it on; these settings say whom to trust and, for a
+/// server that verifies clients, who this process is. They apply to every Redis of the process
+/// reached over TCP (working state, views); a `unix://` socket does not use them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisTlsArgs {
+    /// CA certificate (PEM) that signed the Redis server's certificate (for `rediss://` URLs,
+    /// which are otherwise verified against the system's roots). Set with a `redis://` URL it
+    /// is a configuration error: the connection would not use TLS.
+    #[arg(long, env = "REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a Redis that verifies clients (`tls-auth-clients`; with
+    /// REDIS_KEY).
+    #[arg(long, env = "REDIS_CERT")]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of REDIS_CERT.
+    #[arg(long, env = "REDIS_KEY")]
+    pub redis_key: Option<std::path::PathBuf>,
+}
+
+impl RedisTlsArgs {
+    /// True when any of the settings is given.
+    pub fn is_set(&self) -> bool {
+        self.redis_ca.is_some() || self.redis_cert.is_some() || self.redis_key.is_some()
+    }
+}
+
 /// `url` (or a comma-separated list) with every password replaced by `***`, for messages: a
 /// NATS or Redis URL may carry credentials (`scheme://user:password@host:port`).
 pub fn redacted(url: &str) -> String {
@@ -197,9 +223,12 @@ pub struct Settings {
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Redis for `remote` working state.
+    /// Redis for `remote` working state (`rediss://` for TLS).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// TLS to Redis (`REDIS_CA`, `REDIS_CERT`, `REDIS_KEY`).
+    #[command(flatten)]
+    pub redis_tls: RedisTlsArgs,
     /// Colocated Redis for `affinity` working state, e.g. `unix:///run/redis/redis.sock`.
     #[arg(long, env = "AFFINITY_REDIS_URL")]
     pub affinity_redis_url: Option<String>,
