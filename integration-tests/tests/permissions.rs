@@ -27,6 +27,8 @@ async fn client_of(
     let seen = errors.clone();
     let client = async_nats::ConnectOptions::new()
         .user_and_password(user.to_string(), s.passwords[user].clone())
+        // Its own inboxes, as the services name them: the only ones it may subscribe to.
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
         .event_callback(move |e| {
             let seen = seen.clone();
             async move {
@@ -284,6 +286,61 @@ async fn only_the_owner_may_write() {
         );
         eprintln!("[{test}] {user}: consumer on {stream} refused");
     }
+    // Inboxes: each user may subscribe to its own only, so a service cannot read another's
+    // replies, nor everyone's through the shared `_INBOX.>`.
+    let (spy, _, spy_errors) = client_of(&s, "view-builder").await;
+    let mut spied = Vec::new();
+    for subject in ["_INBOX_temperature-delta.>", "_INBOX.>"] {
+        spied.push(
+            spy.subscribe(subject)
+                .await
+                .expect("subscribe (refused later)"),
+        );
+    }
+    let (td, _, _) = client_of(&s, "temperature-delta").await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        td.request("registry.get.s-0001", bytes::Bytes::new()),
+    )
+    .await;
+    assert!(
+        matches!(reply, Ok(Ok(_))),
+        "temperature-delta got no reply on its own inbox: {reply:?}"
+    );
+    for subject in ["_INBOX_temperature-delta.>", "_INBOX.>"] {
+        let refused = wait_until(Duration::from_secs(5), || async {
+            spy_errors
+                .lock()
+                .map(|e| {
+                    e.iter().any(|m| {
+                        m.to_lowercase().contains("permissions violation")
+                            && m.contains(&format!("\"{subject}\""))
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .await;
+        assert!(
+            refused,
+            "view-builder subscribing to {subject} was not refused: {:?}",
+            spy_errors.lock().map(|e| e.clone())
+        );
+    }
+    for mut sub in spied {
+        let got = tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut sub),
+        )
+        .await;
+        assert!(
+            !matches!(got, Ok(Some(_))),
+            "view-builder read a reply meant for temperature-delta"
+        );
+    }
+    eprintln!(
+        "[{test}] view-builder on another's inbox: refused ({:?})",
+        spy_errors.lock().map(|e| e.clone())
+    );
     assert_eq!(
         count(&js, "DELTAS").await,
         deltas_before,

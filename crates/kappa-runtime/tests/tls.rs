@@ -124,6 +124,7 @@ fn args(url: String, ca: Option<PathBuf>, client: Option<(PathBuf, PathBuf)>) ->
         nats_ca: ca,
         nats_cert: client.as_ref().map(|c| c.0.clone()),
         nats_key: client.map(|c| c.1),
+        nats_inbox_prefix: None,
         nats_connect_timeout_secs: 3,
         duplicate_window_secs: DEFAULT_DUPLICATE_WINDOW_SECS,
         replicas: 1,

@@ -15,7 +15,21 @@ pub async fn nats(
     if let Ok(addr) = url.parse::<async_nats::ServerAddr>()
         && let (Some(user), Some(pass)) = (addr.username(), addr.password())
     {
-        opts = opts.user_and_password(user.to_string(), pass.to_string());
+        // Its own inboxes, named as the runtime names a service user's (`_INBOX_<user>`), the
+        // only ones a user of docker/nats/permissions.conf may subscribe to.
+        let who: String = user
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        opts = opts
+            .user_and_password(user.to_string(), pass.to_string())
+            .custom_inbox_prefix(format!("_INBOX_{who}"));
     }
     // One URL or a comma-separated list of seeds (a cluster).
     let addrs: Vec<async_nats::ServerAddr> = url
