@@ -3,9 +3,10 @@
 //!
 //! The nodes run `docker/nats/nats-cluster.conf`, the file of docker-compose.cluster.yml (server
 //! name from `KAPPA_NATS_SERVER_NAME`, routes to `nats-1..3:6222`, the node's network alias),
-//! beside an empty `permissions.conf`: the fault tests judge replication, tests/permissions.rs
-//! the users. Client ports are published on 127.0.0.1 only, on ports fixed at start so a node
-//! restarted keeps its port. Containers and the network are named `kappa-cl-<test>-...` and
+//! beside `docker/nats/permissions.conf`, with a password per user generated for the run (in
+//! each container's environment, as compose passes them): the fault tests run every service as
+//! its own user ([`crate::Dag::on_with_users`]) and their own client as `admin`. Client ports
+//! are published on 127.0.0.1 only, on ports fixed at start so a node restarted keeps its port. Containers and the network are named `kappa-cl-<test>-...` and
 //! removed when the [`DockerCluster`] is dropped (also when the test fails).
 
 use std::process::Command;
@@ -34,6 +35,8 @@ pub struct DockerCluster {
     pub network: String,
     /// The three nodes.
     pub nodes: Vec<Node>,
+    /// Password of each user of [`crate::secured::USERS`], this run's.
+    pub passwords: std::collections::BTreeMap<&'static str, String>,
     redis: String,
 }
 
@@ -76,11 +79,11 @@ impl DockerCluster {
             dir.join("nats-cluster.conf"),
         )
         .expect("copy docker/nats/nats-cluster.conf");
-        std::fs::write(
+        std::fs::copy(
+            repo.join("docker/nats/permissions.conf"),
             dir.join("permissions.conf"),
-            "# No users: the cluster fault tests judge replication (tests/permissions.rs the users).\n",
         )
-        .expect("write permissions.conf");
+        .expect("copy docker/nats/permissions.conf");
         let prefix = format!("kappa-cl-{}", test.replace('_', "-"));
         // Leftovers of an earlier run that was killed before its drop.
         let mut cluster = DockerCluster {
@@ -92,6 +95,7 @@ impl DockerCluster {
                     port: procs::free_port(),
                 })
                 .collect(),
+            passwords: crate::secured::new_passwords(),
             redis: format!("{prefix}-redis"),
         };
         cluster.remove();
@@ -100,8 +104,11 @@ impl DockerCluster {
         let config = format!("{}:/etc/nats:ro", dir.display());
         for n in &cluster.nodes {
             let publish = format!("127.0.0.1:{}:4222", n.port);
-            let env = format!("KAPPA_NATS_SERVER_NAME={}", n.name);
-            must(&[
+            let mut env = vec![format!("KAPPA_NATS_SERVER_NAME={}", n.name)];
+            for (user, password) in &cluster.passwords {
+                env.push(format!("{}={password}", crate::secured::password_var(user)));
+            }
+            let mut args = vec![
                 "run",
                 "-d",
                 "--name",
@@ -110,8 +117,11 @@ impl DockerCluster {
                 &cluster.network,
                 "--network-alias",
                 &n.name,
-                "-e",
-                &env,
+            ];
+            for e in &env {
+                args.extend(["-e", e.as_str()]);
+            }
+            args.extend([
                 "-v",
                 &config,
                 "-p",
@@ -120,6 +130,7 @@ impl DockerCluster {
                 "-c",
                 "/etc/nats/nats-cluster.conf",
             ]);
+            must(&args);
         }
         let redis_port = procs::free_port();
         let publish = format!("127.0.0.1:{redis_port}:6379");
@@ -141,7 +152,7 @@ impl DockerCluster {
             "no",
         ]);
         let nats_url = cluster.nats_url();
-        let probe_url = nats_url.clone();
+        let probe_url = cluster.admin_url();
         let formed = wait_until(Duration::from_secs(60), || async {
             let Ok((_, js)) = clients::nats(&probe_url, "integration-tests").await else {
                 return false;
@@ -181,6 +192,20 @@ impl DockerCluster {
         self.nodes
             .iter()
             .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The seeds with the `admin` user's credentials (for the test's own clients).
+    pub fn admin_url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "nats://admin:{}@127.0.0.1:{}",
+                    self.passwords["admin"], n.port
+                )
+            })
             .collect::<Vec<_>>()
             .join(",")
     }

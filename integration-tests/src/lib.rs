@@ -264,6 +264,8 @@ pub struct Dag {
     pub js: jetstream::Context,
     /// The sensor registry, ready.
     pub registry: Proc,
+    /// With [`Dag::on_with_users`]: each service's NATS password (it runs as its own user).
+    pub users: Option<std::collections::BTreeMap<&'static str, String>>,
     /// Declared last, dropped last: the registry stops before the servers go.
     pub servers: Servers,
 }
@@ -277,9 +279,38 @@ impl Dag {
     /// On servers already started: [`service_env`] with `extra`, a client, and the
     /// sensor-registry started and ready.
     pub async fn on(servers: Servers, test: &str, extra: &[(&str, &str)]) -> Dag {
+        let url = servers.nats_url.clone();
+        Dag::start_on(servers, test, extra, &url, None).await
+    }
+
+    /// [`Dag::on`] servers that enforce `docker/nats/permissions.conf`: every service runs as
+    /// its own user (`NATS_USER` = its name, with its password from `passwords`), the test's
+    /// client as `admin` (`admin_url`, the seeds with its credentials).
+    pub async fn on_with_users(
+        servers: Servers,
+        test: &str,
+        extra: &[(&str, &str)],
+        admin_url: &str,
+        passwords: std::collections::BTreeMap<&'static str, String>,
+    ) -> Dag {
+        Dag::start_on(servers, test, extra, admin_url, Some(passwords)).await
+    }
+
+    async fn start_on(
+        servers: Servers,
+        test: &str,
+        extra: &[(&str, &str)],
+        client_url: &str,
+        users: Option<std::collections::BTreeMap<&'static str, String>>,
+    ) -> Dag {
         let env = service_env(&servers, extra);
-        let (client, js) = nats(&servers.nats_url).await;
-        let mut registry = procs::start(test, "sensor-registry", &env, &[]);
+        let (client, js) = nats(client_url).await;
+        let mut registry = procs::start(
+            test,
+            "sensor-registry",
+            &with_user(&env, users.as_ref(), "sensor-registry"),
+            &[],
+        );
         ready(&mut registry).await;
         Dag {
             test: test.to_string(),
@@ -287,13 +318,20 @@ impl Dag {
             client,
             js,
             registry,
+            users,
             servers,
         }
     }
 
+    /// The environment of service `name`: the test's, plus its own NATS user with
+    /// [`Dag::on_with_users`].
+    pub fn env_of(&self, name: &str) -> Vec<(&'static str, String)> {
+        with_user(&self.env, self.users.as_ref(), name)
+    }
+
     /// Starts service `name` with the test's environment and `args` (not waiting for it).
     pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
-        procs::start(&self.test, name, &self.env, args)
+        procs::start(&self.test, name, &self.env_of(name), args)
     }
 
     /// Starts service `name` with the test's environment and waits until it is ready.
@@ -302,6 +340,21 @@ impl Dag {
         ready(&mut p).await;
         p
     }
+}
+
+/// `env` plus service `name`'s NATS user and password when `users` has one for it.
+fn with_user(
+    env: &[(&'static str, String)],
+    users: Option<&std::collections::BTreeMap<&'static str, String>>,
+    name: &str,
+) -> Vec<(&'static str, String)> {
+    let mut env = env.to_vec();
+    if let Some(password) = users.and_then(|u| u.get(name)) {
+        env.retain(|(k, _)| *k != "NATS_USER" && *k != "NATS_PASSWORD");
+        env.push(("NATS_USER", name.to_string()));
+        env.push(("NATS_PASSWORD", password.clone()));
+    }
+    env
 }
 
 /// Waits (30 s at most) until `p` answers `/healthz`, panicking with its log otherwise.

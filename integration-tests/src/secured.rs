@@ -51,6 +51,14 @@ impl Secured {
     }
 }
 
+/// Fresh passwords for every user of [`USERS`], one run's.
+pub fn new_passwords() -> BTreeMap<&'static str, String> {
+    USERS
+        .iter()
+        .map(|u| (*u, format!("{u}-{:x}", rand_suffix())))
+        .collect()
+}
+
 /// The environment variable nats-server reads `user`'s password from.
 pub fn password_var(user: &str) -> String {
     format!(
@@ -91,10 +99,7 @@ pub async fn secured_nats(test: &str) -> Option<Secured> {
         ),
     )
     .expect("write nats.conf");
-    let passwords: BTreeMap<&'static str, String> = USERS
-        .iter()
-        .map(|u| (*u, format!("{u}-{:x}", rand_suffix())))
-        .collect();
+    let passwords = new_passwords();
     let mut cmd = std::process::Command::new("nats-server");
     cmd.arg("-c").arg(dir.join("nats.conf"));
     for (u, p) in &passwords {

@@ -98,7 +98,7 @@ pub async fn differences_after_rebuild(dag: &Dag, api: &Proc) -> usize {
     let mut rebuild = procs::start(
         &dag.test,
         "view-builder",
-        &dag.env,
+        &dag.env_of("view-builder"),
         &["rebuild", "--grace-secs", "1"],
     );
     let st = rebuild

@@ -3,7 +3,8 @@
 //! the file of docker-compose.cluster.yml), every stream and bucket replicated three times
 //! (`KAPPA_REPLICAS=3`), the services as host processes (two temperature-delta instances sharing
 //! the partitions under leases, view-builder, query-api, the thermometer), NATS_URL listing the
-//! three seeds. With readings flowing, one fault; once it has healed and the pipeline drained,
+//! three seeds, each service as its own user of `docker/nats/permissions.conf` (none may be
+//! refused anything through the fault). With readings flowing, one fault; once it has healed and the pipeline drained,
 //! every delta and dead letter is judged by the oracle ([`judge`]), no reading has two
 //! outcomes, and the views equal a rebuild from sequence 1. Each run records its fault-matrix
 //! row ([`matrix::record`]) before asserting it.
@@ -142,16 +143,19 @@ async fn cluster_fault(test: &str, fault: Fault) {
         return;
     };
     let (sensors, readings, rate, down) = size();
-    let dag = Dag::on(
+    // Every service as its own user of docker/nats/permissions.conf, as in compose.
+    let dag = Dag::on_with_users(
         servers,
         test,
         &[("KAPPA_REPLICAS", "3"), ("KAPPA_SNAPSHOT_SECS", "1")],
+        &cluster.admin_url(),
+        cluster.passwords.clone(),
     )
     .await;
     let js = &dag.js;
     let delta_a = dag.ready("temperature-delta").await;
     let delta_b = dag.ready("temperature-delta").await;
-    let _views = dag.ready("view-builder").await;
+    let views_proc = dag.ready("view-builder").await;
     let api = dag.ready("query-api").await;
     let args: Vec<String> = [
         "--sensors",
@@ -238,6 +242,14 @@ async fn cluster_fault(test: &str, fault: Fault) {
     let healthy = cluster.wait_healthy(Duration::from_secs(60)).await;
     let j = judge(js).await;
     let vw = views_wrong(&dag, &api, &j).await;
+    // Under its own user, no service was refused anything through the fault.
+    let mut refused = Vec::new();
+    for p in [&dag.registry, &delta_a, &delta_b, &views_proc, &api] {
+        let n = integration_tests::metric(&p.http, "kappa_nats_permission_violations_total").await;
+        if n > 0.0 {
+            refused.push(format!("{} {n}", p.name));
+        }
+    }
     let readings_gap = longest_gap(js, "READINGS").await;
     let deltas_gap = longest_gap(js, "DELTAS").await;
     let mut row = Row::new(test, &fault.words(down), "remote")
@@ -247,7 +259,7 @@ async fn cluster_fault(test: &str, fault: Fault) {
             "3 nodes, R3; {sensors} sensors, {readings} readings at {rate}/s; {} led {}, then {}; \
              longest time without a stored reading {readings_gap:.2}s, without a stored delta \
              {deltas_gap:.2}s; {stored} stored at the heal, caught up {recover:.1}s later{}; \
-             views differing: {vw}{}{}",
+             views differing: {vw}; refused under its user: {}{}{}",
             node.name,
             fault.target(),
             new_leader.as_deref().unwrap_or("no leader"),
@@ -255,6 +267,11 @@ async fn cluster_fault(test: &str, fault: Fault) {
                 ""
             } else {
                 " (NOT caught up in 120 s)"
+            },
+            if refused.is_empty() {
+                "none".to_string()
+            } else {
+                refused.join(", ")
             },
             if drained { "" } else { "; NOT drained" },
             if healthy {
@@ -267,7 +284,7 @@ async fn cluster_fault(test: &str, fault: Fault) {
     matrix::record(&row);
     say(format!("[{test}] {}", row.detail));
     assert!(
-        row.exact() && drained,
+        row.exact() && drained && refused.is_empty(),
         "{}: {}; first problems: {:#?}\ntemperature-delta A:\n{}\nB:\n{}\n{}",
         row.line(),
         row.detail,

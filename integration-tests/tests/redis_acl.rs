@@ -2,7 +2,9 @@
 //! runs with one Redis user per service and gives the oracle's deltas and complete views;
 //! each user is refused what is not its own (another service's keys, writes for the reader,
 //! anything for a client without a password); a wrong password stops a service with one clear
-//! line that does not show the password.
+//! line that does not show the password. Over TLS (`rediss://`, mutual TLS, a CA made with
+//! `openssl`) the same users keep the DAG's state and views, and a CA file that is not there or
+//! a CA that did not sign the server stop a service with one clear line.
 
 use std::time::Duration;
 
@@ -10,11 +12,12 @@ use integration_tests::procs::{self, Proc, run_expecting_failure};
 use integration_tests::*;
 
 /// A redis-server on a free port whose users are `docker/redis/users.sh`'s, with a password
-/// per user generated for the run.
+/// per user generated for the run; TLS only when started with certificates.
 struct AclRedis {
     _proc: Proc,
     port: u16,
     passwords: Vec<(&'static str, String)>,
+    tls: bool,
 }
 
 impl AclRedis {
@@ -25,11 +28,90 @@ impl AclRedis {
             .find(|(u, _)| *u == user)
             .expect("a user of users.sh")
             .1;
-        format!("redis://{user}:{pw}@127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{user}:{pw}@127.0.0.1:{}", self.port)
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// In `dir`: a CA (`ca.pem`), a server certificate for 127.0.0.1 and a client certificate it
+/// signed, and another CA that signed nothing (`other-ca.pem`).
+fn certificates(dir: &std::path::Path) {
+    for ca in ["ca", "other-ca"] {
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN={ca}"),
+        );
+        openssl(
+            dir,
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
+                "-subj", &subj, "-days", "2",
+            ],
+        );
+    }
+    for (name, ext) in [
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext).expect("ext file");
+        let subj = format!("/CN=kappa {name}");
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                &subj,
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-extfile",
+                &extfile,
+                "-days",
+                "2",
+            ],
+        );
     }
 }
 
 async fn acl_redis(test: &str) -> AclRedis {
+    acl_redis_on(test, None).await
+}
+
+/// [`acl_redis`]; with `tls`, a folder of [`certificates`], TLS only (`--port 0`) and clients
+/// must show a certificate the CA signed.
+async fn acl_redis_on(test: &str, tls: Option<&std::path::Path>) -> AclRedis {
     let dir = procs::log_dir(test);
     std::fs::create_dir_all(&dir).expect("log dir");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -62,12 +144,28 @@ async fn acl_redis(test: &str) -> AclRedis {
     std::fs::write(&acl, &out.stdout).expect("write the ACL file");
     let port = procs::free_port();
     let mut cmd = std::process::Command::new("redis-server");
-    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+    cmd.args(["--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .args(["--dir", &dir.display().to_string()])
         .args(["--aclfile", &acl.display().to_string()]);
+    match tls {
+        None => {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        Some(certs) => {
+            let file = |f: &str| certs.join(f).display().to_string();
+            cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cert-file", &file("server.pem")])
+                .args(["--tls-key-file", &file("server.key")])
+                .args(["--tls-ca-cert-file", &file("ca.pem")])
+                .args(["--tls-auth-clients", "yes"]);
+        }
+    }
     let proc = Proc::spawn("redis-acl", cmd, dir.join("redis-acl.log")).expect("redis-server");
     let up = wait_until(Duration::from_secs(10), || async {
+        if tls.is_some() {
+            return std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        }
         kappa_testkit::clients::redis(&format!("redis://127.0.0.1:{port}"))
             .await
             .is_ok()
@@ -78,6 +176,7 @@ async fn acl_redis(test: &str) -> AclRedis {
         _proc: proc,
         port,
         passwords,
+        tls: tls.is_some(),
     }
 }
 
@@ -235,4 +334,126 @@ async fn every_service_has_its_own_redis_user_and_only_its_own_keys() {
         lines[0]
     );
     eprintln!("[{test}] wrong password: {}", lines[0]);
+}
+
+/// `env` with `REDIS_URL` = `url` and the TLS settings `tls` (`REDIS_CA`, `REDIS_CERT`,
+/// `REDIS_KEY`).
+fn with_tls_redis(
+    env: &[(&'static str, String)],
+    url: String,
+    tls: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env = with_redis(env, url);
+    env.retain(|(k, _)| !tls.iter().any(|(t, _)| t == k));
+    env.extend(tls.iter().cloned());
+    env
+}
+
+#[tokio::test]
+async fn over_tls_the_same_users_keep_the_state_and_the_views() {
+    let test = "redis_tls";
+    for tool in ["redis-server", "openssl"] {
+        if std::process::Command::new(tool)
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            eprintln!("[{test}] {tool} is not on PATH: skipped");
+            return;
+        }
+    }
+    // Not in the log folder, which `servers` empties.
+    let certs = std::env::temp_dir().join(format!("kappa-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&certs);
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    certificates(&certs);
+    let redis = acl_redis_on(test, Some(&certs)).await;
+    let file = |f: &str| certs.join(f).display().to_string();
+    let tls = vec![
+        ("REDIS_CA", file("ca.pem")),
+        ("REDIS_CERT", file("client.pem")),
+        ("REDIS_KEY", file("client.key")),
+    ];
+    let mut s = servers(test).await;
+    s.redis_url = redis.url_of("temperature-delta");
+    let dag = Dag::on(s, test, &[("KAPPA_PARTITIONS", "2")]).await;
+    let js = &dag.js;
+    let start = |name: &str, user: &str| {
+        procs::start(
+            test,
+            name,
+            &with_tls_redis(&dag.env, redis.url_of(user), &tls),
+            &[],
+        )
+    };
+    let mut delta = start("temperature-delta", "temperature-delta");
+    ready(&mut delta).await;
+    let mut views = start("view-builder", "view-builder");
+    ready(&mut views).await;
+    let mut api = start("query-api", "query-api");
+    ready(&mut api).await;
+    let mut thermo = dag.spawn(
+        "thermometer",
+        &["--sensors", "10", "--count", "200", "--rate", "400"],
+    );
+    let st = thermo
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("thermometer finished");
+    assert!(st.success(), "{}", thermo.log_tail(20));
+    assert!(
+        wait_drained(js, Duration::from_secs(60)).await,
+        "did not drain with its state over TLS:\n{}",
+        delta.log_tail(30)
+    );
+    let judged = judge(js).await;
+    assert!(judged.exact(), "{:?}", judged.problems);
+    assert!(
+        views::wait_applied(&dag, &api, Duration::from_secs(30)).await,
+        "the views did not complete over TLS:\n{}",
+        views.log_tail(30)
+    );
+    eprintln!("[{test}] 200 readings: state, views and reads over mutual TLS, as the ACL users");
+
+    // Each way of getting it wrong: non-zero, one line that names the setting.
+    let other = vec![
+        ("REDIS_CA", file("other-ca.pem")),
+        ("REDIS_CERT", file("client.pem")),
+        ("REDIS_KEY", file("client.key")),
+    ];
+    let missing = vec![("REDIS_CA", file("nope.pem"))];
+    let plain = format!("redis://127.0.0.1:{}", redis.port);
+    for (what, url, settings, says) in [
+        (
+            "another CA",
+            redis.url_of("temperature-delta"),
+            &other,
+            "UnknownIssuer",
+        ),
+        (
+            "a CA file that is not there",
+            redis.url_of("temperature-delta"),
+            &missing,
+            "No such file",
+        ),
+        ("TLS settings with a redis:// URL", plain, &tls, "rediss://"),
+    ] {
+        let env = with_tls_redis(&dag.env, url, settings);
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (code, lines) = run_expecting_failure("temperature-delta", &pairs);
+        assert_ne!(code, 0, "{what}");
+        assert_eq!(lines.len(), 1, "{what}: one line, got {lines:?}");
+        assert!(
+            lines[0].contains("REDIS_") && lines[0].contains(says),
+            "{what}: {}",
+            lines[0]
+        );
+        assert!(
+            !lines[0].contains("temperature-delta-"),
+            "{what}: the password shows: {}",
+            lines[0]
+        );
+        eprintln!("[{test}] {what}: {}", lines[0]);
+    }
+    let _ = std::fs::remove_dir_all(&certs);
 }

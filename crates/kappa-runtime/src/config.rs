@@ -33,6 +33,12 @@ pub struct NatsArgs {
     /// Private key (PEM) of NATS_CERT.
     #[arg(long, env = "NATS_KEY")]
     pub nats_key: Option<std::path::PathBuf>,
+    /// Prefix of this client's inboxes (replies to its requests, JetStream acks and consumer
+    /// deliveries). Default `_INBOX_<user>` with a NATS user (NATS_USER or the URL's), else
+    /// `_INBOX_<service>`: a server's permissions can then let each user subscribe to its own
+    /// inboxes only (docker/nats/permissions.conf), so no service reads another's replies.
+    #[arg(long, env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
     /// Seconds to wait for the first connection before giving up.
     #[arg(long, env = "NATS_CONNECT_TIMEOUT_SECS", default_value_t = 5)]
     pub nats_connect_timeout_secs: u64,
@@ -49,6 +55,66 @@ pub struct NatsArgs {
     /// "Running on a NATS cluster").
     #[arg(long, env = "KAPPA_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+}
+
+/// TLS to Redis: a `rediss://` URL turns it on; these settings say whom to trust and, for a
+/// server that verifies clients, who this process is. They apply to every Redis of the process
+/// reached over TCP (working state, views); a `unix://` socket does not use them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisTlsArgs {
+    /// CA certificate (PEM) that signed the Redis server's certificate (for `rediss://` URLs,
+    /// which are otherwise verified against the system's roots). Set with a `redis://` URL it
+    /// is a configuration error: the connection would not use TLS.
+    #[arg(long, env = "REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a Redis that verifies clients (`tls-auth-clients`; with
+    /// REDIS_KEY).
+    #[arg(long, env = "REDIS_CERT")]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of REDIS_CERT.
+    #[arg(long, env = "REDIS_KEY")]
+    pub redis_key: Option<std::path::PathBuf>,
+}
+
+impl RedisTlsArgs {
+    /// True when any of the settings is given.
+    pub fn is_set(&self) -> bool {
+        self.redis_ca.is_some() || self.redis_cert.is_some() || self.redis_key.is_some()
+    }
+}
+
+/// The default inbox prefix of a client: `_INBOX_<user>` when it connects as a named user,
+/// else `_INBOX_<name>` (its service name). Characters that cannot be in a subject token are
+/// replaced by `_`.
+pub fn default_inbox_prefix(user: Option<&str>, name: &str) -> String {
+    let who: String = user
+        .unwrap_or(name)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("_INBOX_{who}")
+}
+
+/// Checks an inbox prefix given by `NATS_INBOX_PREFIX`: one or more subject tokens, without
+/// wildcards or spaces.
+pub fn check_inbox_prefix(prefix: &str) -> Result<(), crate::RuntimeError> {
+    let bad = prefix.is_empty()
+        || prefix
+            .split('.')
+            .any(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c == '*' || c == '>'));
+    if bad {
+        return Err(crate::RuntimeError::Config(format!(
+            "NATS_INBOX_PREFIX '{prefix}' must be subject tokens without wildcards or spaces, \
+             e.g. _INBOX_my-service"
+        )));
+    }
+    Ok(())
 }
 
 /// `url` (or a comma-separated list) with every password replaced by `***`, for messages: a
@@ -197,9 +263,12 @@ pub struct Settings {
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Redis for `remote` working state.
+    /// Redis for `remote` working state (`rediss://` for TLS).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// TLS to Redis (`REDIS_CA`, `REDIS_CERT`, `REDIS_KEY`).
+    #[command(flatten)]
+    pub redis_tls: RedisTlsArgs,
     /// Colocated Redis for `affinity` working state, e.g. `unix:///run/redis/redis.sock`.
     #[arg(long, env = "AFFINITY_REDIS_URL")]
     pub affinity_redis_url: Option<String>,
@@ -298,6 +367,29 @@ impl Settings {
         crate::observed::semi_stateless::CacheConfig {
             max_entries: self.cache_max_entries,
             ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_prefixes_follow_the_user_then_the_service() {
+        assert_eq!(
+            default_inbox_prefix(Some("view-builder"), "view-builder-rebuild"),
+            "_INBOX_view-builder"
+        );
+        assert_eq!(
+            default_inbox_prefix(None, "temperature-delta"),
+            "_INBOX_temperature-delta"
+        );
+        assert_eq!(default_inbox_prefix(Some("a.b *>"), "x"), "_INBOX_a_b___");
+        assert!(check_inbox_prefix("_INBOX_my-service").is_ok());
+        assert!(check_inbox_prefix("team.inbox").is_ok());
+        for bad in ["", "_INBOX.", "a.*", "a.>", "a b", ".a"] {
+            assert!(check_inbox_prefix(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -194,15 +194,27 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
             .await
             .map_err(|e| RuntimeError::Config(format!("NATS_CREDS '{}': {e}", path.display())))?;
     }
-    if let (Some(user), Some(pass)) = (&args.nats_user, &args.nats_password) {
-        opts = opts.user_and_password(user.clone(), pass.clone());
-    } else if let Some((user, pass)) = addrs
+    let mut user = None;
+    if let (Some(u), Some(pass)) = (&args.nats_user, &args.nats_password) {
+        opts = opts.user_and_password(u.clone(), pass.clone());
+        user = Some(u.clone());
+    } else if let Some((u, pass)) = addrs
         .iter()
         .find_map(|a| Some((a.username()?.to_string(), a.password()?.to_string())))
     {
         // `nats://user:password@host` (async-nats does not use a URL's user info by itself).
-        opts = opts.user_and_password(user, pass);
+        opts = opts.user_and_password(u.clone(), pass);
+        user = Some(u);
     }
+    // Its own inboxes, which the server's permissions can keep to this user.
+    let inbox = match &args.nats_inbox_prefix {
+        Some(p) => {
+            crate::config::check_inbox_prefix(p)?;
+            p.clone()
+        }
+        None => crate::config::default_inbox_prefix(user.as_deref(), name),
+    };
+    opts = opts.custom_inbox_prefix(inbox);
     if let Some(token) = &args.nats_token {
         opts = opts.token(token.clone());
     }

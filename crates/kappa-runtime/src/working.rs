@@ -94,14 +94,15 @@ pub async fn build(
     Ok(match settings.working {
         WorkingMode::Local => Arc::new(local::LocalState::new(snapshots().await?)),
         WorkingMode::Remote => {
-            let conn = remote::connect(&settings.redis_url, "REDIS_URL").await?;
+            let conn =
+                remote::connect_with(&settings.redis_url, "REDIS_URL", &settings.redis_tls).await?;
             Arc::new(remote::RedisState::new(conn, namespace, "remote"))
         }
         WorkingMode::Affinity => {
             let url = settings.affinity_redis_url.as_deref().ok_or_else(|| {
                 RuntimeError::Config("KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into())
             })?;
-            let conn = remote::connect(url, "AFFINITY_REDIS_URL").await?;
+            let conn = remote::connect_with(url, "AFFINITY_REDIS_URL", &settings.redis_tls).await?;
             Arc::new(affinity::AffinityState::new(
                 remote::RedisState::new(conn, namespace, "affinity"),
                 snapshots().await?,

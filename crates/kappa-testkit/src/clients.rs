@@ -10,19 +10,34 @@ pub async fn nats(
     url: &str,
     name: &str,
 ) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
-    let mut opts = async_nats::ConnectOptions::new().name(name);
-    // `nats://user:password@host`: async-nats does not use a URL's user info by itself.
-    if let Ok(addr) = url.parse::<async_nats::ServerAddr>()
-        && let (Some(user), Some(pass)) = (addr.username(), addr.password())
-    {
-        opts = opts.user_and_password(user.to_string(), pass.to_string());
-    }
     // One URL or a comma-separated list of seeds (a cluster).
     let addrs: Vec<async_nats::ServerAddr> = url
         .split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("'{url}' is not a NATS URL or list of them"))?;
+    let mut opts = async_nats::ConnectOptions::new().name(name);
+    // `nats://user:password@host`: async-nats does not use a URL's user info by itself.
+    if let Some((user, pass)) = addrs
+        .iter()
+        .find_map(|a| Some((a.username()?.to_string(), a.password()?.to_string())))
+    {
+        // Its own inboxes, named as the runtime names a service user's (`_INBOX_<user>`), the
+        // only ones a user of docker/nats/permissions.conf may subscribe to.
+        let who: String = user
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        opts = opts
+            .user_and_password(user, pass)
+            .custom_inbox_prefix(format!("_INBOX_{who}"));
+    }
     let c = opts
         .connect(addrs)
         .await

@@ -85,6 +85,9 @@ pub struct Config {
     /// Redis holding the views (default: `REDIS_URL`), the same as view-builder's.
     #[arg(long, env = "VIEWS_REDIS_URL")]
     pub views_redis_url: Option<String>,
+    /// TLS to Redis (`REDIS_CA`, `REDIS_CERT`, `REDIS_KEY`; with a `rediss://` URL).
+    #[command(flatten)]
+    pub redis_tls: kappa_runtime::config::RedisTlsArgs,
     /// HTTP listener: the API, the dashboard, `/healthz` and `/metrics`.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     pub http_addr: SocketAddr,
@@ -970,7 +973,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(u) => (u.as_str(), "VIEWS_REDIS_URL"),
         None => (cfg.redis_url.as_str(), "REDIS_URL"),
     };
-    let conn = kappa_runtime::working::remote::connect(url, var).await?;
+    let conn = kappa_runtime::working::remote::connect_with(url, var, &cfg.redis_tls).await?;
     let store = ViewReader::new(conn.clone());
     let state = ApiState::new(
         store,

@@ -295,7 +295,8 @@ impl FeedHandler for RegistryFeed {
 /// Connects to the views' Redis with a clear error.
 pub async fn connect_views(cfg: &Config) -> anyhow::Result<Store> {
     let (url, what) = cfg.views_url();
-    let conn = kappa_runtime::working::remote::connect(url, what).await?;
+    let conn =
+        kappa_runtime::working::remote::connect_with(url, what, &cfg.kappa.redis_tls).await?;
     Ok(Store::new(conn))
 }
 

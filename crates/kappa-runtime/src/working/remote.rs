@@ -32,6 +32,7 @@ use redis::aio::ConnectionManager;
 
 use super::{WorkingState, Write, observe};
 use crate::RuntimeError;
+use crate::config::RedisTlsArgs;
 
 /// ARGV: epoch, new position, incarnation, previous position, then (key, value) pairs.
 /// Returns 1 committed, 0 already committed (a retry), -1 fenced, -2 incarnation gone or
@@ -134,8 +135,95 @@ pub fn explain(e: &redis::RedisError) -> String {
 }
 
 /// Connects to `url` (checking it answers PING) with a clear error; messages never show the
-/// password.
+/// password. A `rediss://` URL is verified against the system's roots; use [`connect_with`]
+/// for a CA or a client certificate of your own.
 pub async fn connect(url: &str, what: &str) -> Result<ConnectionManager, RuntimeError> {
+    connect_with(url, what, &RedisTlsArgs::default()).await
+}
+
+/// Reads a PEM file named by a TLS setting; a missing or unreadable file is a configuration
+/// error that names the setting.
+fn pem(setting: &str, path: &std::path::Path) -> Result<Vec<u8>, RuntimeError> {
+    std::fs::read(path)
+        .map_err(|e| RuntimeError::Config(format!("{setting} '{}': {e}", path.display())))
+}
+
+/// The client of `info`, with the TLS settings of `tls` when the URL is `rediss://`.
+fn client_for(
+    info: redis::ConnectionInfo,
+    what: &str,
+    shown: &str,
+    tls: &RedisTlsArgs,
+) -> Result<redis::Client, RuntimeError> {
+    let not_redis = |e: redis::RedisError| {
+        RuntimeError::Config(format!("{what} '{shown}' is not a Redis URL: {e}"))
+    };
+    match info.addr() {
+        redis::ConnectionAddr::TcpTls { .. } => {}
+        redis::ConnectionAddr::Tcp(..) if tls.is_set() => {
+            return Err(RuntimeError::Config(format!(
+                "{what} '{shown}' is not a rediss:// URL, but REDIS_CA, REDIS_CERT or REDIS_KEY \
+                 is set: use rediss:// for TLS, or unset them"
+            )));
+        }
+        _ => return redis::Client::open(info).map_err(not_redis),
+    }
+    let client_tls = match (&tls.redis_cert, &tls.redis_key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: pem("REDIS_CERT", cert)?,
+            client_key: pem("REDIS_KEY", key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(RuntimeError::Config(
+                "REDIS_CERT and REDIS_KEY go together (a client certificate and its key)".into(),
+            ));
+        }
+    };
+    let root_cert = tls
+        .redis_ca
+        .as_deref()
+        .map(|ca| pem("REDIS_CA", ca))
+        .transpose()?;
+    if root_cert.is_none() && client_tls.is_none() {
+        return redis::Client::open(info).map_err(not_redis);
+    }
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| RuntimeError::Config(format!("{what} '{shown}': TLS settings: {e}")))
+}
+
+/// [`explain`], and for a TLS connection whose handshake failed, where to look.
+fn explain_tls(e: &redis::RedisError, tls_url: bool) -> String {
+    let text = explain(e);
+    let lower = text.to_ascii_lowercase();
+    if tls_url
+        && ["certificate", "tls", "handshake", "unknownissuer", "alert"]
+            .iter()
+            .any(|w| lower.contains(w))
+    {
+        format!(
+            "TLS failed: {text} (check REDIS_CA, and REDIS_CERT and REDIS_KEY if the server \
+             verifies clients)"
+        )
+    } else {
+        text
+    }
+}
+
+/// Connects to `url` (checking it answers PING) with a clear error, over TLS when the URL is
+/// `rediss://`: verified against `REDIS_CA` (or the system's roots), with the client
+/// certificate `REDIS_CERT`/`REDIS_KEY` when given. Messages never show the password.
+pub async fn connect_with(
+    url: &str,
+    what: &str,
+    tls: &RedisTlsArgs,
+) -> Result<ConnectionManager, RuntimeError> {
     use redis::IntoConnectionInfo;
     let shown = redacted(url);
     let info = url
@@ -144,14 +232,15 @@ pub async fn connect(url: &str, what: &str) -> Result<ConnectionManager, Runtime
         // Small scripts and replies go out at once: without TCP_NODELAY, the tail of a
         // multi-segment script call can wait for a delayed ACK (tens of ms).
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    let client = redis::Client::open(info)
-        .map_err(|e| RuntimeError::Config(format!("{what} '{shown}' is not a Redis URL: {e}")))?;
+    let tls_url = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let client = client_for(info, what, &shown, tls)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
         .set_response_timeout(Some(std::time::Duration::from_secs(5)))
         .set_number_of_retries(2);
-    let unreachable =
-        |e: redis::RedisError| RuntimeError::Config(format!("{what} '{shown}': {}", explain(&e)));
+    let unreachable = |e: redis::RedisError| {
+        RuntimeError::Config(format!("{what} '{shown}': {}", explain_tls(&e, tls_url)))
+    };
     let mut conn = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         client.get_connection_manager_with_config(config),
