@@ -20,7 +20,9 @@
 //! was since replaced counts as 0. An `N` beyond the input stream's end is never reached (the
 //! input may be published yet, with a lower sequence than `N`). Each check costs two stream
 //! infos, one KV get per input partition and at most one direct get per partition and hop; a
-//! reader that must wait calls [`Consistency::check`] again.
+//! reader that must wait calls [`Consistency::check`] again with the same [`Pending`]: once the
+//! inputs are decided, the target in the change log is fixed and each further check costs at
+//! most one direct get per partition.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -220,25 +222,77 @@ impl Consistency {
     }
 
     /// Whether a view standing at `view` (per change-log partition) reflects every input of
-    /// `scope` with a sequence at most `min_seq`.
+    /// `scope` with a sequence at most `min_seq`. A reader that waits for one bound passes the
+    /// same `pending` to every check: once the inputs are decided, the change-log sequence
+    /// their changes are at or below is fixed, so the view has a fixed target to reach (a target
+    /// re-read at every check would move on under a steady load and never be reached).
     pub async fn check(
         &self,
         min_seq: u64,
         scope: Scope<'_>,
         view: &BTreeMap<u32, ViewPosition>,
+        pending: &mut Pending,
     ) -> Result<Verdict, RuntimeError> {
         let key = match scope {
             Scope::Key(k) => Some(k),
             Scope::All => None,
         };
-        // 1. Decided.
+        if pending.applied.is_none() {
+            match self.decided(min_seq, key).await? {
+                Ok(target) => pending.applied = Some(target),
+                Err(behind) => return Ok(behind),
+            }
+        }
+        let Some((changes, upto)) = pending.applied.as_ref() else {
+            return Ok(Verdict::Behind {
+                stage: Stage::Decided,
+                partition: 0,
+                position: 0,
+            });
+        };
+        let upto = *upto;
+        // 2. Applied.
+        let parts: Vec<u32> = match key {
+            Some(k) => vec![partition_for(k, changes.partitions)],
+            None => (0..changes.partitions).collect(),
+        };
+        let applied = join_all(parts.iter().map(|&q| async move {
+            let at = view
+                .get(&q)
+                .filter(|v| v.source == changes.identity)
+                .map_or(0, |v| v.position);
+            let done = at >= upto || self.changes.none_between(changes, q, key, at, upto).await?;
+            Ok::<_, RuntimeError>((q, at, done))
+        }))
+        .await;
+        for a in applied {
+            let (q, at, done) = a?;
+            if !done {
+                return Ok(Verdict::Behind {
+                    stage: Stage::Applied,
+                    partition: q,
+                    position: at,
+                });
+            }
+        }
+        Ok(Verdict::Reached)
+    }
+
+    /// Step 1: whether every input of `key` (or of all keys) up to `min_seq` is decided; if so,
+    /// the change log as read after that, and the sequence every change of those inputs is at
+    /// or below.
+    async fn decided(
+        &self,
+        min_seq: u64,
+        key: Option<&str>,
+    ) -> Result<Result<(Now, u64), Verdict>, RuntimeError> {
         let input = self.input.now(&self.js).await?;
         if min_seq > input.last {
-            return Ok(Verdict::Behind {
+            return Ok(Err(Verdict::Behind {
                 stage: Stage::Input,
                 partition: 0,
                 position: input.last,
-            });
+            }));
         }
         let parts: Vec<u32> = match key {
             Some(k) => vec![partition_for(k, input.partitions)],
@@ -265,47 +319,39 @@ impl Consistency {
         for d in decided {
             let (p, at, done) = d?;
             if !done {
-                return Ok(Verdict::Behind {
+                return Ok(Err(Verdict::Behind {
                     stage: Stage::Decided,
                     partition: p,
                     position: at,
-                });
+                }));
             }
         }
-        // 2. Applied: every change of those inputs is at or below the log's last sequence now
-        // (read after step 1 decided them).
+        // Every change of those inputs is at or below the log's last sequence as read after
+        // they were decided; the change read by `decided_by_change` may be newer than the
+        // stream info read before it.
         let changes = if by_change {
             changes
         } else {
             self.changes.now(&self.js).await?
         };
-        // The change read in step 1 may be newer than the stream info read before it.
         let upto = changes.last.max(last_change.1);
-        let parts: Vec<u32> = match key {
-            Some(k) => vec![partition_for(k, changes.partitions)],
-            None => (0..changes.partitions).collect(),
-        };
-        let changes = &changes;
-        let applied = join_all(parts.iter().map(|&q| async move {
-            let at = view
-                .get(&q)
-                .filter(|v| v.source == changes.identity)
-                .map_or(0, |v| v.position);
-            let done = at >= upto || self.changes.none_between(changes, q, key, at, upto).await?;
-            Ok::<_, RuntimeError>((q, at, done))
-        }))
-        .await;
-        for a in applied {
-            let (q, at, done) = a?;
-            if !done {
-                return Ok(Verdict::Behind {
-                    stage: Stage::Applied,
-                    partition: q,
-                    position: at,
-                });
-            }
-        }
-        Ok(Verdict::Reached)
+        Ok(Ok((changes, upto)))
+    }
+}
+
+/// What a reader keeps between the checks of one bound (pass the same one to every
+/// [`Consistency::check`] of a bound, a new one for another bound).
+#[derive(Default)]
+pub struct Pending {
+    /// Once decided: the change log as read then, and the sequence to reach.
+    applied: Option<(Now, u64)>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("applied_upto", &self.applied.as_ref().map(|a| a.1))
+            .finish()
     }
 }
 

@@ -160,10 +160,16 @@ impl ApiState {
                 .saturating_sub(Duration::from_millis(100)),
         );
         let mut pause = FIRST_PAUSE;
+        let mut pending = kappa_runtime::consistency::Pending::default();
         loop {
             let (answer, positions) = read().await?;
             let verdict = consistency
-                .check(bound.min_seq, scope, &view_positions(&positions))
+                .check(
+                    bound.min_seq,
+                    scope,
+                    &view_positions(&positions),
+                    &mut pending,
+                )
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, "read-your-writes check failed");
