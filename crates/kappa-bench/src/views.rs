@@ -101,6 +101,16 @@ async fn redis_commands(conn: &mut redis::aio::MultiplexedConnection) -> anyhow:
         .context("no total_commands_processed in INFO stats")
 }
 
+/// CPU of `name` (this process when `pid` is `None`), nats-server, redis-server and
+/// sensor-registry (which answers view-builder's lookups).
+fn meter(ctx: &Ctx, name: &'static str, pid: Option<u32>) -> crate::infra::CpuMeter {
+    let mut procs = vec![(name, pid.unwrap_or_else(std::process::id))];
+    procs.extend(ctx.servers.nats_pid.map(|p| ("nats-server", p)));
+    procs.extend(ctx.servers.redis_pid.map(|p| ("redis-server", p)));
+    procs.extend(ctx.registry.as_ref().map(|p| ("sensor-registry", p.pid())));
+    crate::infra::CpuMeter::start(&procs)
+}
+
 /// Batch counters of the baseline.
 #[derive(Default)]
 struct Counters {
@@ -278,7 +288,7 @@ async fn run_baseline(ctx: &Ctx, n: u64) -> anyhow::Result<Run> {
             first = Some((
                 Instant::now(),
                 d,
-                ctx.cpu_meter("kappa-bench (relay)", None),
+                meter(ctx, "kappa-bench (relay)", None),
                 cmds,
                 k.batches.load(Ordering::Relaxed),
                 k.batch_ns.load(Ordering::Relaxed),
@@ -343,7 +353,7 @@ async fn run_view_builder(ctx: &Ctx, n: u64) -> anyhow::Result<Run> {
                 first = Some((
                     Instant::now(),
                     d,
-                    ctx.cpu_meter("view-builder", Some(p.pid())),
+                    meter(ctx, "view-builder", Some(p.pid())),
                     redis_commands(&mut info).await?,
                     page.clone(),
                 ));
@@ -482,7 +492,9 @@ pub async fn run(
          view as JSON, as view-builder does. It decodes each delta (the score, site and history \
          point need it) but has no validation, fencing, replay checks, registry lookups or \
          folding, and is not atomic. CPU is what every process used over the timed span (the \
-         service or kappa-bench for the baseline, nats-server, redis-server), per delta. Redis \
+         service or kappa-bench for the baseline, nats-server, redis-server, sensor-registry \
+         answering view-builder's lookups), per delta; view-builder's span also holds part of \
+         its start (the registry feed writing 1000 sensors' metadata, the first lookups). Redis \
          commands per batch are `INFO stats` total_commands_processed over the span: each \
          command of the baseline's pipeline, and for view-builder its one EVALSHA per batch \
          plus every `redis.call` inside it (one round trip per batch either way). Goal (issue 14): view-builder ≥ \
