@@ -15,6 +15,7 @@ mod report;
 mod ryw;
 mod services;
 mod topology;
+mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +74,10 @@ enum Mode {
     /// Only the per-message cost: temperature-delta's options against the relay, in
     /// alternated rounds; its own section of BENCHMARKS.md.
     Cost,
+    /// Only view-builder against a fair baseline (a relay writing the views' structures per
+    /// delta in one Redis pipeline per batch), in alternated rounds; its own section of
+    /// BENCHMARKS.md.
+    Views,
 }
 
 struct Plan {
@@ -127,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     if matches!(
         cli.mode,
-        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost
+        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views
     ) {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
@@ -136,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Durability => "durability",
             Mode::Ryw => "ryw",
             Mode::Cost => "cost",
+            Mode::Views => "views",
             _ => "topology",
         };
         if cli.reuse {
@@ -152,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Durability => durability::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
             _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
         };
     }
@@ -169,23 +176,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost => Plan {
-            name: "smoke",
-            n: cli.readings.unwrap_or(2_000),
-            sensors: 100,
-            big: 100,
-            window_sensors: 20,
-            growth: false,
-            hop_rate: 500.0,
-            hop_secs: 1.0,
-            pings: 500,
-            http_secs: 0.5,
-            e2e_secs: 1.0,
-        },
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
+            Plan {
+                name: "smoke",
+                n: cli.readings.unwrap_or(2_000),
+                sensors: 100,
+                big: 100,
+                window_sensors: 20,
+                growth: false,
+                hop_rate: 500.0,
+                hop_secs: 1.0,
+                pings: 500,
+                http_secs: 0.5,
+                e2e_secs: 1.0,
+            }
+        }
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost => {
+        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
             root.join("target/bench-smoke")
         }
     });
