@@ -95,8 +95,16 @@ async fn every_stream_and_bucket_takes_the_replica_count_on_a_cluster() {
         "KAPPA_STATE",
         "KV_KAPPA_LEASES_TEMPERATURE_DELTA",
         "KV_KAPPA_LEASES_VIEW_BUILDER",
+        "KV_KAPPA_PROGRESS_TEMPERATURE_DELTA",
     ];
     for name in streams {
+        // A service answers /healthz before it has declared its buckets (the lease bucket is
+        // declared when ownership starts, after the progress bucket): wait for each.
+        let declared = integration_tests::wait_until(Duration::from_secs(20), || async {
+            dag.js.get_stream(name).await.is_ok()
+        })
+        .await;
+        assert!(declared, "{name} was not declared:\n{}", delta.log_tail(20));
         let mut s = dag
             .js
             .get_stream(name)
