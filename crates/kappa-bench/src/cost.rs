@@ -103,16 +103,7 @@ async fn run_one(ctx: &Ctx, s: Scenario, n: u64, sensors: u64) -> Run {
             Scenario::Td {
                 working, observed, ..
             } => {
-                let case = TdCase {
-                    working,
-                    observed,
-                    sensors,
-                    readings: n,
-                    window_secs: 600,
-                    event_step_ms: 0,
-                    recovery: false,
-                    ownership: "leases",
-                };
+                let case = TdCase::drain(working, observed, sensors, n);
                 let (td, p) = services::temperature_delta(ctx, &case).await?;
                 if let Some(mut p) = p {
                     p.terminate(std::time::Duration::from_secs(10));
@@ -169,10 +160,7 @@ pub async fn run(
     let rate = |s: Scenario| crate::median(of(s).filter_map(|r| r.rate).collect());
     let cpu = |s: Scenario| crate::median(of(s).filter_map(Run::cpu_total).collect());
     let (base_rate, base_cpu) = (rate(Scenario::Relay), cpu(Scenario::Relay));
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (date, nproc) = crate::report::stamp();
     let mut body = String::new();
     body.push_str("## Per-message cost: temperature-delta against the relay\n\n");
     body.push_str(&format!(

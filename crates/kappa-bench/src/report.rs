@@ -60,6 +60,15 @@ fn esc(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
+/// When and on what a section was generated: the time (RFC 3339, UTC) and the CPUs.
+pub fn stamp() -> (String, usize) {
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    (date, nproc)
+}
+
 impl Report {
     pub fn new(mode: &str, command: &str, n: u64) -> Report {
         let nproc = std::thread::available_parallelism()

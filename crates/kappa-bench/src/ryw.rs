@@ -158,16 +158,7 @@ pub async fn run(
     let servers = Servers::start(&dir, false).await?;
     let mut ctx = Ctx::new(servers, bin_dir).await?;
     ctx.start_registry().await?;
-    let case = TdCase {
-        working: "remote",
-        observed: "semi-stateless",
-        sensors,
-        readings: n,
-        window_secs: 600,
-        event_step_ms: 0,
-        recovery: false,
-        ownership: "leases",
-    };
+    let case = TdCase::drain("remote", "semi-stateless", sensors, n);
     eprintln!("[ryw] temperature-delta on {n} readings");
     let (_td, td) = services::temperature_delta(&ctx, &case).await?;
     let mut td = td.context("temperature-delta did not stay up")?;
@@ -217,10 +208,7 @@ pub async fn run(
     drop(ctx);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (date, nproc) = crate::report::stamp();
     let mut body = String::new();
     body.push_str("## Read-your-writes: a reading, then the answer that includes it\n\n");
     body.push_str(&format!(

@@ -186,6 +186,28 @@ pub struct TdCase {
     pub ownership: &'static str,
 }
 
+impl TdCase {
+    /// A drain of `readings` pre-filled readings over `sensors` sensors, 10-minute windows, no
+    /// recovery run, leases: what every mode but `all` measures.
+    pub fn drain(
+        working: &'static str,
+        observed: &'static str,
+        sensors: u64,
+        readings: u64,
+    ) -> TdCase {
+        TdCase {
+            working,
+            observed,
+            sensors,
+            readings,
+            window_secs: 600,
+            event_step_ms: 0,
+            recovery: false,
+            ownership: "leases",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Recovery {
     /// Restart (spawn) -> `/healthz` 200.

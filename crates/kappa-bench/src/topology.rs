@@ -55,16 +55,7 @@ async fn round(
     let mut ctx = Ctx::new(servers, bin_dir.to_path_buf()).await?;
     let mut r = Round::default();
     ctx.start_registry().await?;
-    let case = TdCase {
-        working: "remote",
-        observed: "semi-stateless",
-        sensors,
-        readings: n,
-        window_secs: 600,
-        event_step_ms: 0,
-        recovery: false,
-        ownership: "leases",
-    };
+    let case = TdCase::drain("remote", "semi-stateless", sensors, n);
     match services::temperature_delta(&ctx, &case).await {
         Ok((td, p)) => {
             r.thermometer_per_s = Some(td.prefill_rate);
@@ -183,10 +174,7 @@ pub async fn run(
         .iter()
         .flat_map(|(t, r)| r.errors.iter().map(move |e| format!("{}: {e}", label(*t))))
         .collect();
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (date, nproc) = crate::report::stamp();
     let mut body = String::new();
     body.push_str("## Users and a 3-node cluster: what they cost\n\n");
     body.push_str(&format!(

@@ -405,16 +405,7 @@ async fn run_one(ctx: &Ctx, s: Scenario, n: u64) -> Run {
 /// Pre-fills DELTAS: the thermometer publishes `readings` readings, temperature-delta turns
 /// them into as many deltas. Returns the number of deltas.
 async fn prefill(ctx: &Ctx, readings: u64, sensors: u64) -> anyhow::Result<u64> {
-    let case = TdCase {
-        working: "local",
-        observed: "semi-stateless",
-        sensors,
-        readings,
-        window_secs: 600,
-        event_step_ms: 0,
-        recovery: false,
-        ownership: "leases",
-    };
+    let case = TdCase::drain("local", "semi-stateless", sensors, readings);
     let (_, p) = services::temperature_delta(ctx, &case).await?;
     if let Some(mut p) = p {
         p.terminate(Duration::from_secs(10));
@@ -471,10 +462,7 @@ pub async fn run(
     let rate = |s: Scenario| med(s, |r| r.rate);
     let cpu = |s: Scenario| med(s, Run::cpu_total);
     let (base_rate, base_cpu) = (rate(Scenario::Baseline), cpu(Scenario::Baseline));
-    let date = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (date, nproc) = crate::report::stamp();
     let mut body = String::new();
     body.push_str("## View-builder against a fair baseline\n\n");
     body.push_str(&format!(
