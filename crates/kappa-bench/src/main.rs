@@ -11,6 +11,7 @@ mod baseline;
 mod cost;
 mod durability;
 mod infra;
+mod latency;
 mod report;
 mod ryw;
 mod services;
@@ -54,6 +55,17 @@ struct Cli {
     /// Where the service binaries are (default: the directory of this executable).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// `NAME=VALUE` set in every service's environment (repeatable): to compare a setting of
+    /// the services in two runs of the same mode.
+    #[arg(long = "service-env", global = true, value_parser = parse_env_pair)]
+    service_env: Vec<(String, String)>,
+}
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +86,9 @@ enum Mode {
     /// Only the per-message cost: temperature-delta's options against the relay, in
     /// alternated rounds; its own section of BENCHMARKS.md.
     Cost,
+    /// Only end-to-end latency: the whole DAG at 10%, 50% and 80% of its sustained maximum,
+    /// beside the one-hop baseline at the same rate; its own section of BENCHMARKS.md.
+    Latency,
     /// Only view-builder against a fair baseline (a relay writing the views' structures per
     /// delta in one Redis pipeline per batch), in alternated rounds; its own section of
     /// BENCHMARKS.md.
@@ -130,9 +145,10 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
+    services::set_service_env(cli.service_env.clone());
     if matches!(
         cli.mode,
-        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views
+        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views | Mode::Latency
     ) {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
@@ -142,16 +158,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Ryw => "ryw",
             Mode::Cost => "cost",
             Mode::Views => "views",
+            Mode::Latency => "latency",
             _ => "topology",
         };
         if cli.reuse {
             anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
         }
         let command = format!(
-            "cargo run --release -p kappa-bench -- {name}{}",
+            "cargo run --release -p kappa-bench -- {name}{}{}",
             cli.readings
                 .map(|n| format!(" --readings {n}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            cli.service_env
+                .iter()
+                .map(|(k, v)| format!(" --service-env {k}={v}"))
+                .collect::<String>()
         );
         let out = cli.out.clone().unwrap_or_else(|| root.join("docs"));
         return match cli.mode {
@@ -159,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Latency => latency::run(&root, bin_dir, out, cli.readings, command).await,
             _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
         };
     }
@@ -176,27 +198,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
-            Plan {
-                name: "smoke",
-                n: cli.readings.unwrap_or(2_000),
-                sensors: 100,
-                big: 100,
-                window_sensors: 20,
-                growth: false,
-                hop_rate: 500.0,
-                hop_secs: 1.0,
-                pings: 500,
-                http_secs: 0.5,
-                e2e_secs: 1.0,
-            }
-        }
+        Mode::Smoke
+        | Mode::Durability
+        | Mode::Topology
+        | Mode::Ryw
+        | Mode::Cost
+        | Mode::Views
+        | Mode::Latency => Plan {
+            name: "smoke",
+            n: cli.readings.unwrap_or(2_000),
+            sensors: 100,
+            big: 100,
+            window_sensors: 20,
+            growth: false,
+            hop_rate: 500.0,
+            hop_secs: 1.0,
+            pings: 500,
+            http_secs: 0.5,
+            e2e_secs: 1.0,
+        },
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
-            root.join("target/bench-smoke")
-        }
+        Mode::Smoke
+        | Mode::Durability
+        | Mode::Topology
+        | Mode::Ryw
+        | Mode::Cost
+        | Mode::Views
+        | Mode::Latency => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))

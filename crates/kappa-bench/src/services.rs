@@ -18,6 +18,14 @@ use kappa_testkit::metrics::{scrape, sum as metric_sum};
 use kappa_testkit::streams::count;
 use kappa_testkit::{Proc, procs};
 
+/// `--service-env` pairs, set once at start-up, given to every service spawned.
+static SERVICE_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Sets the pairs every spawned service gets in its environment (first call wins).
+pub fn set_service_env(pairs: Vec<(String, String)>) {
+    let _ = SERVICE_ENV.set(pairs);
+}
+
 pub struct Ctx {
     pub servers: Servers,
     pub client: async_nats::Client,
@@ -81,6 +89,7 @@ impl Ctx {
             .env("KAPPA_PARTITIONS", "8")
             .env("RUST_LOG", "info,async_nats=warn")
             .envs(self.servers.env_of(name))
+            .envs(SERVICE_ENV.get().into_iter().flatten().map(|(k, v)| (k, v)))
             .envs(env.iter().map(|(k, v)| (k, v)));
         Proc::service(name, cmd, self.logs.join(format!("{n:03}-{name}.log")))
     }
