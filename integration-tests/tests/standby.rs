@@ -6,7 +6,8 @@
 //! wrong; with a standby, B's opens of A's partitions must use its warm copies
 //! (`kappa_standby_takeovers_total`), without one they must not. Inputs processed by B until
 //! it caught up (`kappa_takeover_replayed_inputs`) and the seconds from the kill until B runs
-//! every partition are printed for both runs (never asserted: timings vary).
+//! every partition are printed for both runs (never asserted: timings vary). The same runs
+//! after a SIGTERM of A (a graceful handover) are judged and printed too.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -40,8 +41,8 @@ struct Takeover {
     covered_secs: f64,
 }
 
-async fn kill_owner(standbys: &str) -> Takeover {
-    let test = format!("standby_{standbys}");
+async fn kill_owner(standbys: &str, signal: &str) -> Takeover {
+    let test = format!("standby_{standbys}{signal}");
     let test = test.as_str();
     let s = servers(test).await;
     let dag = Dag::on(
@@ -90,7 +91,11 @@ async fn kill_owner(standbys: &str) -> Takeover {
         "{test}: no progress before the kill"
     );
     let before = metric(&b.http, "kappa_standby_takeovers_total").await;
-    a.kill9();
+    if signal == "-KILL" {
+        a.kill9();
+    } else {
+        a.signal(signal);
+    }
     let killed = Instant::now();
     assert!(
         wait_until(Duration::from_secs(30), || async {
@@ -122,7 +127,7 @@ async fn kill_owner(standbys: &str) -> Takeover {
     let standby_opens = metric(&b.http, "kappa_standby_takeovers_total").await - before;
     let replayed = metric(&b.http, "kappa_takeover_replayed_inputs").await;
     say(format!(
-        "[{test}] KAPPA_STANDBYS={standbys}: {} readings -> {} deltas, none lost, none doubled, none wrong; B opened {standby_opens} partitions from standby copies, processed {replayed} inputs until caught up, ran every partition {covered_secs:.2}s after the kill",
+        "[{test}] KAPPA_STANDBYS={standbys}, A sent {signal}: {} readings -> {} deltas, none lost, none doubled, none wrong; B opened {standby_opens} partitions from standby copies, processed {replayed} inputs until caught up, ran every partition {covered_secs:.2}s after the kill",
         v.readings, v.deltas
     ));
     drop(b);
@@ -135,8 +140,8 @@ async fn kill_owner(standbys: &str) -> Takeover {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_from_its_warm_copy() {
-    let cold = kill_owner("0").await;
-    let warm = kill_owner("1").await;
+    let cold = kill_owner("0", "-KILL").await;
+    let warm = kill_owner("1", "-KILL").await;
     assert_eq!(
         cold.standby_opens, 0.0,
         "no standby copies without standbys"
@@ -148,5 +153,21 @@ async fn standby_takes_over_from_its_warm_copy() {
     say(format!(
         "[standby] takeover: without standby {} inputs, {:.2}s; with standby {} inputs, {:.2}s",
         cold.replayed, cold.covered_secs, warm.replayed, warm.covered_secs
+    ));
+}
+
+/// SIGTERM of the owner with and without a standby: a graceful handover (A flushes its
+/// snapshots and releases its leases) judged by the oracle; the numbers are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_after_sigterm() {
+    let cold = kill_owner("0", "-TERM").await;
+    let warm = kill_owner("1", "-TERM").await;
+    assert_eq!(
+        cold.standby_opens, 0.0,
+        "no standby copies without standbys"
+    );
+    say(format!(
+        "[standby] after SIGTERM: without standby {} inputs, {:.2}s; with standby {} inputs, {:.2}s, {} opens from copies",
+        cold.replayed, cold.covered_secs, warm.replayed, warm.covered_secs, warm.standby_opens
     ));
 }
