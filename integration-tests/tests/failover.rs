@@ -14,6 +14,8 @@
 //! - Long version (`KAPPA_FAULTS_LONG=1`, on demand): the default lease TTL (6 s) and duplicate
 //!   window (120 s), A stopped 150 s.
 //!
+//! `failover_local_standby` runs the `local` sequence with `KAPPA_STANDBYS=1`.
+//!
 //! Each run prints `MATRIX|zombie-stop+kill9|<option>|inputs|lost|doubled|wrong|recover_secs`
 //! (recover_secs: from the kill -9 of B until A and C own every partition) for the matrix.
 
@@ -53,8 +55,12 @@ async fn wait_full_coverage(instances: &[&Proc], timeout: Duration) -> bool {
     .await
 }
 
-async fn zombie_then_second_failover(working: &str) {
-    let test = format!("failover_{working}");
+async fn zombie_then_second_failover(working: &str, standbys: &str) {
+    let test = if standbys == "0" {
+        format!("failover_{working}")
+    } else {
+        format!("failover_{working}_standby")
+    };
     let test = test.as_str();
     let long = integration_tests::matrix::long();
     let (ttl, window, stop_secs, rate, readings) = if long {
@@ -73,6 +79,7 @@ async fn zombie_then_second_failover(working: &str) {
             ("KAPPA_LEASE_TTL_SECS", &ttl_s),
             ("KAPPA_DUPLICATE_WINDOW_SECS", &window_s),
             ("KAPPA_SNAPSHOT_SECS", "1"),
+            ("KAPPA_STANDBYS", standbys),
         ],
     )
     .await;
@@ -180,15 +187,22 @@ async fn zombie_then_second_failover(working: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_local() {
-    zombie_then_second_failover("local").await;
+    zombie_then_second_failover("local", "0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_affinity() {
-    zombie_then_second_failover("affinity").await;
+    zombie_then_second_failover("affinity", "0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_remote() {
-    zombie_then_second_failover("remote").await;
+    zombie_then_second_failover("remote", "0").await;
+}
+
+/// `local` with a warm standby (`KAPPA_STANDBYS=1`): the zombie and the second failover must
+/// judge the same with takeovers opened from standby copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_local_standby() {
+    zombie_then_second_failover("local", "1").await;
 }

@@ -288,6 +288,11 @@ pub struct Settings {
     /// Lease time-to-live in seconds: a crashed instance's partitions move after this.
     #[arg(long, env = "KAPPA_LEASE_TTL_SECS", default_value_t = 6)]
     pub lease_ttl_secs: u64,
+    /// Standbys per partition (`local` working state with leases; 0 = none): an instance keeps
+    /// a warm copy of the latest snapshot of each partition it stands by for, so a takeover
+    /// does not read the snapshot again.
+    #[arg(long, env = "KAPPA_STANDBYS", default_value_t = 0)]
+    pub standbys: u32,
     /// With `--ownership static`: the partitions this instance runs, `all` or a list like `0,1,5`.
     #[arg(long, env = "KAPPA_OWN_PARTITIONS", default_value = "all")]
     pub own_partitions: String,

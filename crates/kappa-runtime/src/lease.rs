@@ -59,6 +59,12 @@ pub struct LeaseConfig {
     /// Replicas of the bucket (`KAPPA_REPLICAS`); an existing bucket with another count is
     /// refused.
     pub replicas: usize,
+    /// Standbys per partition (`KAPPA_STANDBYS`): this instance stands by for the partitions
+    /// whose owner is one of the `standbys` members before it in the sorted live list.
+    pub standbys: u32,
+    /// Where the keeper writes the partitions this instance stands by for (none it owns),
+    /// after every complete membership listing.
+    pub standby_for: std::sync::Arc<std::sync::RwLock<BTreeSet<u32>>>,
 }
 
 /// A partition this instance now owns.
@@ -266,6 +272,29 @@ pub fn fair_share(members: &BTreeSet<String>, me: &str, partitions: u32) -> BTre
     (0..partitions).filter(|p| p % n == idx as u32).collect()
 }
 
+/// Which partitions `me` stands by for, given the live members: those owned (by
+/// [`fair_share`]) by one of the `standbys` members before `me` in the sorted list, wrapping
+/// around. Never one `me` owns; empty with fewer than two members or no standbys.
+pub fn standby_share(
+    members: &BTreeSet<String>,
+    me: &str,
+    partitions: u32,
+    standbys: u32,
+) -> BTreeSet<u32> {
+    let Some(idx) = members.iter().position(|m| m == me) else {
+        return BTreeSet::new();
+    };
+    let n = members.len() as u32;
+    let idx = idx as u32;
+    let k = standbys.min(n.saturating_sub(1));
+    (0..partitions)
+        .filter(|p| {
+            let owner = p % n;
+            (1..=k).any(|d| (owner + d) % n == idx)
+        })
+        .collect()
+}
+
 /// What to own after one membership listing: the fair share when the listing is complete and
 /// names `me`; otherwise (the listing failed, or misses `me`, whose heartbeat is alive) the
 /// `previous` plan, or what is `held` before any plan. A failed read never releases anything.
@@ -460,6 +489,18 @@ where
             last_plan = Some(desired.clone());
             if let Ok(m) = &listed {
                 known.clone_from(m);
+                if cfg.standbys > 0
+                    && m.contains(&me)
+                    && let Ok(mut s) = cfg.standby_for.write()
+                {
+                    // A partition taken over now keeps its copy until its open took it.
+                    let taking: BTreeSet<u32> = s.intersection(&desired).copied().collect();
+                    *s = standby_share(m, &me, cfg.partitions, cfg.standbys)
+                        .difference(&desired)
+                        .copied()
+                        .chain(taking)
+                        .collect();
+                }
             }
             Some((desired, listed.map(|m| m.len()).unwrap_or(known.len())))
         };
@@ -700,6 +741,22 @@ mod tests {
         let all: BTreeSet<u32> = shares.iter().flatten().copied().collect();
         assert_eq!(all.len(), 12);
         assert!(fair_share(&members, "zz", 12).is_empty());
+        // Standbys: each partition has its owner's successor as standby, never its owner.
+        for p in 0..12u32 {
+            let owner: Vec<_> = ["a", "b", "c"]
+                .iter()
+                .filter(|m| fair_share(&members, m, 12).contains(&p))
+                .collect();
+            let standby: Vec<_> = ["a", "b", "c"]
+                .iter()
+                .filter(|m| standby_share(&members, m, 12, 1).contains(&p))
+                .collect();
+            assert_eq!((owner.len(), standby.len()), (1, 1), "partition {p}");
+            assert_ne!(owner, standby, "partition {p}");
+        }
+        assert!(standby_share(&members, "a", 12, 0).is_empty());
+        let one: BTreeSet<String> = ["a"].iter().map(|s| s.to_string()).collect();
+        assert!(standby_share(&one, "a", 12, 1).is_empty());
     }
 
     #[test]

@@ -418,6 +418,10 @@ pub async fn run_partition_at<P: Processor>(
             .await
             .ok()
             .map(|i| i.0);
+        // Inputs processed since the open until the partition first caught up (lag 0): at a
+        // takeover, the inputs replayed after the recovered position plus those that queued
+        // while the partition had no owner.
+        let mut catching_up = Some(0u64);
 
         'consumer: loop {
             if shutdown.is_cancelled() {
@@ -630,6 +634,26 @@ pub async fn run_partition_at<P: Processor>(
                         metrics::histogram!("kappa_input_age_seconds").record(age);
                     }
                     position = inputs.last().map_or(position, |i| i.seq);
+                    if let Some(n) = catching_up.as_mut() {
+                        *n += inputs.len() as u64;
+                    }
+                }
+                if lag == 0
+                    && !gap
+                    && let Some(n) = catching_up.take()
+                {
+                    let secs = started.elapsed().as_secs_f64();
+                    metrics::gauge!("kappa_takeover_replayed_inputs", "partition" => p_label.clone())
+                        .set(n as f64);
+                    metrics::gauge!("kappa_takeover_seconds", "partition" => p_label.clone())
+                        .set(secs);
+                    tracing::info!(
+                        partition,
+                        epoch,
+                        replayed = n,
+                        takeover_secs = secs,
+                        "partition caught up"
+                    );
                 }
                 metrics::gauge!("kappa_partition_lag", "partition" => p_label.clone())
                     .set(lag as f64);

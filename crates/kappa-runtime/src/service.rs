@@ -45,6 +45,7 @@ use crate::partition::{
     DriverConfig, PartitionBoard, PartitionState, PartitionedStream, Processor,
 };
 use crate::shutdown::CancellationToken;
+use crate::working::WorkingState;
 
 /// A domain kappa service being assembled: see the module docs.
 pub struct DomainService<C: Compute> {
@@ -194,6 +195,7 @@ impl<C: Compute> DomainService<C> {
                 }),
             );
         }
+        let standing_by = working.clone();
         let kind = working.kind();
         let w = working.clone();
         svc.health.register(
@@ -240,7 +242,7 @@ impl<C: Compute> DomainService<C> {
             batch: s.batch,
             linger: Duration::from_millis(s.linger_ms),
         };
-        let result = run_owned(
+        let result = run_owned_standing_by(
             js,
             &self.name,
             s,
@@ -248,6 +250,7 @@ impl<C: Compute> DomainService<C> {
             board,
             shutdown.clone(),
             move |p| Engine::new(parts.clone(), p),
+            Some(standing_by),
         )
         .await;
         shutdown.cancel();
@@ -295,6 +298,30 @@ where
     P: Processor,
     F: Fn(u32) -> P + Send + Sync + 'static,
 {
+    run_owned_standing_by(js, service, settings, driver, board, shutdown, make, None).await
+}
+
+/// How often a standby refreshes its copies (reads each snapshot marker; the snapshot itself
+/// only when the marker moved).
+const STANDBY_EVERY: Duration = Duration::from_secs(1);
+
+/// [`run_owned`], and with leases and `KAPPA_STANDBYS` > 0 keeps warm copies in `working` of
+/// the partitions this instance stands by for ([`WorkingState::stand_by`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_owned_standing_by<P, F>(
+    js: jetstream::Context,
+    service: &str,
+    settings: &Settings,
+    driver: DriverConfig,
+    board: PartitionBoard,
+    shutdown: CancellationToken,
+    make: F,
+    working: Option<Arc<dyn WorkingState>>,
+) -> Result<(), RuntimeError>
+where
+    P: Processor,
+    F: Fn(u32) -> P + Send + Sync + 'static,
+{
     let make = Arc::new(make);
     match settings.ownership {
         Ownership::Static => {
@@ -327,7 +354,27 @@ where
                 partitions: driver.input.partitions,
                 ttl: Duration::from_secs(settings.lease_ttl_secs.max(1)),
                 replicas: settings.nats.replicas()?,
+                standbys: settings.standbys,
+                standby_for: Arc::new(RwLock::new(BTreeSet::new())),
             };
+            if let Some(w) = working.filter(|_| settings.standbys > 0) {
+                let (set, stop) = (lease.standby_for.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(STANDBY_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tick.tick() => {}
+                        }
+                        let partitions = set.read().map(|s| s.clone()).unwrap_or_default();
+                        metrics::gauge!("kappa_standby_partitions").set(partitions.len() as f64);
+                        if let Err(e) = w.stand_by(&partitions).await {
+                            tracing::warn!(error = %e, "refreshing standby copies failed");
+                        }
+                    }
+                });
+            }
             let start = |g: crate::lease::Grant| {
                 let (js, driver, board, make) =
                     (js.clone(), driver.clone(), board.clone(), make.clone());

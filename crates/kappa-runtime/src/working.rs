@@ -57,6 +57,17 @@ pub trait WorkingState: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Which option this is (`local`, `remote`, `affinity`).
     fn kind(&self) -> &'static str;
+    /// Keeps warm copies of `partitions` (those this instance stands by for) and drops the
+    /// others; a later `open` of a partition with a current copy uses it. Only `local` keeps
+    /// copies (the Redis options share their state already); the default does nothing.
+    fn stand_by<'a>(
+        &'a self,
+        partitions: &'a std::collections::BTreeSet<u32>,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        let _ = partitions;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Why the store is degraded (e.g. snapshots keep failing), `None` when it is not; the
     /// service reports it in `/healthz` as not ready.
     fn degraded(&self) -> Option<String> {

@@ -8,6 +8,16 @@
 //! its next commit and its `close` flushes nothing (the flush finds the newer marker). An open
 //! under a newer epoch than the one held in memory drops the memory: another instance may have
 //! run the partition in between, so it is recovered from the snapshot and replayed.
+//!
+//! Standbys (`KAPPA_STANDBYS`): [`WorkingState::stand_by`] keeps an un-owned copy of the latest
+//! snapshot of each partition this instance stands by for, refreshed when the snapshot marker
+//! moves. A copy is never written to and fences nothing: `open` still claims the partition's
+//! marker under its epoch first, and uses the copy only if it was read at exactly the marker
+//! position the claim found (the snapshot recovery would read); otherwise it recovers as
+//! without a standby. A copy may miss entries a dead owner published after that marker (its
+//! last flush, cut short before its marker): those keys then hold an older committed state of
+//! their entity, which the engine brings up to date from the change log, as for any stale
+//! snapshot entry ([`super::snapshot`]). So a stale copy costs a refold, never a wrong result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,9 +35,16 @@ struct Partition {
     values: HashMap<String, Bytes>,
 }
 
+/// An un-owned copy of a partition's latest snapshot.
+struct Standby {
+    position: u64,
+    values: HashMap<String, Bytes>,
+}
+
 /// In-memory working state with stream snapshots.
 pub struct LocalState {
     parts: Mutex<HashMap<u32, Partition>>,
+    standbys: Mutex<HashMap<u32, Standby>>,
     snapshots: Arc<Snapshotter>,
 }
 
@@ -36,6 +53,7 @@ impl LocalState {
     pub fn new(snapshots: Arc<Snapshotter>) -> Self {
         Self {
             parts: Mutex::new(HashMap::new()),
+            standbys: Mutex::new(HashMap::new()),
             snapshots,
         }
     }
@@ -92,10 +110,25 @@ impl WorkingState for LocalState {
                 parts.remove(&partition);
             }
             let t = std::time::Instant::now();
-            self.snapshots.open(partition, epoch).await?;
-            let (position, entries) = self.snapshots.recover(partition).await?;
-            let n = entries.len();
-            let values: HashMap<String, Bytes> = entries.into_iter().collect();
+            let claimed = self.snapshots.open(partition, epoch).await?;
+            let warm = self
+                .standbys
+                .lock()
+                .ok()
+                .and_then(|mut s| s.remove(&partition))
+                .filter(|w| w.position == claimed);
+            let (position, values, source) = match warm {
+                Some(w) => (w.position, w.values, "standby"),
+                None => {
+                    let (position, entries) = self.snapshots.recover(partition).await?;
+                    let values: HashMap<String, Bytes> = entries.into_iter().collect();
+                    (position, values, "snapshot")
+                }
+            };
+            let n = values.len();
+            if source == "standby" {
+                metrics::counter!("kappa_standby_takeovers_total").increment(1);
+            }
             if let Ok(mut parts) = self.parts.lock() {
                 parts.insert(
                     partition,
@@ -113,7 +146,8 @@ impl WorkingState for LocalState {
                 position,
                 keys = n,
                 secs = t.elapsed().as_secs_f64(),
-                "local state restored from snapshot"
+                source,
+                "local state restored"
             );
             Ok(position)
         })
@@ -191,6 +225,58 @@ impl WorkingState for LocalState {
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn stand_by<'a>(
+        &'a self,
+        partitions: &'a std::collections::BTreeSet<u32>,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let held: Vec<u32> = self
+                .parts
+                .lock()
+                .map(|p| p.keys().copied().collect())
+                .unwrap_or_default();
+            let current: HashMap<u32, u64> = {
+                let mut s = self
+                    .standbys
+                    .lock()
+                    .map_err(|_| RuntimeError::Corrupt("standby lock poisoned".into()))?;
+                s.retain(|p, _| partitions.contains(p) && !held.contains(p));
+                s.iter().map(|(p, w)| (*p, w.position)).collect()
+            };
+            let mut first_error = None;
+            for &p in partitions {
+                if held.contains(&p) {
+                    continue;
+                }
+                let refreshed = async {
+                    let marker = self.snapshots.position(p).await?;
+                    metrics::gauge!("kappa_standby_position", "partition" => p.to_string())
+                        .set(marker as f64);
+                    if current.get(&p) == Some(&marker) {
+                        return Ok(());
+                    }
+                    let (position, entries) = self.snapshots.recover(p).await?;
+                    let keys = entries.len();
+                    if let Ok(mut s) = self.standbys.lock() {
+                        s.insert(
+                            p,
+                            Standby {
+                                position,
+                                values: entries.into_iter().collect(),
+                            },
+                        );
+                    }
+                    tracing::debug!(partition = p, position, keys, "standby copy refreshed");
+                    Ok::<_, RuntimeError>(())
+                };
+                if let Err(e) = refreshed.await {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
     }
 
     fn degraded(&self) -> Option<String> {

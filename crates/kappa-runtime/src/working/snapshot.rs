@@ -673,6 +673,13 @@ impl Snapshotter {
         Ok(Some(out.freeze()))
     }
 
+    /// The position of the latest snapshot marker of `partition` (0 if none), read without
+    /// claiming anything.
+    pub async fn position(&self, partition: u32) -> Result<u64, RuntimeError> {
+        let stream = self.stream().await?;
+        Ok(self.read_marker(&stream, partition).await?.position)
+    }
+
     /// Reads the latest snapshot of `partition`: its position and every key's last value. A
     /// chunked value whose parts do not match its manifest is left out (the key is missing).
     pub async fn recover(&self, partition: u32) -> Result<(u64, Vec<Write>), RuntimeError> {
