@@ -12,6 +12,7 @@ mod cost;
 mod durability;
 mod infra;
 mod report;
+mod rounds;
 mod ryw;
 mod services;
 mod topology;
@@ -230,62 +231,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Each throughput baseline runs RUNS times on fresh streams (message ids repeat between
     // runs and would be deduplicated otherwise); the median counts, so that one unlucky moment
     // on a shared machine does not move every ratio.
-    const RUNS: usize = 3;
-    let median_of = |v: Vec<anyhow::Result<f64>>| -> anyhow::Result<f64> {
-        let mut errs = Vec::new();
-        let ok: Vec<f64> = v
-            .into_iter()
-            .filter_map(|r| r.map_err(|e| errs.push(e)).ok())
-            .collect();
-        match median(ok) {
-            Some(m) => Ok(m),
-            None => Err(errs
-                .pop()
-                .unwrap_or_else(|| anyhow::anyhow!("no run finished"))),
-        }
-    };
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    const RUNS: usize = rounds::ROUNDS;
+    let b_pub = rounds::median_run(RUNS, async || {
         let _ = ctx.js.delete_stream("BENCH_READINGS").await;
-        runs.push(baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await);
-    }
-    let b_pub = median_of(runs);
+        baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await
+    })
+    .await;
     // CPU per message of each process, to say where the time goes (table "CPU per message").
     let mut cpu_rows: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
-    let mut runs = Vec::new();
     let meter = ctx.cpu_meter("service", None);
-    for _ in 0..RUNS {
+    let b_relay = rounds::median_run(RUNS, async || {
         let _ = ctx.js.delete_stream("BENCH_DELTAS").await;
-        runs.push(
-            baseline::relay(
-                &ctx.js,
-                &baseline::bench_readings(),
-                Sink::Stream(baseline::bench_deltas()),
-                plan.n,
-            )
-            .await,
-        );
-    }
-    let b_relay = median_of(runs);
+        let sink = Sink::Stream(baseline::bench_deltas());
+        baseline::relay(&ctx.js, &baseline::bench_readings(), sink, plan.n).await
+    })
+    .await;
     cpu_rows.push((
         "relay (2), in kappa-bench".into(),
         meter.per_msg(plan.n * RUNS as u64),
     ));
     let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
-    let mut runs = Vec::new();
     let meter = ctx.cpu_meter("service", None);
-    for _ in 0..RUNS {
-        runs.push(
-            baseline::relay(
-                &ctx.js,
-                &baseline::bench_deltas(),
-                Sink::Redis(redis_conn.clone()),
-                plan.n,
-            )
-            .await,
-        );
-    }
-    let b_redis = median_of(runs);
+    let b_redis = rounds::median_run(RUNS, async || {
+        let sink = Sink::Redis(redis_conn.clone());
+        baseline::relay(&ctx.js, &baseline::bench_deltas(), sink, plan.n).await
+    })
+    .await;
     cpu_rows.push((
         "Redis relay (3), in kappa-bench".into(),
         meter.per_msg(plan.n * RUNS as u64),
@@ -402,15 +373,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // The headline runs, like the baselines, are the median of RUNS runs (by throughput).
     for w in ["local", "remote", "affinity"] {
-        let mut runs = Vec::with_capacity(RUNS);
-        for _ in 0..RUNS {
-            runs.push(run_td(&ctx, case(w, "semi-stateless", plan.sensors, false)).await);
-        }
         let rate = |r: &(TdCase, anyhow::Result<TdResult>)| {
             r.1.as_ref().map_or(f64::NEG_INFINITY, |x| x.rate)
         };
-        runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
-        results.push(runs.swap_remove(runs.len() / 2));
+        let run = async || run_td(&ctx, case(w, "semi-stateless", plan.sensors, false)).await;
+        results.push(rounds::median_by(RUNS, rate, run).await);
     }
     eprintln!("[3/7] {} sensors, kill -9 recovery", plan.big);
     for w in ["local", "remote", "affinity"] {
