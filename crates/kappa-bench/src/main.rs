@@ -81,6 +81,21 @@ enum Mode {
     Views,
 }
 
+impl Mode {
+    /// The mode's own section of BENCHMARKS.md, for the modes that measure one comparison on
+    /// servers of their own; `None` for `all` and `smoke`, which run the main tables.
+    fn section(self) -> Option<&'static str> {
+        match self {
+            Mode::All | Mode::Smoke => None,
+            Mode::Durability => Some("durability"),
+            Mode::Topology => Some("topology"),
+            Mode::Ryw => Some("ryw"),
+            Mode::Cost => Some("cost"),
+            Mode::Views => Some("views"),
+        }
+    }
+}
+
 struct Plan {
     name: &'static str,
     n: u64,
@@ -131,20 +146,10 @@ fn short(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
-    if matches!(
-        cli.mode,
-        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views
-    ) {
+    if let Some(name) = cli.mode.section() {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
         });
-        let name = match cli.mode {
-            Mode::Durability => "durability",
-            Mode::Ryw => "ryw",
-            Mode::Cost => "cost",
-            Mode::Views => "views",
-            _ => "topology",
-        };
         if cli.reuse {
             anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
         }
@@ -160,7 +165,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
-            _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::All | Mode::Smoke => anyhow::bail!("{name}: not a section mode"),
         };
     }
     let plan = match cli.mode {
@@ -177,27 +183,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
-            Plan {
-                name: "smoke",
-                n: cli.readings.unwrap_or(2_000),
-                sensors: 100,
-                big: 100,
-                window_sensors: 20,
-                growth: false,
-                hop_rate: 500.0,
-                hop_secs: 1.0,
-                pings: 500,
-                http_secs: 0.5,
-                e2e_secs: 1.0,
-            }
-        }
+        _ => Plan {
+            name: "smoke",
+            n: cli.readings.unwrap_or(2_000),
+            sensors: 100,
+            big: 100,
+            window_sensors: 20,
+            growth: false,
+            hop_rate: 500.0,
+            hop_secs: 1.0,
+            pings: 500,
+            http_secs: 0.5,
+            e2e_secs: 1.0,
+        },
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke | Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views => {
-            root.join("target/bench-smoke")
-        }
+        _ => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
