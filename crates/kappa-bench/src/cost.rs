@@ -131,7 +131,7 @@ pub async fn run(
     readings: Option<u64>,
     command: String,
 ) -> anyhow::Result<()> {
-    const ROUNDS: usize = 3;
+    use crate::rounds::ROUNDS;
     let n = readings.unwrap_or(50_000);
     let sensors = 1_000;
     let dir = root.join(format!("target/bench-tmp/cost-{}", std::process::id()));
@@ -139,26 +139,24 @@ pub async fn run(
     let servers = Servers::start(&dir, false).await?;
     let mut ctx = Ctx::new(servers, bin_dir).await?;
     ctx.start_registry().await?;
-    let mut runs: Vec<(Scenario, Run)> = Vec::new();
-    for i in 0..ROUNDS {
-        for s in SCENARIOS {
-            eprintln!("[cost] round {}/{ROUNDS}: {}", i + 1, label(s));
-            let r = run_one(&ctx, s, n, sensors).await;
-            eprintln!(
-                "  {:?} readings/s, {:?} µs CPU per reading {}",
-                r.rate.map(f64::round),
-                r.cpu_total().map(|c| (c * 10.0).round() / 10.0),
-                r.error.as_deref().unwrap_or("")
-            );
-            runs.push((s, r));
-        }
-    }
+    let rounds = crate::rounds::alternate("cost", &SCENARIOS, ROUNDS, label, async |_, s| {
+        let r = run_one(&ctx, s, n, sensors).await;
+        eprintln!(
+            "  {:?} readings/s, {:?} µs CPU per reading {}",
+            r.rate.map(f64::round),
+            r.cpu_total().map(|c| (c * 10.0).round() / 10.0),
+            r.error.as_deref().unwrap_or("")
+        );
+        r
+    })
+    .await;
     drop(ctx);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let of = |s: Scenario| runs.iter().filter(move |(x, _)| *x == s).map(|(_, r)| r);
-    let rate = |s: Scenario| crate::median(of(s).filter_map(|r| r.rate).collect());
-    let cpu = |s: Scenario| crate::median(of(s).filter_map(Run::cpu_total).collect());
+    let of = |s: Scenario| rounds.of(s);
+    let rate = |s: Scenario| rounds.median(s, |r| r.rate);
+    let cpu = |s: Scenario| rounds.median(s, Run::cpu_total);
+    let runs = &rounds.runs;
     let (base_rate, base_cpu) = (rate(Scenario::Relay), cpu(Scenario::Relay));
     let (date, nproc) = crate::report::stamp();
     let mut body = String::new();

@@ -108,10 +108,6 @@ fn r_err(what: &str, e: anyhow::Error) -> String {
     format!("{what}: {}", crate::short(&e))
 }
 
-fn median(v: Vec<f64>) -> Option<f64> {
-    crate::median(v)
-}
-
 /// The median round by a latency's p99 (its whole distribution is shown).
 fn median_lat(v: Vec<Lat>) -> Option<Lat> {
     let mut v = v;
@@ -188,45 +184,40 @@ pub async fn run(
     readings: Option<u64>,
     command: String,
 ) -> anyhow::Result<()> {
-    const ROUNDS: usize = 3;
+    use crate::rounds::ROUNDS;
     let n = readings.unwrap_or(20_000);
     let sensors = 1_000;
     let (hop_rate, hop_secs) = (500.0, 5.0);
     let tmp = root.join(format!("target/bench-tmp/{}", std::process::id()));
     let started = Instant::now();
-    let mut rounds: Vec<(Durability, Round)> = Vec::new();
-    for i in 0..ROUNDS {
-        for d in [Durability::Default, Durability::Strict] {
-            eprintln!("[durability] round {}/{ROUNDS}: {d:?}", i + 1);
-            let dir = tmp.join(format!("{d:?}-{i}").to_lowercase());
-            match round(&dir, &bin_dir, d, n, sensors, hop_rate, hop_secs).await {
-                Ok(r) => {
-                    eprintln!(
-                        "  publish {:?}/s, thermometer {:?}/s, temperature-delta {:?}/s, one hop p99 {:?} ms, redis write p99 {:?} ms {:?}",
-                        r.raw_publish_per_s.map(|v| v.round()),
-                        r.thermometer_per_s.map(|v| v.round()),
-                        r.td_remote_per_s.map(|v| v.round()),
-                        r.one_hop.map(|l| l.p99_ms),
-                        r.redis_write.map(|l| l.p99_ms),
-                        r.errors
-                    );
-                    rounds.push((d, r));
-                }
-                Err(e) => {
-                    eprintln!("  round failed: {e:#}");
-                    rounds.push((
-                        d,
-                        Round {
-                            errors: vec![crate::short(&e)],
-                            ..Default::default()
-                        },
-                    ));
+    let rr = crate::rounds::alternate("durability", &[Durability::Default, Durability::Strict], ROUNDS, |d| format!("{d:?}"), async |i, d| {
+        let dir = tmp.join(format!("{d:?}-{i}").to_lowercase());
+        match round(&dir, &bin_dir, d, n, sensors, hop_rate, hop_secs).await {
+            Ok(r) => {
+                eprintln!(
+                    "  publish {:?}/s, thermometer {:?}/s, temperature-delta {:?}/s, one hop p99 {:?} ms, redis write p99 {:?} ms {:?}",
+                    r.raw_publish_per_s.map(|v| v.round()),
+                    r.thermometer_per_s.map(|v| v.round()),
+                    r.td_remote_per_s.map(|v| v.round()),
+                    r.one_hop.map(|l| l.p99_ms),
+                    r.redis_write.map(|l| l.p99_ms),
+                    r.errors
+                );
+                r
+            }
+            Err(e) => {
+                eprintln!("  round failed: {e:#}");
+                Round {
+                    errors: vec![crate::short(&e)],
+                    ..Default::default()
                 }
             }
         }
-    }
-    let of = |d: Durability| rounds.iter().filter(move |(x, _)| *x == d).map(|(_, r)| r);
-    let rate = |d: Durability, f: fn(&Round) -> Option<f64>| median(of(d).filter_map(f).collect());
+    })
+    .await;
+    let rounds = &rr.runs;
+    let of = |d: Durability| rr.of(d);
+    let rate = |d: Durability, f: fn(&Round) -> Option<f64>| rr.median(d, f);
     let latency =
         |d: Durability, f: fn(&Round) -> Option<Lat>| median_lat(of(d).filter_map(f).collect());
     let (def, strict) = (Durability::Default, Durability::Strict);

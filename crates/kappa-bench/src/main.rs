@@ -13,6 +13,7 @@ mod durability;
 mod infra;
 mod latency;
 mod report;
+mod rounds;
 mod ryw;
 mod services;
 mod topology;
@@ -95,6 +96,22 @@ enum Mode {
     Views,
 }
 
+impl Mode {
+    /// The mode's own section of BENCHMARKS.md, for the modes that measure one comparison on
+    /// servers of their own; `None` for `all` and `smoke`, which run the main tables.
+    fn section(self) -> Option<&'static str> {
+        match self {
+            Mode::All | Mode::Smoke => None,
+            Mode::Durability => Some("durability"),
+            Mode::Topology => Some("topology"),
+            Mode::Ryw => Some("ryw"),
+            Mode::Cost => Some("cost"),
+            Mode::Views => Some("views"),
+            Mode::Latency => Some("latency"),
+        }
+    }
+}
+
 struct Plan {
     name: &'static str,
     n: u64,
@@ -146,21 +163,10 @@ fn short(e: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     services::set_service_env(cli.service_env.clone());
-    if matches!(
-        cli.mode,
-        Mode::Durability | Mode::Topology | Mode::Ryw | Mode::Cost | Mode::Views | Mode::Latency
-    ) {
+    if let Some(name) = cli.mode.section() {
         let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
             kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
         });
-        let name = match cli.mode {
-            Mode::Durability => "durability",
-            Mode::Ryw => "ryw",
-            Mode::Cost => "cost",
-            Mode::Views => "views",
-            Mode::Latency => "latency",
-            _ => "topology",
-        };
         if cli.reuse {
             anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
         }
@@ -181,7 +187,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Latency => latency::run(&root, bin_dir, out, cli.readings, command).await,
-            _ => topology::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::All | Mode::Smoke => anyhow::bail!("{name}: not a section mode"),
         };
     }
     let plan = match cli.mode {
@@ -198,13 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_secs: 5.0,
             e2e_secs: 10.0,
         },
-        Mode::Smoke
-        | Mode::Durability
-        | Mode::Topology
-        | Mode::Ryw
-        | Mode::Cost
-        | Mode::Views
-        | Mode::Latency => Plan {
+        _ => Plan {
             name: "smoke",
             n: cli.readings.unwrap_or(2_000),
             sensors: 100,
@@ -220,13 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.out.clone().unwrap_or_else(|| match cli.mode {
         Mode::All => root.join("docs"),
-        Mode::Smoke
-        | Mode::Durability
-        | Mode::Topology
-        | Mode::Ryw
-        | Mode::Cost
-        | Mode::Views
-        | Mode::Latency => root.join("target/bench-smoke"),
+        _ => root.join("target/bench-smoke"),
     });
     let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| {
         kappa_testkit::procs::bin_dir().unwrap_or_else(|_| root.join("target/release"))
@@ -260,62 +255,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Each throughput baseline runs RUNS times on fresh streams (message ids repeat between
     // runs and would be deduplicated otherwise); the median counts, so that one unlucky moment
     // on a shared machine does not move every ratio.
-    const RUNS: usize = 3;
-    let median_of = |v: Vec<anyhow::Result<f64>>| -> anyhow::Result<f64> {
-        let mut errs = Vec::new();
-        let ok: Vec<f64> = v
-            .into_iter()
-            .filter_map(|r| r.map_err(|e| errs.push(e)).ok())
-            .collect();
-        match median(ok) {
-            Some(m) => Ok(m),
-            None => Err(errs
-                .pop()
-                .unwrap_or_else(|| anyhow::anyhow!("no run finished"))),
-        }
-    };
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    const RUNS: usize = rounds::ROUNDS;
+    let b_pub = rounds::median_run(RUNS, async || {
         let _ = ctx.js.delete_stream("BENCH_READINGS").await;
-        runs.push(baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await);
-    }
-    let b_pub = median_of(runs);
+        baseline::raw_publish(&ctx.js, plan.n, plan.sensors).await
+    })
+    .await;
     // CPU per message of each process, to say where the time goes (table "CPU per message").
     let mut cpu_rows: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
-    let mut runs = Vec::new();
     let meter = ctx.cpu_meter("service", None);
-    for _ in 0..RUNS {
+    let b_relay = rounds::median_run(RUNS, async || {
         let _ = ctx.js.delete_stream("BENCH_DELTAS").await;
-        runs.push(
-            baseline::relay(
-                &ctx.js,
-                &baseline::bench_readings(),
-                Sink::Stream(baseline::bench_deltas()),
-                plan.n,
-            )
-            .await,
-        );
-    }
-    let b_relay = median_of(runs);
+        let sink = Sink::Stream(baseline::bench_deltas());
+        baseline::relay(&ctx.js, &baseline::bench_readings(), sink, plan.n).await
+    })
+    .await;
     cpu_rows.push((
         "relay (2), in kappa-bench".into(),
         meter.per_msg(plan.n * RUNS as u64),
     ));
     let redis_conn = ctx.servers.redis(&ctx.servers.redis_url).await?;
-    let mut runs = Vec::new();
     let meter = ctx.cpu_meter("service", None);
-    for _ in 0..RUNS {
-        runs.push(
-            baseline::relay(
-                &ctx.js,
-                &baseline::bench_deltas(),
-                Sink::Redis(redis_conn.clone()),
-                plan.n,
-            )
-            .await,
-        );
-    }
-    let b_redis = median_of(runs);
+    let b_redis = rounds::median_run(RUNS, async || {
+        let sink = Sink::Redis(redis_conn.clone());
+        baseline::relay(&ctx.js, &baseline::bench_deltas(), sink, plan.n).await
+    })
+    .await;
     cpu_rows.push((
         "Redis relay (3), in kappa-bench".into(),
         meter.per_msg(plan.n * RUNS as u64),
@@ -432,15 +397,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // The headline runs, like the baselines, are the median of RUNS runs (by throughput).
     for w in ["local", "remote", "affinity"] {
-        let mut runs = Vec::with_capacity(RUNS);
-        for _ in 0..RUNS {
-            runs.push(run_td(&ctx, case(w, "semi-stateless", plan.sensors, false)).await);
-        }
         let rate = |r: &(TdCase, anyhow::Result<TdResult>)| {
             r.1.as_ref().map_or(f64::NEG_INFINITY, |x| x.rate)
         };
-        runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
-        results.push(runs.swap_remove(runs.len() / 2));
+        let run = async || run_td(&ctx, case(w, "semi-stateless", plan.sensors, false)).await;
+        results.push(rounds::median_by(RUNS, rate, run).await);
     }
     eprintln!("[3/7] {} sensors, kill -9 recovery", plan.big);
     for w in ["local", "remote", "affinity"] {

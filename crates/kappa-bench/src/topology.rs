@@ -93,16 +93,18 @@ pub async fn run(
     readings: Option<u64>,
     command: String,
 ) -> anyhow::Result<()> {
-    const ROUNDS: usize = 3;
+    use crate::rounds::ROUNDS;
     let n = readings.unwrap_or(20_000);
     let sensors = 1_000;
     let hop = (500.0, 5.0);
     let tmp = root.join(format!("target/bench-tmp/{}", std::process::id()));
     let started = Instant::now();
-    let mut rounds: Vec<(Topology, Round)> = Vec::new();
-    for i in 0..ROUNDS {
-        for t in LAYOUTS {
-            eprintln!("[topology] round {}/{ROUNDS}: {}", i + 1, label(t));
+    let rr = crate::rounds::alternate(
+        "topology",
+        &LAYOUTS,
+        ROUNDS,
+        |t| label(t).to_string(),
+        async |i, t| {
             let dir = tmp.join(format!("{t:?}-{i}").to_lowercase());
             let r = round(&dir, &bin_dir, t, (n, sensors), hop)
                 .await
@@ -117,12 +119,13 @@ pub async fn run(
                 r.one_hop.map(|l| l.p99_ms),
                 r.errors
             );
-            rounds.push((t, r));
-        }
-    }
-    let of = |t: Topology| rounds.iter().filter(move |(x, _)| *x == t).map(|(_, r)| r);
-    let rate =
-        |t: Topology, f: fn(&Round) -> Option<f64>| crate::median(of(t).filter_map(f).collect());
+            r
+        },
+    )
+    .await;
+    let rounds = &rr.runs;
+    let of = |t: Topology| rr.of(t);
+    let rate = |t: Topology, f: fn(&Round) -> Option<f64>| rr.median(t, f);
     let hop_of = |t: Topology| {
         let mut v: Vec<Lat> = of(t).filter_map(|r| r.one_hop).collect();
         v.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));

@@ -423,7 +423,7 @@ pub async fn run(
     readings: Option<u64>,
     command: String,
 ) -> anyhow::Result<()> {
-    const ROUNDS: usize = 3;
+    use crate::rounds::ROUNDS;
     let readings = readings.unwrap_or(200_000);
     let sensors = 1_000;
     let dir = root.join(format!("target/bench-tmp/views-{}", std::process::id()));
@@ -434,31 +434,28 @@ pub async fn run(
     eprintln!("[views] pre-filling DELTAS from {readings} readings");
     let n = prefill(&ctx, readings, sensors).await?;
     eprintln!("[views] DELTAS holds {n} deltas");
-    let mut runs: Vec<(Scenario, Run)> = Vec::new();
-    for i in 0..ROUNDS {
-        for s in SCENARIOS {
-            eprintln!("[views] round {}/{ROUNDS}: {}", i + 1, label(s));
-            let r = run_one(&ctx, s, n).await;
-            eprintln!(
-                "  {:?} deltas/s, {:?} µs CPU per delta, {:.0} batches x {:.0}, {:.2} ms per batch, apply {:?} ms, {:.1} Redis commands per batch {}",
-                r.rate.map(f64::round),
-                r.cpu_total().map(|c| (c * 10.0).round() / 10.0),
-                r.batches,
-                r.mean_batch,
-                r.mean_batch_ms,
-                r.mean_apply_ms.map(|x| (x * 1000.0).round() / 1000.0),
-                r.redis_cmds_per_batch,
-                r.error.as_deref().unwrap_or("")
-            );
-            runs.push((s, r));
-        }
-    }
+    let rounds = crate::rounds::alternate("views", &SCENARIOS, ROUNDS, |s| label(s).to_string(), async |_, s| {
+        let r = run_one(&ctx, s, n).await;
+        eprintln!(
+            "  {:?} deltas/s, {:?} µs CPU per delta, {:.0} batches x {:.0}, {:.2} ms per batch, apply {:?} ms, {:.1} Redis commands per batch {}",
+            r.rate.map(f64::round),
+            r.cpu_total().map(|c| (c * 10.0).round() / 10.0),
+            r.batches,
+            r.mean_batch,
+            r.mean_batch_ms,
+            r.mean_apply_ms.map(|x| (x * 1000.0).round() / 1000.0),
+            r.redis_cmds_per_batch,
+            r.error.as_deref().unwrap_or("")
+        );
+        r
+    })
+    .await;
     drop(ctx);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let of = |s: Scenario| runs.iter().filter(move |(x, _)| *x == s).map(|(_, r)| r);
-    let med =
-        |s: Scenario, f: fn(&Run) -> Option<f64>| crate::median(of(s).filter_map(f).collect());
+    let of = |s: Scenario| rounds.of(s);
+    let med = |s: Scenario, f: fn(&Run) -> Option<f64>| rounds.median(s, f);
+    let runs = &rounds.runs;
     let rate = |s: Scenario| med(s, |r| r.rate);
     let cpu = |s: Scenario| med(s, Run::cpu_total);
     let (base_rate, base_cpu) = (rate(Scenario::Baseline), cpu(Scenario::Baseline));
