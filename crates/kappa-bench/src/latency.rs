@@ -10,16 +10,15 @@
 //! markers) and the key `latency` of `benchmarks.json`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context as _;
 use serde_json::json;
 
 use crate::baseline::{self, Lat};
 use crate::durability::write_section;
-use crate::infra::{CpuMeter, Servers, version_of};
+use crate::infra::{CpuMeter, version_of};
 use crate::report::fmt_lat;
-use crate::services::{self, Ctx, Hops, TdCase};
+use crate::services::{self, Dag, Hops};
 
 /// The section's name in `BENCHMARKS.md`.
 pub const SECTION: &str = "latency";
@@ -63,18 +62,8 @@ pub async fn run(
     let secs: f64 = 10.0;
     let dir = root.join(format!("target/bench-tmp/latency-{}", std::process::id()));
     let started = Instant::now();
-    let servers = Servers::start(&dir, false).await?;
-    let mut ctx = Ctx::new(servers, bin_dir).await?;
-    ctx.start_registry().await?;
-    let case = TdCase::drain("remote", "semi-stateless", sensors, n);
-    eprintln!("[latency] temperature-delta on {n} readings");
-    let (_td, td) = services::temperature_delta(&ctx, &case).await?;
-    let mut td = td.context("temperature-delta did not stay up")?;
-    let deltas = kappa_testkit::streams::count(&ctx.js, thermo_domain::streams::DELTAS).await;
-    eprintln!("[latency] view-builder on {deltas} deltas");
-    let (_vb_rate, _, mut vb, _) = services::view_builder(&ctx, deltas).await?;
-    let mut qa = ctx.spawn("query-api", &[], &[])?;
-    qa.wait_ready(Duration::from_secs(60)).await?;
+    let dag = Dag::start("latency", &dir, bin_dir, n, sensors).await?;
+    let (ctx, td, vb, qa) = (&dag.ctx, &dag.td, &dag.vb, &dag.qa);
     let mut procs: Vec<(&'static str, u32)> = vec![
         ("temperature-delta", td.pid()),
         ("view-builder", vb.pid()),
@@ -85,7 +74,7 @@ pub async fn run(
     procs.extend(ctx.servers.redis_pid.map(|p| ("redis-server", p)));
     let max_n = (n / 2).max(100);
     let meter = CpuMeter::start(&procs);
-    let max = services::pipeline_max(&ctx, &vb.http, max_n, sensors).await?;
+    let max = services::pipeline_max(ctx, &vb.http, max_n, sensors).await?;
     let drain_cpu = meter.per_msg(max_n);
     eprintln!("[latency] the DAG's sustained maximum: {max:.0} readings/s");
     let mut levels = Vec::new();
@@ -102,7 +91,7 @@ pub async fn run(
             Err(e) => l.errors.push(format!("one hop: {}", crate::short(&e))),
         }
         let meter = CpuMeter::start(&procs);
-        match services::e2e(&ctx, &qa.http, rate, secs, sensors, false).await {
+        match services::e2e(ctx, &qa.http, rate, secs, sensors, false).await {
             Ok((h, seen, sent, _, busy)) => {
                 l.cpu = meter.per_msg(sent);
                 l.e2e = Some(h);
@@ -122,7 +111,7 @@ pub async fn run(
         levels.push(l);
     }
     let split: Option<(Lat, Hops, Option<f64>)> =
-        match services::e2e(&ctx, &qa.http, max * 0.5, secs, sensors, true).await {
+        match services::e2e(ctx, &qa.http, max * 0.5, secs, sensors, true).await {
             Ok((l, _, _, Some(h), busy)) => Some((l, h, busy)),
             Ok(_) => None,
             Err(e) => {
@@ -130,10 +119,7 @@ pub async fn run(
                 None
             }
         };
-    qa.terminate(Duration::from_secs(10));
-    vb.terminate(Duration::from_secs(10));
-    td.terminate(Duration::from_secs(10));
-    drop(ctx);
+    dag.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
     let (date, nproc) = crate::report::stamp();

@@ -20,9 +20,9 @@ use serde_json::json;
 
 use crate::baseline::{self, Lat, histogram, lat};
 use crate::durability::write_section;
-use crate::infra::{Servers, version_of};
+use crate::infra::version_of;
 use crate::report::fmt_lat;
-use crate::services::{self, Ctx, TdCase};
+use crate::services::{self, Ctx, Dag};
 
 /// The section's name in `BENCHMARKS.md`.
 pub const SECTION: &str = "ryw";
@@ -155,19 +155,9 @@ pub async fn run(
     let secs: f64 = 20.0;
     let dir = root.join(format!("target/bench-tmp/ryw-{}", std::process::id()));
     let started = Instant::now();
-    let servers = Servers::start(&dir, false).await?;
-    let mut ctx = Ctx::new(servers, bin_dir).await?;
-    ctx.start_registry().await?;
-    let case = TdCase::drain("remote", "semi-stateless", sensors, n);
-    eprintln!("[ryw] temperature-delta on {n} readings");
-    let (_td, td) = services::temperature_delta(&ctx, &case).await?;
-    let mut td = td.context("temperature-delta did not stay up")?;
-    let deltas = kappa_testkit::streams::count(&ctx.js, thermo_domain::streams::DELTAS).await;
-    eprintln!("[ryw] view-builder on {deltas} deltas");
-    let (_vb_rate, _, mut vb, _) = services::view_builder(&ctx, deltas).await?;
-    let mut qa = ctx.spawn("query-api", &[], &[])?;
-    qa.wait_ready(Duration::from_secs(60)).await?;
-    let max = services::pipeline_max(&ctx, &vb.http, (n / 2).max(100), sensors).await?;
+    let dag = Dag::start("ryw", &dir, bin_dir, n, sensors).await?;
+    let (ctx, vb, qa) = (&dag.ctx, &dag.vb, &dag.qa);
+    let max = services::pipeline_max(ctx, &vb.http, (n / 2).max(100), sensors).await?;
     eprintln!("[ryw] the DAG's sustained maximum: {max:.0} readings/s");
     let mut levels = Vec::new();
     for load in [0.1, 0.5] {
@@ -181,7 +171,7 @@ pub async fn run(
             Ok(h) => l.one_hop = Some(h),
             Err(e) => l.errors.push(format!("one hop: {}", crate::short(&e))),
         }
-        match bounded_reads(&ctx, &qa.http, (rate, secs), sensors).await {
+        match bounded_reads(ctx, &qa.http, (rate, secs), sensors).await {
             Ok((h, total, wrong, refused)) => {
                 l.ryw = Some(h);
                 l.readings = total;
@@ -202,10 +192,7 @@ pub async fn run(
         );
         levels.push(l);
     }
-    qa.terminate(Duration::from_secs(10));
-    vb.terminate(Duration::from_secs(10));
-    td.terminate(Duration::from_secs(10));
-    drop(ctx);
+    dag.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
     let (date, nproc) = crate::report::stamp();

@@ -850,3 +850,45 @@ fn split_hops(
         to_live: lat(&c),
     })
 }
+
+/// The whole DAG on fresh servers in `dir`: sensor-registry, temperature-delta (`remote`) after
+/// draining `n` pre-filled readings over `sensors` sensors, view-builder after applying their
+/// deltas, and query-api, every one ready. What `ryw` and `latency` measure on.
+pub struct Dag {
+    pub ctx: Ctx,
+    pub td: Proc,
+    pub vb: Proc,
+    pub qa: Proc,
+}
+
+impl Dag {
+    /// Starts it; `tag` prefixes the progress lines.
+    pub async fn start(
+        tag: &str,
+        dir: &std::path::Path,
+        bin_dir: PathBuf,
+        n: u64,
+        sensors: u64,
+    ) -> anyhow::Result<Dag> {
+        let servers = Servers::start(dir, false).await?;
+        let mut ctx = Ctx::new(servers, bin_dir).await?;
+        ctx.start_registry().await?;
+        let case = TdCase::drain("remote", "semi-stateless", sensors, n);
+        eprintln!("[{tag}] temperature-delta on {n} readings");
+        let (_, td) = temperature_delta(&ctx, &case).await?;
+        let td = td.context("temperature-delta did not stay up")?;
+        let deltas = count(&ctx.js, thermo_domain::streams::DELTAS).await;
+        eprintln!("[{tag}] view-builder on {deltas} deltas");
+        let (_, _, vb, _) = view_builder(&ctx, deltas).await?;
+        let mut qa = ctx.spawn("query-api", &[], &[])?;
+        qa.wait_ready(Duration::from_secs(60)).await?;
+        Ok(Dag { ctx, td, vb, qa })
+    }
+
+    /// Stops the three services (SIGTERM, then kill after 10 s each).
+    pub fn stop(mut self) {
+        self.qa.terminate(Duration::from_secs(10));
+        self.vb.terminate(Duration::from_secs(10));
+        self.td.terminate(Duration::from_secs(10));
+    }
+}
