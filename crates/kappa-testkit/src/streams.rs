@@ -38,13 +38,26 @@ pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
     }
 }
 
-/// Every message of a stream, in order (empty if the stream does not exist). Reads as many
-/// messages as the stream held when asked, with an ordered consumer; each may take 10 s.
+/// Every message of a stream, in order (empty if the stream does not exist).
+///
+/// Reads with an ordered consumer up to the stream's last sequence as its leader reported it
+/// when asked (each message may take 10 s), keeping one copy per sequence. An ordered consumer
+/// on a replicated stream can skip a sequence while it resets across a leader change (seen
+/// once in CI on an R3 stream: the oracle then judged a delta "for an unknown reading"); so
+/// when fewer distinct sequences arrived than the stream holds, each missing one is fetched
+/// from the leader with a message get, and one the leader does not have either (deleted) is
+/// left out. The result is therefore what the leader stores, not what one replica delivered.
 pub async fn read(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<Stored>> {
     let Ok(mut s) = js.get_stream(stream).await else {
         return Ok(Vec::new());
     };
-    let total = s.info().await.map(|i| i.state.messages).unwrap_or(0);
+    let state = s
+        .info()
+        .await
+        .with_context(|| format!("info of {stream}"))?
+        .state
+        .clone();
+    let (total, first, last) = (state.messages, state.first_sequence, state.last_sequence);
     if total == 0 {
         return Ok(Vec::new());
     }
@@ -59,22 +72,50 @@ pub async fn read(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<S
         .messages()
         .await
         .with_context(|| format!("messages of {stream}"))?;
-    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    while (out.len() as u64) < total {
+    let mut by_seq: std::collections::BTreeMap<u64, Stored> = std::collections::BTreeMap::new();
+    let mut highest = 0u64;
+    while highest < last && (by_seq.len() as u64) < total {
         let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
             .await
-            .with_context(|| format!("reading {stream} timed out after {} messages", out.len()))?
-            .with_context(|| format!("{stream} ended after {} of {total} messages", out.len()))?
+            .with_context(|| format!("reading {stream} timed out after {} messages", by_seq.len()))?
+            .with_context(|| format!("{stream} ended after {} of {total} messages", by_seq.len()))?
             .map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        out.push(Stored {
-            seq,
-            subject: m.subject.to_string(),
-            headers: m.headers.clone(),
-            payload: m.payload.clone(),
-        });
+        highest = highest.max(seq);
+        if seq <= last {
+            by_seq.entry(seq).or_insert_with(|| Stored {
+                seq,
+                subject: m.subject.to_string(),
+                headers: m.headers.clone(),
+                payload: m.payload.clone(),
+            });
+        }
     }
-    Ok(out)
+    drop(msgs);
+    if (by_seq.len() as u64) < total {
+        for seq in first..=last {
+            if by_seq.contains_key(&seq) {
+                continue;
+            }
+            match s.get_raw_message(seq).await {
+                Ok(m) => {
+                    by_seq.insert(
+                        seq,
+                        Stored {
+                            seq,
+                            subject: m.subject.to_string(),
+                            headers: Some(m.headers),
+                            payload: m.payload,
+                        },
+                    );
+                }
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(anyhow::anyhow!("getting {stream} #{seq}: {e}")),
+            }
+        }
+    }
+    Ok(by_seq.into_values().collect())
 }
 
 /// Deletes the named streams; one that does not exist is no error (scratch servers only).
