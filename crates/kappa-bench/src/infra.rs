@@ -32,6 +32,28 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Context switches (voluntary + involuntary) of all of a process's threads so far
+/// (`/proc/<pid>/task/*/status`): each is a thread going to sleep or being preempted, so at a
+/// low rate they count the wake-ups an input costs. Threads that ended are not counted.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(s) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for l in s.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some(total)
+}
+
 /// The whole machine's CPU counters (`/proc/stat`, first line): (busy, total) in ticks.
 pub fn machine_ticks() -> Option<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
@@ -57,6 +79,8 @@ pub fn busy_share(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
 pub struct CpuMeter {
     /// (name, pid, CPU seconds at start).
     procs: Vec<(&'static str, u32, f64)>,
+    /// Context switches of each process at start, in the order of `procs`.
+    switches: Vec<u64>,
 }
 
 impl CpuMeter {
@@ -67,7 +91,22 @@ impl CpuMeter {
                 .iter()
                 .map(|&(name, pid)| (name, pid, cpu_secs(pid).unwrap_or(0.0)))
                 .collect(),
+            switches: procs
+                .iter()
+                .map(|&(_, pid)| context_switches(pid).unwrap_or(0))
+                .collect(),
         }
+    }
+    /// Context switches per message of each process since `start`, over `n` messages.
+    pub fn switches_per_msg(&self, n: u64) -> Vec<(&'static str, f64)> {
+        self.procs
+            .iter()
+            .zip(&self.switches)
+            .map(|(&(name, pid, _), &start)| {
+                let now = context_switches(pid).unwrap_or(start);
+                (name, now.saturating_sub(start) as f64 / n.max(1) as f64)
+            })
+            .collect()
     }
     /// CPU µs per message of each process since `start`, over `n` messages.
     pub fn per_msg(&self, n: u64) -> Vec<(&'static str, f64)> {
@@ -78,6 +117,99 @@ impl CpuMeter {
                 (name, used * 1e6 / n.max(1) as f64)
             })
             .collect()
+    }
+}
+
+/// Messages and Redis commands counted between two moments: what each NATS connection sent
+/// to the server (by connection name, from nats-server's `/connz`) and what Redis ran (by
+/// command, from `INFO commandstats`). Counts, unlike CPU or time, do not depend on what else
+/// the machine is doing, so they say where round trips per input come from on any machine.
+#[derive(Debug, Clone, Default)]
+pub struct Traffic {
+    /// Messages sent to nats-server, by connection name.
+    pub nats: std::collections::BTreeMap<String, u64>,
+    /// Calls, by Redis command.
+    pub redis: std::collections::BTreeMap<String, u64>,
+}
+
+impl Traffic {
+    /// The counts now (empty parts when a server does not answer).
+    pub async fn read(monitor: Option<&str>, redis_url: &str) -> Traffic {
+        let mut t = Traffic::default();
+        if let Some(m) = monitor
+            && let Ok(r) = reqwest::get(format!("http://{m}/connz?limit=4096")).await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            for c in v["connections"].as_array().into_iter().flatten() {
+                let name = c["name"].as_str().unwrap_or("(unnamed)").to_string();
+                *t.nats.entry(name).or_default() += c["in_msgs"].as_u64().unwrap_or(0);
+            }
+        }
+        if let Ok(client) = redis::Client::open(redis_url)
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            && let Ok(info) = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async::<String>(&mut conn)
+                .await
+        {
+            // cmdstat_evalsha:calls=12,usec=...
+            for line in info.lines() {
+                if let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(':'))
+                    && let Some(calls) = rest
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix("calls="))
+                        .and_then(|c| c.parse().ok())
+                {
+                    t.redis.insert(name.to_string(), calls);
+                }
+            }
+        }
+        t
+    }
+
+    /// What was counted from `before` to `self`, per input over `n` inputs, largest first
+    /// (entries under 0.01 per input left out).
+    pub fn per_input(&self, before: &Traffic, n: u64) -> TrafficPerInput {
+        let per = |now: &std::collections::BTreeMap<String, u64>,
+                   then: &std::collections::BTreeMap<String, u64>| {
+            let mut v: Vec<(String, f64)> = now
+                .iter()
+                .map(|(k, &c)| {
+                    let d = c.saturating_sub(then.get(k).copied().unwrap_or(0));
+                    (k.clone(), d as f64 / n.max(1) as f64)
+                })
+                .filter(|(_, x)| *x >= 0.01)
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v
+        };
+        TrafficPerInput {
+            nats: per(&self.nats, &before.nats),
+            redis: per(&self.redis, &before.redis),
+        }
+    }
+}
+
+/// [`Traffic`] per input: (name, count per input), largest first.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrafficPerInput {
+    /// NATS messages sent per input, by connection.
+    pub nats: Vec<(String, f64)>,
+    /// Redis calls per input, by command.
+    pub redis: Vec<(String, f64)>,
+}
+
+impl TrafficPerInput {
+    /// One line: `total (a x, b y, ...)` for the NATS part and the Redis part.
+    pub fn describe(&self) -> (String, String) {
+        let line = |v: &[(String, f64)]| {
+            let total: f64 = v.iter().map(|(_, x)| x).sum();
+            let parts: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
+            format!("{total:.2} ({})", parts.join(", "))
+        };
+        (line(&self.nats), line(&self.redis))
     }
 }
 
@@ -133,6 +265,9 @@ pub struct Servers {
     pub nats_pid: Option<u32>,
     /// redis-server's (TCP) pid when this run started it.
     pub redis_pid: Option<u32>,
+    /// `host:port` of nats-server's monitoring endpoint when this run started it (message
+    /// counts per connection, [`Traffic`]).
+    pub nats_monitor: Option<String>,
     _procs: Vec<Proc>,
 }
 
@@ -169,6 +304,7 @@ impl Servers {
     ) -> anyhow::Result<Servers> {
         std::fs::create_dir_all(dir.join("logs"))?;
         let mut procs = Vec::new();
+        let mut nats_monitor = None;
         let (nats_url, redis_url) = if reuse {
             (
                 std::env::var("NATS_URL").context("--reuse needs NATS_URL")?,
@@ -176,10 +312,13 @@ impl Servers {
             )
         } else {
             let np = free_port()?;
+            let mp = free_port()?;
+            nats_monitor = Some(format!("127.0.0.1:{mp}"));
             let js_dir = dir.join("js");
             let _ = std::fs::remove_dir_all(&js_dir);
             let mut nats = Command::new("nats-server");
             nats.args(["-js", "-a", "127.0.0.1", "-p", &np.to_string()]);
+            nats.args(["-m", &mp.to_string()]);
             if durability != Durability::Strict {
                 nats.arg("-sd").arg(&js_dir);
             } else {
@@ -254,6 +393,7 @@ impl Servers {
         Ok(Servers {
             nats_pid: pid_of("nats-server"),
             redis_pid: pid_of("redis-server"),
+            nats_monitor,
             env: Vec::new(),
             service_env: Vec::new(),
             nats_url,
@@ -272,6 +412,7 @@ impl Servers {
             return Ok(s);
         }
         s._procs.retain(|p| p.name != "nats-server");
+        s.nats_monitor = None;
         let _ = std::fs::remove_dir_all(dir.join("js"));
         let nodes = if t == Topology::ThreeNodes { 3 } else { 1 };
         let ports: Vec<(u16, u16)> = (0..nodes)

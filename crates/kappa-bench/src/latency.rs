@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::baseline::{self, Lat};
 use crate::durability::write_section;
-use crate::infra::{CpuMeter, version_of};
+use crate::infra::{CpuMeter, Traffic, TrafficPerInput, version_of};
 use crate::report::fmt_lat;
 use crate::services::{self, Dag, Hops};
 
@@ -35,6 +35,10 @@ struct Level {
     machine_busy: Option<f64>,
     /// CPU µs per reading of each process during the open loop.
     cpu: Vec<(&'static str, f64)>,
+    /// Context switches per reading of each process during the open loop.
+    switches: Vec<(&'static str, f64)>,
+    /// NATS messages and Redis calls per reading during the open loop.
+    traffic: TrafficPerInput,
     /// The goal on p99 e2e / p99 one hop at this load, if the issue sets one.
     goal: Option<f64>,
     errors: Vec<String>,
@@ -73,9 +77,32 @@ pub async fn run(
     procs.extend(ctx.servers.nats_pid.map(|p| ("nats-server", p)));
     procs.extend(ctx.servers.redis_pid.map(|p| ("redis-server", p)));
     let max_n = (n / 2).max(100);
+    let monitor = ctx.servers.nats_monitor.clone();
+    let redis_url = ctx.servers.redis_url.clone();
+    let traffic = || Traffic::read(monitor.as_deref(), &redis_url);
+    // What the DAG costs doing nothing (timers, heartbeats, leases, probes): CPU ms per second.
+    let idle_secs = 5.0;
     let meter = CpuMeter::start(&procs);
+    let before = traffic().await;
+    tokio::time::sleep(std::time::Duration::from_secs_f64(idle_secs)).await;
+    // per_msg over 1000 "messages" = CPU µs per 1000 = ms; divided by the seconds: ms/s.
+    let idle_cpu: Vec<(&'static str, f64)> = meter
+        .per_msg(1000)
+        .into_iter()
+        .map(|(n, ms)| (n, ms / idle_secs))
+        .collect();
+    let idle_switches: Vec<(&'static str, f64)> = meter
+        .switches_per_msg(1)
+        .into_iter()
+        .map(|(n, c)| (n, c / idle_secs))
+        .collect();
+    let idle_traffic = traffic().await.per_input(&before, idle_secs as u64);
+    let meter = CpuMeter::start(&procs);
+    let before = traffic().await;
     let max = services::pipeline_max(ctx, &vb.http, max_n, sensors).await?;
     let drain_cpu = meter.per_msg(max_n);
+    let drain_switches = meter.switches_per_msg(max_n);
+    let drain_traffic = traffic().await.per_input(&before, max_n);
     eprintln!("[latency] the DAG's sustained maximum: {max:.0} readings/s");
     let mut levels = Vec::new();
     for (load, goal) in [(0.1, None), (0.5, Some(4.0)), (0.8, Some(8.0))] {
@@ -91,9 +118,12 @@ pub async fn run(
             Err(e) => l.errors.push(format!("one hop: {}", crate::short(&e))),
         }
         let meter = CpuMeter::start(&procs);
+        let before = traffic().await;
         match services::e2e(ctx, &qa.http, rate, secs, sensors, false).await {
             Ok((h, seen, sent, _, busy)) => {
                 l.cpu = meter.per_msg(sent);
+                l.switches = meter.switches_per_msg(sent);
+                l.traffic = traffic().await.per_input(&before, sent);
                 l.e2e = Some(h);
                 l.seen = seen;
                 l.sent = sent;
@@ -208,6 +238,15 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join(" | ")
     ));
+    body.push_str(&format!(
+        "| idle, CPU ms per second | {} | {:.1} | - |\n",
+        names
+            .iter()
+            .map(|n| of(&idle_cpu, n))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        total(&idle_cpu)
+    ));
     for l in levels.iter().filter(|l| !l.cpu.is_empty()) {
         let t = total(&l.cpu);
         body.push_str(&format!(
@@ -223,6 +262,57 @@ pub async fn run(
         ));
     }
     body.push('\n');
+    body.push_str(
+        "Context switches per reading (voluntary + involuntary, every thread of each process, \
+         from `/proc/<pid>/task/*/status`): the wake-ups a reading costs.\n\n",
+    );
+    body.push_str(&format!(
+        "| run | {} | total |\n|{}\n",
+        names.join(" | "),
+        " --- |".repeat(names.len() + 2)
+    ));
+    let row = |label: String, v: &[(&'static str, f64)]| {
+        format!(
+            "| {label} | {} | {:.1} |\n",
+            names
+                .iter()
+                .map(|n| of(v, n))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            total(v)
+        )
+    };
+    body.push_str(&row(format!("drain ({max:.0}/s)"), &drain_switches));
+    body.push_str(&row("idle, per second".into(), &idle_switches));
+    for l in levels.iter().filter(|l| !l.switches.is_empty()) {
+        body.push_str(&row(
+            format!("open loop {:.0}% ({:.0}/s)", l.load * 100.0, l.rate),
+            &l.switches,
+        ));
+    }
+    body.push('\n');
+    // Round trips per reading: counts, so they hold on any machine, loaded or not.
+    if !drain_traffic.nats.is_empty() || levels.iter().any(|l| !l.traffic.nats.is_empty()) {
+        body.push_str(
+            "Messages per reading (counted, not timed: the same on any machine): what each NATS \
+             connection sent to the server (nats-server `/connz` `in_msgs`, by connection \
+             name), and Redis calls (by command, `INFO commandstats`), divided by the \
+             readings.\n\n| run | NATS messages per reading | Redis calls per reading |\n| --- | --- | --- |\n",
+        );
+        let (n, r) = drain_traffic.describe();
+        body.push_str(&format!("| drain ({max:.0}/s) | {n} | {r} |\n"));
+        let (n, r) = idle_traffic.describe();
+        body.push_str(&format!("| idle, per second | {n} | {r} |\n"));
+        for l in &levels {
+            let (n, r) = l.traffic.describe();
+            body.push_str(&format!(
+                "| open loop {:.0}% ({:.0}/s) | {n} | {r} |\n",
+                l.load * 100.0,
+                l.rate
+            ));
+        }
+        body.push('\n');
+    }
     let errors: Vec<String> = levels.iter().flat_map(|l| l.errors.clone()).collect();
     if !errors.is_empty() {
         body.push_str(&format!("> Not measured: {}\n\n", errors.join("; ")));
@@ -236,7 +326,9 @@ pub async fn run(
         SECTION,
         &body,
         json!({"date": date, "command": command, "max_rate": max, "sensors": sensors,
-            "drain_cpu_us": drain_cpu,
+            "drain_cpu_us": drain_cpu, "drain_traffic": drain_traffic,
+            "idle_cpu_ms_per_s": idle_cpu, "idle_switches_per_s": idle_switches,
+            "idle_traffic_per_s": idle_traffic,
             "secs": secs, "levels": levels,
             "split": split.map(|(l, h, busy)| json!({"e2e": l, "hops": h, "machine_busy": busy}))}),
     )
