@@ -39,6 +39,8 @@ struct Level {
     switches: Vec<(&'static str, f64)>,
     /// NATS messages and Redis calls per reading during the open loop.
     traffic: TrafficPerInput,
+    /// Mean batch size of temperature-delta and view-builder during the open loop.
+    batch: Vec<(&'static str, f64)>,
     /// The goal on p99 e2e / p99 one hop at this load, if the issue sets one.
     goal: Option<f64>,
     errors: Vec<String>,
@@ -53,17 +55,49 @@ impl Level {
     }
 }
 
+/// `kappa_batch_size`'s (sum, count) of each of `services` (name, `/metrics` address).
+async fn batches(
+    http: &reqwest::Client,
+    services: &[(&'static str, String)],
+) -> Vec<(&'static str, f64, f64)> {
+    let mut out = Vec::new();
+    for (name, addr) in services {
+        let page = kappa_testkit::metrics::scrape(http, addr)
+            .await
+            .unwrap_or_default();
+        out.push((
+            *name,
+            kappa_testkit::metrics::sum(&page, "kappa_batch_size_sum"),
+            kappa_testkit::metrics::sum(&page, "kappa_batch_size_count"),
+        ));
+    }
+    out
+}
+
+/// Mean batch size of each service between two [`batches`] readings.
+fn mean_batches(
+    before: &[(&'static str, f64, f64)],
+    after: &[(&'static str, f64, f64)],
+) -> Vec<(&'static str, f64)> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(&(n, s0, c0), &(_, s1, c1))| (n, if c1 > c0 { (s1 - s0) / (c1 - c0) } else { 0.0 }))
+        .collect()
+}
+
 /// Runs the measurement and writes the section.
 pub async fn run(
     root: &Path,
     bin_dir: PathBuf,
     out: PathBuf,
     readings: Option<u64>,
+    secs: Option<f64>,
     command: String,
 ) -> anyhow::Result<()> {
     let n = readings.unwrap_or(20_000);
     let sensors = 1_000;
-    let secs: f64 = 10.0;
+    let secs: f64 = secs.unwrap_or(10.0).max(0.5);
     let dir = root.join(format!("target/bench-tmp/latency-{}", std::process::id()));
     let started = Instant::now();
     let dag = Dag::start("latency", &dir, bin_dir, n, sensors).await?;
@@ -77,6 +111,10 @@ pub async fn run(
     procs.extend(ctx.servers.nats_pid.map(|p| ("nats-server", p)));
     procs.extend(ctx.servers.redis_pid.map(|p| ("redis-server", p)));
     let max_n = (n / 2).max(100);
+    let batching: Vec<(&'static str, String)> = vec![
+        ("temperature-delta", td.http.clone()),
+        ("view-builder", vb.http.clone()),
+    ];
     let monitor = ctx.servers.nats_monitor.clone();
     let redis_url = ctx.servers.redis_url.clone();
     let traffic = || Traffic::read(monitor.as_deref(), &redis_url);
@@ -99,10 +137,12 @@ pub async fn run(
     let idle_traffic = traffic().await.per_input(&before, idle_secs as u64);
     let meter = CpuMeter::start(&procs);
     let before = traffic().await;
+    let b0 = batches(&ctx.http, &batching).await;
     let max = services::pipeline_max(ctx, &vb.http, max_n, sensors).await?;
     let drain_cpu = meter.per_msg(max_n);
     let drain_switches = meter.switches_per_msg(max_n);
     let drain_traffic = traffic().await.per_input(&before, max_n);
+    let drain_batch = mean_batches(&b0, &batches(&ctx.http, &batching).await);
     eprintln!("[latency] the DAG's sustained maximum: {max:.0} readings/s");
     let mut levels = Vec::new();
     for (load, goal) in [(0.1, None), (0.5, Some(4.0)), (0.8, Some(8.0))] {
@@ -119,11 +159,13 @@ pub async fn run(
         }
         let meter = CpuMeter::start(&procs);
         let before = traffic().await;
+        let b0 = batches(&ctx.http, &batching).await;
         match services::e2e(ctx, &qa.http, rate, secs, sensors, false).await {
             Ok((h, seen, sent, _, busy)) => {
                 l.cpu = meter.per_msg(sent);
                 l.switches = meter.switches_per_msg(sent);
                 l.traffic = traffic().await.per_input(&before, sent);
+                l.batch = mean_batches(&b0, &batches(&ctx.http, &batching).await);
                 l.e2e = Some(h);
                 l.seen = seen;
                 l.sent = sent;
@@ -297,18 +339,28 @@ pub async fn run(
             "Messages per reading (counted, not timed: the same on any machine): what each NATS \
              connection sent to the server (nats-server `/connz` `in_msgs`, by connection \
              name), and Redis calls (by command, `INFO commandstats`), divided by the \
-             readings.\n\n| run | NATS messages per reading | Redis calls per reading |\n| --- | --- | --- |\n",
+             readings; and the mean batch of temperature-delta and view-builder (`kappa_batch_size`).\n\n| run | mean batch (td / vb) | NATS messages per reading | Redis calls per reading |\n| --- | --- | --- | --- |\n",
         );
+        let mean = |v: &[(&'static str, f64)]| {
+            v.iter()
+                .map(|x| format!("{:.1}", x.1))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
         let (n, r) = drain_traffic.describe();
-        body.push_str(&format!("| drain ({max:.0}/s) | {n} | {r} |\n"));
+        body.push_str(&format!(
+            "| drain ({max:.0}/s) | {} | {n} | {r} |\n",
+            mean(&drain_batch)
+        ));
         let (n, r) = idle_traffic.describe();
-        body.push_str(&format!("| idle, per second | {n} | {r} |\n"));
+        body.push_str(&format!("| idle, per second | - | {n} | {r} |\n"));
         for l in &levels {
             let (n, r) = l.traffic.describe();
             body.push_str(&format!(
-                "| open loop {:.0}% ({:.0}/s) | {n} | {r} |\n",
+                "| open loop {:.0}% ({:.0}/s) | {} | {n} | {r} |\n",
                 l.load * 100.0,
-                l.rate
+                l.rate,
+                mean(&l.batch)
             ));
         }
         body.push('\n');

@@ -53,6 +53,10 @@ struct Cli {
     /// Readings per throughput run (default: 100000 for `all`, 2000 for `smoke`).
     #[arg(long, global = true)]
     readings: Option<u64>,
+    /// Seconds of each open-loop load level of `latency` and `ryw` (default 10 and 20): short
+    /// runs keep the harness working (CI), the defaults measure.
+    #[arg(long, global = true)]
+    secs: Option<f64>,
     /// Where the service binaries are (default: the directory of this executable).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
@@ -183,10 +187,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let out = cli.out.clone().unwrap_or_else(|| root.join("docs"));
         return match cli.mode {
             Mode::Durability => durability::run(&root, bin_dir, out, cli.readings, command).await,
-            Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Ryw => ryw::run(&root, bin_dir, out, cli.readings, cli.secs, command).await,
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
-            Mode::Latency => latency::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Latency => {
+                latency::run(&root, bin_dir, out, cli.readings, cli.secs, command).await
+            }
             Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::All | Mode::Smoke => anyhow::bail!("{name}: not a section mode"),
         };
@@ -1000,4 +1006,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     drop(ctx);
     let _ = std::fs::remove_dir_all(tmp.join("js"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_env_pairs_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_env_pair("KAPPA_LINGER_MS=0"),
+            Ok(("KAPPA_LINGER_MS".into(), "0".into()))
+        );
+        assert_eq!(parse_env_pair("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(
+            parse_env_pair("EMPTY="),
+            Ok(("EMPTY".into(), String::new()))
+        );
+        for bad in ["NOVALUE", "=x", ""] {
+            let e = parse_env_pair(bad).unwrap_err();
+            assert!(e.contains("expected NAME=VALUE"), "{bad}: {e}");
+        }
+        // The flag goes through clap with the same message.
+        let e = Cli::try_parse_from(["kappa-bench", "--service-env", "oops", "smoke"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("expected NAME=VALUE"), "{e}");
+    }
 }

@@ -148,11 +148,12 @@ pub async fn run(
     bin_dir: PathBuf,
     out: PathBuf,
     readings: Option<u64>,
+    secs: Option<f64>,
     command: String,
 ) -> anyhow::Result<()> {
     let n = readings.unwrap_or(20_000);
     let sensors = 1_000;
-    let secs: f64 = 20.0;
+    let secs: f64 = secs.unwrap_or(20.0).max(0.5);
     let dir = root.join(format!("target/bench-tmp/ryw-{}", std::process::id()));
     let started = Instant::now();
     let dag = Dag::start("ryw", &dir, bin_dir, n, sensors).await?;

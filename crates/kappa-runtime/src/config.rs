@@ -299,10 +299,12 @@ pub struct Settings {
     /// Largest batch processed at once.
     #[arg(long, env = "KAPPA_BATCH", default_value_t = 256)]
     pub batch: usize,
-    /// Milliseconds a partial batch may wait for more inputs while they arrive densely (0 =
-    /// never: lowest latency; 2 ms cut CPU by a fifth at 8k readings/s, see docs/operations.md).
-    #[arg(long, env = "KAPPA_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
-    pub linger_ms: u64,
+    /// How long a partial batch may wait for more inputs while they arrive densely: `auto`
+    /// (default: as long as the previous batch took, up to 5 ms, see
+    /// [`crate::partition::Linger`]), `0` (never: lowest latency at any load, most CPU at
+    /// moderate rates) or a number of milliseconds up to 1000 (see docs/operations.md).
+    #[arg(long = "linger-ms", env = "KAPPA_LINGER_MS", default_value = "auto", value_parser = crate::partition::Linger::parse)]
+    pub linger: crate::partition::Linger,
     /// Seconds between snapshots (`local` and `affinity`).
     #[arg(long, env = "KAPPA_SNAPSHOT_SECS", default_value_t = 5)]
     pub snapshot_interval_secs: u64,

@@ -240,7 +240,7 @@ impl<C: Compute> DomainService<C> {
             input,
             consumer_prefix: self.name.clone(),
             batch: s.batch,
-            linger: Duration::from_millis(s.linger_ms),
+            linger: s.linger,
         };
         let result = run_owned_standing_by(
             js,

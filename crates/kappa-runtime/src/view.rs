@@ -490,7 +490,7 @@ impl<V: View> ViewService<V> {
             input,
             consumer_prefix: name.clone(),
             batch: s.batch,
-            linger: Duration::from_millis(s.linger_ms),
+            linger: s.linger,
         };
         let result = run_owned(js, &name, s, driver, board, shutdown.clone(), move |p| {
             ViewProcessor {
