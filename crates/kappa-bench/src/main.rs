@@ -1024,7 +1024,7 @@ mod tests {
             Ok(("EMPTY".into(), String::new()))
         );
         for bad in ["NOVALUE", "=x", ""] {
-            let e = parse_env_pair(bad).unwrap_err();
+            let e = parse_env_pair(bad).expect_err(bad);
             assert!(e.contains("expected NAME=VALUE"), "{bad}: {e}");
         }
         // The flag goes through clap with the same message.

@@ -879,7 +879,7 @@ mod tests {
             Ok(Linger::Fixed(Duration::from_millis(2)))
         );
         for bad in ["", "-1", "1001", "2ms", "soon"] {
-            let e = Linger::parse(bad).unwrap_err();
+            let e = Linger::parse(bad).expect_err(bad);
             assert!(e.contains("auto, 0 or milliseconds"), "{bad}: {e}");
         }
         let ms = Duration::from_millis;
