@@ -18,6 +18,10 @@
 //! 6. the changed entities are committed with the partition's position, after every ack.
 //!
 //! Any failure drops what is held in memory; the retry starts again from step 2.
+//!
+//! With `KAPPA_STANDBYS`, [`standby`] keeps copies of partitions other instances own by
+//! folding their change log with the same rules as step 2; `open` takes the copy of the
+//! partition it opens, if there is one, and offers it to the working state.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -13,7 +13,9 @@
 //!    *then* the sequence `L` of the partition's last change; once the feed has delivered `L`,
 //!    the copy's position becomes `P`. The owner appends an input's change before the commit
 //!    that moves its position, and reports the position after that commit, so every change of
-//!    an input at or below `P` is at or below `L`: the copy holds it.
+//!    an input at or below `P` is at or below `L`: the copy holds it (except for an entity
+//!    whose snapshot entry was older than the feed's start and that the feed has not touched
+//!    since: the engine refolds that one when it loads it, as for any stale snapshot entry).
 //!
 //! At a takeover the engine [`takes`](Standbys::take) the copy: the follower reads `P` and `L`
 //! one last time, waits (briefly) until the feed delivered `L`, stops, and hands the copy over;

@@ -9,7 +9,7 @@
 //! under a newer epoch than the one held in memory drops the memory: another instance may have
 //! run the partition in between, so it is recovered from the snapshot and replayed.
 //!
-//! Standbys (`KAPPA_STANDBYS`): a standby of this instance ([`crate::engine`]'s follower) keeps a
+//! Standbys (`KAPPA_STANDBYS`): a standby of this instance (the engine's follower) keeps a
 //! copy of a partition another instance owns, starting from the snapshot ([`WorkingState::peek`])
 //! and folding the change log into it; at a takeover [`WorkingState::open_warm`] is offered the
 //! copy. A copy is never written to and fences nothing: `open_warm` still claims the partition's
