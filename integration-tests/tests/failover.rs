@@ -14,7 +14,9 @@
 //! - Long version (`KAPPA_FAULTS_LONG=1`, on demand): the default lease TTL (6 s) and duplicate
 //!   window (120 s), A stopped 150 s.
 //!
-//! `failover_local_standby` runs the `local` sequence with `KAPPA_STANDBYS=1`.
+//! `failover_local_standby` runs the `local` sequence with `KAPPA_STANDBYS=1` and snapshots too
+//! rare to be taken (`KAPPA_SNAPSHOT_SECS=600`), so every takeover that uses a standby copy uses
+//! one built from the change log and the owner's reported position.
 //!
 //! Each run prints `MATRIX|zombie-stop+kill9|<option>|inputs|lost|doubled|wrong|recover_secs`
 //! (recover_secs: from the kill -9 of B until A and C own every partition) for the matrix.
@@ -78,7 +80,12 @@ async fn zombie_then_second_failover(working: &str, standbys: &str) {
             ("KAPPA_WORKING", working),
             ("KAPPA_LEASE_TTL_SECS", &ttl_s),
             ("KAPPA_DUPLICATE_WINDOW_SECS", &window_s),
-            ("KAPPA_SNAPSHOT_SECS", "1"),
+            // With a standby, snapshots too rare to be taken during the run: the standby
+            // copies are built from the change log and the owners' positions alone.
+            (
+                "KAPPA_SNAPSHOT_SECS",
+                if standbys == "0" { "1" } else { "600" },
+            ),
             ("KAPPA_STANDBYS", standbys),
         ],
     )

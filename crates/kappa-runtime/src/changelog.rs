@@ -137,6 +137,33 @@ impl EntityLog {
         }
     }
 
+    /// A subject filter matching every stored message of partition `partition`'s entities
+    /// (`<prefix>.<partition>.*`); `None` for a [`Layout::Flat`] log, whose subjects do not name
+    /// the partition.
+    pub fn partition_filter(&self, partition: u32) -> Option<String> {
+        match self.layout {
+            Layout::Flat => None,
+            Layout::Partitioned => Some(format!("{}.{partition}.*", self.prefix)),
+        }
+    }
+
+    /// The stream sequence of the last message of partition `partition`'s entities (0 if
+    /// none; always 0 for a [`Layout::Flat`] log).
+    pub async fn last_in_partition(&self, partition: u32) -> Result<u64, RuntimeError> {
+        let Some(filter) = self.partition_filter(partition) else {
+            return Ok(0);
+        };
+        let s = self.handle().await?;
+        match s.direct_get_last_for_subject(filter).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(RuntimeError::JetStream(format!(
+                "last message of partition {partition} in {}: {e}",
+                self.stream
+            ))),
+        }
+    }
+
     async fn handle(&self) -> Result<jetstream::stream::Stream<()>, RuntimeError> {
         self.js
             .get_stream_no_info(&self.stream)
@@ -228,6 +255,19 @@ impl EntityLog {
             .send_publish(self.subject(key), msg)
             .await
             .map_err(|e| RuntimeError::JetStream(format!("append to {}: {e}", self.stream)))
+    }
+}
+
+impl Entry {
+    /// The entry a stored message is: its stream sequence, headers and payload.
+    pub fn from_message(stream_seq: u64, headers: Option<&HeaderMap>, payload: Bytes) -> Self {
+        Self {
+            stream_seq,
+            source_seq: headers.map_or(0, source_seq),
+            source_stream: headers.map_or(0, |h| number(h, SOURCE_STREAM_HEADER)),
+            writer: headers.and_then(writer),
+            payload,
+        }
     }
 }
 

@@ -289,8 +289,9 @@ pub struct Settings {
     #[arg(long, env = "KAPPA_LEASE_TTL_SECS", default_value_t = 6)]
     pub lease_ttl_secs: u64,
     /// Standbys per partition (`local` working state with leases; 0 = none): an instance keeps
-    /// a warm copy of the latest snapshot of each partition it stands by for, so a takeover
-    /// does not read the snapshot again.
+    /// a warm copy of each partition it stands by for, from its snapshot and then its change
+    /// log and the owner's committed position, so a takeover neither reads the snapshot again
+    /// nor replays the inputs decided after it.
     #[arg(long, env = "KAPPA_STANDBYS", default_value_t = 0)]
     pub standbys: u32,
     /// With `--ownership static`: the partitions this instance runs, `all` or a list like `0,1,5`.

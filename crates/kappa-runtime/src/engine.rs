@@ -18,6 +18,10 @@
 //! 6. the changed entities are committed with the partition's position, after every ack.
 //!
 //! Any failure drops what is held in memory; the retry starts again from step 2.
+//!
+//! With `KAPPA_STANDBYS`, [`standby`] keeps copies of partitions other instances own by
+//! folding their change log with the same rules as step 2; `open` takes the copy of the
+//! partition it opens, if there is one, and offers it to the working state.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +37,9 @@ use crate::dlq::DeadLetters;
 use crate::observed::{ObservedError, ObservedState};
 use crate::partition::{Input, ProcessError, Processor};
 use crate::working::WorkingState;
+
+mod standby;
+pub(crate) use standby::Standbys;
 
 /// Version of the stored form of an entity.
 const STORED_VERSION: u8 = 3;
@@ -136,6 +143,8 @@ pub(crate) struct Parts<C: Compute> {
     pub js: async_nats::jetstream::Context,
     /// Where each partition's committed position is published (read-your-writes).
     pub progress: crate::progress::Reporter,
+    /// Warm copies of the partitions this instance stands by for (`KAPPA_STANDBYS`).
+    pub standbys: Option<Arc<Standbys<C>>>,
 }
 
 /// Which logged outcomes the engine believes: written by this service, for an input that
@@ -151,6 +160,9 @@ struct Trust<'a> {
     input_last: u64,
     /// Identity of the change log now.
     log: u64,
+    /// A standby's copy judges too, but the owner is the one that counts and reports an
+    /// ignored message (so one forged message is not counted once per instance).
+    quiet: bool,
 }
 
 /// What a logged outcome is worth.
@@ -181,6 +193,14 @@ impl Trust<'_> {
         let ours = ours && source_stream == self.source;
         if ours && source_seq <= self.input_last {
             return Belief::Decided;
+        }
+        if self.quiet {
+            tracing::debug!(
+                key,
+                stream_seq,
+                "standby copy: an untrusted message ignored"
+            );
+            return Belief::Ignored;
         }
         metrics::counter!("kappa_untrusted_outcomes_total").increment(1);
         tracing::error!(
@@ -274,6 +294,7 @@ impl<C: Compute> Engine<C> {
             source,
             input_last,
             log: self.log,
+            quiet: false,
         };
         let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
             |((key, value), last)| {
@@ -518,29 +539,7 @@ async fn recover_entity<C: Compute>(
             Entity::default()
         }),
     };
-    if entity.source != trust.source {
-        // Decided against a stream that was replaced (or never): its sequences say nothing
-        // about the current stream's inputs. The state itself stays.
-        entity.decided = 0;
-        entity.source = trust.source;
-        entity.dirty = true;
-    }
-    if entity.log != trust.log {
-        if entity.log != 0 {
-            // The change log was replaced (deleted and created again): `change_seq` points
-            // into a stream that is gone. The state is kept (it is the fold of the old log);
-            // whatever the new log holds for the entity was written after the replacement and
-            // is folded in below, from its first message.
-            metrics::counter!("kappa_changelog_replaced_entities_total").increment(1);
-            tracing::debug!(
-                key,
-                "change log replaced since this state was stored; following the new one"
-            );
-            entity.change_seq = 0;
-        }
-        entity.log = trust.log;
-        entity.dirty = true;
-    }
+    follow_identities(&mut entity, trust, key);
     if let Some(last) = last_change
         && last.stream_seq > entity.change_seq
     {
@@ -551,30 +550,7 @@ async fn recover_entity<C: Compute>(
             .await?;
         let n = missed.len();
         for m in missed {
-            let belief = trust.weigh(
-                key,
-                m.stream_seq,
-                m.writer.as_deref(),
-                (m.source_stream, m.source_seq),
-            );
-            if belief == Belief::Ignored {
-                entity.change_seq = m.stream_seq;
-                continue;
-            }
-            match serde_json::from_slice::<C::Change>(&m.payload) {
-                Ok(change) => {
-                    p.compute.evolve(&mut entity.state, &change);
-                    if belief == Belief::Decided {
-                        entity.decided = entity.decided.max(m.source_seq);
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!("kappa_changelog_undecodable_total").increment(1);
-                    tracing::error!(key, seq = m.stream_seq, error = %e,
-                        "a change in the log is undecodable; skipped");
-                }
-            }
-            entity.change_seq = m.stream_seq;
+            fold_logged(&*p.compute, trust, key, &mut entity, &m);
         }
         entity.dirty = true;
         metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
@@ -595,6 +571,71 @@ async fn recover_entity<C: Compute>(
         }
     }
     Ok(entity)
+}
+
+/// Brings a stored entity's identities in line with the streams as they are now (`trust`):
+/// decisions about a replaced input stream decide nothing any more, and a `change_seq` into a
+/// replaced change log counts as 0 (the state, the fold of the old log, is kept, and what the
+/// new log holds for the entity is folded from its first message).
+fn follow_identities<S>(entity: &mut Entity<S>, trust: &Trust<'_>, key: &str) {
+    if entity.source != trust.source {
+        // Decided against a stream that was replaced (or never): its sequences say nothing
+        // about the current stream's inputs. The state itself stays.
+        entity.decided = 0;
+        entity.source = trust.source;
+        entity.dirty = true;
+    }
+    if entity.log != trust.log {
+        if entity.log != 0 {
+            // The change log was replaced (deleted and created again): `change_seq` points
+            // into a stream that is gone. The state is kept (it is the fold of the old log);
+            // whatever the new log holds for the entity was written after the replacement and
+            // is folded in by the caller, from its first message.
+            metrics::counter!("kappa_changelog_replaced_entities_total").increment(1);
+            tracing::debug!(
+                key,
+                "change log replaced since this state was stored; following the new one"
+            );
+            entity.change_seq = 0;
+        }
+        entity.log = trust.log;
+        entity.dirty = true;
+    }
+}
+
+/// Folds one logged change of `key` into `entity` if it is believed (see [`Trust`]); the
+/// entity's `change_seq` moves past it either way.
+fn fold_logged<C: Compute>(
+    compute: &C,
+    trust: &Trust<'_>,
+    key: &str,
+    entity: &mut Entity<C::State>,
+    m: &crate::changelog::Entry,
+) {
+    let belief = trust.weigh(
+        key,
+        m.stream_seq,
+        m.writer.as_deref(),
+        (m.source_stream, m.source_seq),
+    );
+    if belief == Belief::Ignored {
+        entity.change_seq = m.stream_seq;
+        return;
+    }
+    match serde_json::from_slice::<C::Change>(&m.payload) {
+        Ok(change) => {
+            compute.evolve(&mut entity.state, &change);
+            if belief == Belief::Decided {
+                entity.decided = entity.decided.max(m.source_seq);
+            }
+        }
+        Err(e) => {
+            metrics::counter!("kappa_changelog_undecodable_total").increment(1);
+            tracing::error!(key, seq = m.stream_seq, error = %e,
+                "a change in the log is undecodable; skipped");
+        }
+    }
+    entity.change_seq = m.stream_seq;
 }
 
 impl<C: Compute> Engine<C> {
@@ -654,11 +695,26 @@ impl<C: Compute> Processor for Engine<C> {
         self.partition = partition;
         self.entities.clear();
         let p = self.parts.clone();
-        let mut position = p.working.open(partition, self.epoch).await?;
+        // A standby's copy first (its follower stops), then the streams' identities: if they
+        // are still those the copy was built against, every change it folded is of this log
+        // and its position of this input stream. The claim happens in `open_warm`, before the
+        // copy is used.
+        let taken = match &p.standbys {
+            Some(s) => s.take(partition).await,
+            None => None,
+        };
         let (source, last) = crate::partition::stream_identity(&p.js, &p.input_stream).await?;
         self.log = crate::partition::stream_identity(&p.js, p.changes.log().stream())
             .await?
             .0;
+        let warm = taken.and_then(|t| {
+            let same = t.source == source && t.log == self.log;
+            if !same {
+                tracing::warn!(partition, "standby copy not used: the input stream or the change log was replaced since it was started");
+            }
+            same.then_some(t.copy)
+        });
+        let mut position = p.working.open_warm(partition, self.epoch, warm).await?;
         let recorded = p
             .working
             .load(partition, &[SOURCE_KEY.to_string()])
@@ -699,6 +755,16 @@ impl<C: Compute> Processor for Engine<C> {
                 error = %e, "closing working state failed");
         }
         self.entities.clear();
+    }
+}
+
+impl<C: Compute> Drop for Engine<C> {
+    /// However the partition's ownership ended (handover, fence, shutdown), this instance may
+    /// stand by for it again.
+    fn drop(&mut self) {
+        if let Some(s) = &self.parts.standbys {
+            s.released(self.partition);
+        }
     }
 }
 

@@ -38,14 +38,13 @@ use crate::changelog::{ChangeLog, EntityLog, Layout};
 use crate::compute::Compute;
 use crate::config::{Ownership, Settings};
 use crate::dlq::DeadLetters;
-use crate::engine::{Engine, Parts};
+use crate::engine::{Engine, Parts, Standbys};
 use crate::http::Health;
 use crate::observed::ObservedSource;
 use crate::partition::{
     DriverConfig, PartitionBoard, PartitionState, PartitionedStream, Processor,
 };
 use crate::shutdown::CancellationToken;
-use crate::working::WorkingState;
 
 /// A domain kappa service being assembled: see the module docs.
 pub struct DomainService<C: Compute> {
@@ -195,7 +194,6 @@ impl<C: Compute> DomainService<C> {
                 }),
             );
         }
-        let standing_by = working.clone();
         let kind = working.kind();
         let w = working.clone();
         svc.health.register(
@@ -214,20 +212,38 @@ impl<C: Compute> DomainService<C> {
         let progress =
             crate::progress::Reporter::start(&js, &self.name, options.replicas, shutdown.clone())
                 .await?;
-        let parts = Arc::new(Parts {
-            compute: Arc::new(self.compute),
-            service: self.name.clone(),
-            changes: ChangeLog::new(
-                EntityLog::new(
-                    js.clone(),
-                    &out_stream,
-                    &out_prefix,
-                    Layout::Partitioned,
-                    &self.name,
-                ),
+        let compute = Arc::new(self.compute);
+        let changes = ChangeLog::new(
+            EntityLog::new(
+                js.clone(),
+                &out_stream,
+                &out_prefix,
+                Layout::Partitioned,
                 &self.name,
-                C::CHANGE_SCHEMA,
             ),
+            &self.name,
+            C::CHANGE_SCHEMA,
+        );
+        let standbys = if s.standbys > 0 && s.ownership == Ownership::Leases {
+            let reader =
+                crate::progress::ProgressReader::open(&js, &self.name, Duration::ZERO).await?;
+            Some(Arc::new(Standbys::new(
+                compute.clone(),
+                &self.name,
+                changes.clone(),
+                working.clone(),
+                svc.nats.clone(),
+                &input.stream,
+                reader,
+                shutdown.clone(),
+            )))
+        } else {
+            None
+        };
+        let parts = Arc::new(Parts {
+            compute,
+            service: self.name.clone(),
+            changes,
             dlq: DeadLetters::new(js.clone(), &self.name),
             observed,
             working,
@@ -235,6 +251,7 @@ impl<C: Compute> DomainService<C> {
             input_stream: input.stream.clone(),
             js: js.clone(),
             progress,
+            standbys: standbys.clone(),
         });
         let driver = DriverConfig {
             input,
@@ -250,7 +267,7 @@ impl<C: Compute> DomainService<C> {
             board,
             shutdown.clone(),
             move |p| Engine::new(parts.clone(), p),
-            Some(standing_by),
+            standbys.map(|s| s as Arc<dyn StandBy>),
         )
         .await;
         shutdown.cancel();
@@ -301,12 +318,23 @@ where
     run_owned_standing_by(js, service, settings, driver, board, shutdown, make, None).await
 }
 
-/// How often a standby refreshes its copies (reads each snapshot marker; the snapshot itself
-/// only when the marker moved).
+/// How often a standby moves its copies on (reads each owner's committed position and the
+/// partition's last change; the copies follow the change log continuously in between).
 const STANDBY_EVERY: Duration = Duration::from_secs(1);
 
-/// [`run_owned`], and with leases and `KAPPA_STANDBYS` > 0 keeps warm copies in `working` of
-/// the partitions this instance stands by for ([`WorkingState::stand_by`]).
+/// What keeps warm copies of the partitions an instance stands by for (`KAPPA_STANDBYS`); a
+/// domain service's standbys follow its change log (see `engine::standby`).
+pub trait StandBy: Send + Sync + 'static {
+    /// Keeps copies of `partitions` (and of no other) and moves them on; called every
+    /// second with the partitions this instance stands by for.
+    fn stand_by<'a>(
+        &'a self,
+        partitions: &'a BTreeSet<u32>,
+    ) -> futures::future::BoxFuture<'a, Result<(), RuntimeError>>;
+}
+
+/// [`run_owned`], and with leases and `KAPPA_STANDBYS` > 0 keeps, through `standby`, warm
+/// copies of the partitions this instance stands by for ([`StandBy::stand_by`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_owned_standing_by<P, F>(
     js: jetstream::Context,
@@ -316,7 +344,7 @@ pub async fn run_owned_standing_by<P, F>(
     board: PartitionBoard,
     shutdown: CancellationToken,
     make: F,
-    working: Option<Arc<dyn WorkingState>>,
+    standby: Option<Arc<dyn StandBy>>,
 ) -> Result<(), RuntimeError>
 where
     P: Processor,
@@ -357,7 +385,7 @@ where
                 standbys: settings.standbys,
                 standby_for: Arc::new(RwLock::new(BTreeSet::new())),
             };
-            if let Some(w) = working.filter(|_| settings.standbys > 0) {
+            if let Some(w) = standby.filter(|_| settings.standbys > 0) {
                 let (set, stop) = (lease.standby_for.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(STANDBY_EVERY);

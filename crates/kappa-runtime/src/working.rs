@@ -22,6 +22,25 @@ use crate::RuntimeError;
 /// One key's new value in a commit.
 pub type Write = (String, Bytes);
 
+/// A partition's snapshot as read: its position and every key's value.
+pub type Snapshot = (u64, Vec<Write>);
+
+/// A copy of a partition kept by a standby (`KAPPA_STANDBYS`) while another instance owned it,
+/// offered to [`WorkingState::open_warm`] at a takeover. It was never written to the store and
+/// fences nothing.
+#[derive(Debug, Default)]
+pub struct WarmCopy {
+    /// The input position it covers: every input at or below it was decided by an owner, with
+    /// its outcome in the logs (a committed position the owner reported).
+    pub position: u64,
+    /// Every key's value, in the stored form (each a committed state of its entity, or one
+    /// brought further by folding changes from the change log).
+    pub values: std::collections::HashMap<String, Bytes>,
+    /// The keys whose values the standby changed since the snapshot it started from: the next
+    /// snapshot writes them.
+    pub changed: Vec<String>,
+}
+
 /// The working-state store of one service instance.
 pub trait WorkingState: Send + Sync + 'static {
     /// Takes partition `partition` over with fencing `epoch` (higher wins), restores it
@@ -57,15 +76,27 @@ pub trait WorkingState: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Which option this is (`local`, `remote`, `affinity`).
     fn kind(&self) -> &'static str;
-    /// Keeps warm copies of `partitions` (those this instance stands by for) and drops the
-    /// others; a later `open` of a partition with a current copy uses it. Only `local` keeps
-    /// copies (the Redis options share their state already); the default does nothing.
-    fn stand_by<'a>(
-        &'a self,
-        partitions: &'a std::collections::BTreeSet<u32>,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
-        let _ = partitions;
-        Box::pin(async { Ok(()) })
+    /// [`WorkingState::open`], offered `warm`: a copy of the partition that a standby of this
+    /// instance kept while another instance owned it ([`WarmCopy`]). The partition is claimed
+    /// under `epoch` first, exactly as by `open`; the copy is used only if it is at least as far
+    /// as what the claim found, otherwise the partition recovers as without one. Only `local`
+    /// uses copies (the Redis options share their state already); the default ignores it.
+    fn open_warm(
+        &self,
+        partition: u32,
+        epoch: u64,
+        warm: Option<WarmCopy>,
+    ) -> BoxFuture<'_, Result<u64, RuntimeError>> {
+        drop(warm);
+        self.open(partition, epoch)
+    }
+
+    /// The latest snapshot of `partition` (its position and every key's value), read without
+    /// claiming or holding anything: the base a standby's copy starts from. `None` for an
+    /// option that keeps no copies (the default).
+    fn peek(&self, partition: u32) -> BoxFuture<'_, Result<Option<Snapshot>, RuntimeError>> {
+        let _ = partition;
+        Box::pin(async { Ok(None) })
     }
 
     /// Why the store is degraded (e.g. snapshots keep failing), `None` when it is not; the

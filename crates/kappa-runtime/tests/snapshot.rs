@@ -255,3 +255,77 @@ async fn large_values_are_chunked_and_a_torn_set_is_detected() {
         ]
     );
 }
+
+/// `local` at a takeover with a standby's copy: the partition is claimed first (a stale epoch
+/// is fenced, copy or not); a copy behind the claimed marker is not used (the snapshot is);
+/// one at or past it is, with its position, and the keys it changed go out with the next
+/// snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_copy_is_used_only_after_the_claim_and_only_at_or_past_its_marker() {
+    use kappa_runtime::working::{WarmCopy, WorkingState, local::LocalState};
+    use std::sync::Arc;
+    let Some(js) = js().await else { return };
+    let ns = namespace("warm");
+    let instance = || async {
+        LocalState::new(Arc::new(
+            Snapshotter::new(js.clone(), &ns)
+                .await
+                .expect("snapshot stream"),
+        ))
+    };
+    let copy = |position: u64, v: &'static [u8]| WarmCopy {
+        position,
+        values: [("k".to_string(), Bytes::from_static(v))].into(),
+        changed: vec!["k".to_string()],
+    };
+    let k = ["k".to_string()];
+    // The owner (epoch 5) commits position 100 and snapshots it.
+    let owner = instance().await;
+    assert_eq!(owner.open(0, 5).await.expect("owner opens"), 0);
+    owner
+        .commit(
+            0,
+            5,
+            100,
+            vec![("k".to_string(), Bytes::from_static(b"v100"))],
+        )
+        .await
+        .expect("commit");
+    owner.close(0).await.expect("flush");
+    // A copy behind the marker: the snapshot is read instead.
+    let behind = instance().await;
+    let at = behind
+        .open_warm(0, 9, Some(copy(50, b"v50")))
+        .await
+        .expect("opens");
+    assert_eq!(at, 100);
+    let v = behind.load(0, &k).await.expect("load");
+    assert_eq!(v, vec![Some(Bytes::from_static(b"v100"))]);
+    // A stale epoch is fenced whatever copy it brings.
+    let stale = instance().await;
+    assert!(matches!(
+        stale.open_warm(0, 7, Some(copy(500, b"v500"))).await,
+        Err(RuntimeError::Fenced(_))
+    ));
+    // A copy past the marker is used, and its changed key is written with the next snapshot.
+    let ahead = instance().await;
+    let at = ahead
+        .open_warm(0, 11, Some(copy(150, b"v150")))
+        .await
+        .expect("opens");
+    assert_eq!(at, 150);
+    let v = ahead.load(0, &k).await.expect("load");
+    assert_eq!(v, vec![Some(Bytes::from_static(b"v150"))]);
+    ahead.close(0).await.expect("flush");
+    let (position, entries) = instance()
+        .await
+        .peek(0)
+        .await
+        .expect("peek")
+        .expect("local keeps copies");
+    assert_eq!(position, 150);
+    assert_eq!(
+        entries,
+        vec![("k".to_string(), Bytes::from_static(b"v150"))]
+    );
+}

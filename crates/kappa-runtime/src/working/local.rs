@@ -9,15 +9,17 @@
 //! under a newer epoch than the one held in memory drops the memory: another instance may have
 //! run the partition in between, so it is recovered from the snapshot and replayed.
 //!
-//! Standbys (`KAPPA_STANDBYS`): [`WorkingState::stand_by`] keeps an un-owned copy of the latest
-//! snapshot of each partition this instance stands by for, refreshed when the snapshot marker
-//! moves. A copy is never written to and fences nothing: `open` still claims the partition's
-//! marker under its epoch first, and uses the copy only if it was read at exactly the marker
-//! position the claim found (the snapshot recovery would read); otherwise it recovers as
-//! without a standby. A copy may miss entries a dead owner published after that marker (its
-//! last flush, cut short before its marker): those keys then hold an older committed state of
-//! their entity, which the engine brings up to date from the change log, as for any stale
-//! snapshot entry ([`super::snapshot`]). So a stale copy costs a refold, never a wrong result.
+//! Standbys (`KAPPA_STANDBYS`): a standby of this instance (the engine's follower) keeps a
+//! copy of a partition another instance owns, starting from the snapshot ([`WorkingState::peek`])
+//! and folding the change log into it; at a takeover [`WorkingState::open_warm`] is offered the
+//! copy. A copy is never written to and fences nothing: `open_warm` still claims the partition's
+//! marker under its epoch first, and uses the copy only if its position is at least the marker
+//! position the claim found (what the snapshot recovery would read); otherwise it recovers as
+//! without a standby. Every value of a copy is a committed state of its entity or one brought
+//! further by changes of the log, naming the last change it folded, so a value the copy missed
+//! something for is refolded from the change log by the engine, as for any stale snapshot entry
+//! ([`super::snapshot`]): a stale copy costs a refold, never a wrong result. The keys the copy
+//! changed since its snapshot are recorded for the next flush, so the snapshot catches up.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::snapshot::Snapshotter;
-use super::{WorkingState, Write};
+use super::{WarmCopy, WorkingState, Write};
 use crate::RuntimeError;
 
 struct Partition {
@@ -35,16 +37,9 @@ struct Partition {
     values: HashMap<String, Bytes>,
 }
 
-/// An un-owned copy of a partition's latest snapshot.
-struct Standby {
-    position: u64,
-    values: HashMap<String, Bytes>,
-}
-
 /// In-memory working state with stream snapshots.
 pub struct LocalState {
     parts: Mutex<HashMap<u32, Partition>>,
-    standbys: Mutex<HashMap<u32, Standby>>,
     snapshots: Arc<Snapshotter>,
 }
 
@@ -53,7 +48,6 @@ impl LocalState {
     pub fn new(snapshots: Arc<Snapshotter>) -> Self {
         Self {
             parts: Mutex::new(HashMap::new()),
-            standbys: Mutex::new(HashMap::new()),
             snapshots,
         }
     }
@@ -93,6 +87,15 @@ fn held(
 
 impl WorkingState for LocalState {
     fn open(&self, partition: u32, epoch: u64) -> BoxFuture<'_, Result<u64, RuntimeError>> {
+        self.open_warm(partition, epoch, None)
+    }
+
+    fn open_warm(
+        &self,
+        partition: u32,
+        epoch: u64,
+        warm: Option<WarmCopy>,
+    ) -> BoxFuture<'_, Result<u64, RuntimeError>> {
         Box::pin(async move {
             if let Ok(mut parts) = self.parts.lock()
                 && let Some(p) = parts.get(&partition)
@@ -111,14 +114,20 @@ impl WorkingState for LocalState {
             }
             let t = std::time::Instant::now();
             let claimed = self.snapshots.open(partition, epoch).await?;
-            let warm = self
-                .standbys
-                .lock()
-                .ok()
-                .and_then(|mut s| s.remove(&partition))
-                .filter(|w| w.position == claimed);
+            let warm = warm.filter(|w| w.position >= claimed);
             let (position, values, source) = match warm {
-                Some(w) => (w.position, w.values, "standby"),
+                Some(w) => {
+                    // The snapshot lags what the copy folded: the next flush writes those keys
+                    // (and moves the marker to the copy's position).
+                    let changed: Vec<Write> = w
+                        .changed
+                        .iter()
+                        .filter_map(|k| w.values.get(k).map(|v| (k.clone(), v.clone())))
+                        .collect();
+                    self.snapshots
+                        .record(partition, epoch, w.position, &changed)?;
+                    (w.position, w.values, "standby")
+                }
                 None => {
                     let (position, entries) = self.snapshots.recover(partition).await?;
                     let values: HashMap<String, Bytes> = entries.into_iter().collect();
@@ -227,56 +236,8 @@ impl WorkingState for LocalState {
         "local"
     }
 
-    fn stand_by<'a>(
-        &'a self,
-        partitions: &'a std::collections::BTreeSet<u32>,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
-        Box::pin(async move {
-            let held: Vec<u32> = self
-                .parts
-                .lock()
-                .map(|p| p.keys().copied().collect())
-                .unwrap_or_default();
-            let current: HashMap<u32, u64> = {
-                let mut s = self
-                    .standbys
-                    .lock()
-                    .map_err(|_| RuntimeError::Corrupt("standby lock poisoned".into()))?;
-                s.retain(|p, _| partitions.contains(p) && !held.contains(p));
-                s.iter().map(|(p, w)| (*p, w.position)).collect()
-            };
-            let mut first_error = None;
-            for &p in partitions {
-                if held.contains(&p) {
-                    continue;
-                }
-                let refreshed = async {
-                    let marker = self.snapshots.position(p).await?;
-                    metrics::gauge!("kappa_standby_position", "partition" => p.to_string())
-                        .set(marker as f64);
-                    if current.get(&p) == Some(&marker) {
-                        return Ok(());
-                    }
-                    let (position, entries) = self.snapshots.recover(p).await?;
-                    let keys = entries.len();
-                    if let Ok(mut s) = self.standbys.lock() {
-                        s.insert(
-                            p,
-                            Standby {
-                                position,
-                                values: entries.into_iter().collect(),
-                            },
-                        );
-                    }
-                    tracing::debug!(partition = p, position, keys, "standby copy refreshed");
-                    Ok::<_, RuntimeError>(())
-                };
-                if let Err(e) = refreshed.await {
-                    first_error.get_or_insert(e);
-                }
-            }
-            first_error.map_or(Ok(()), Err)
-        })
+    fn peek(&self, partition: u32) -> BoxFuture<'_, Result<Option<super::Snapshot>, RuntimeError>> {
+        Box::pin(async move { Ok(Some(self.snapshots.recover(partition).await?)) })
     }
 
     fn degraded(&self) -> Option<String> {
