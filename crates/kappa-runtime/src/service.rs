@@ -259,17 +259,16 @@ impl<C: Compute> DomainService<C> {
             batch: s.batch,
             linger: s.linger,
         };
-        let result = run_owned_standing_by(
+        let owned = Owned {
             js,
-            &self.name,
-            s,
+            service: &self.name,
+            settings: s,
             driver,
             board,
-            shutdown.clone(),
-            move |p| Engine::new(parts.clone(), p),
-            standbys.map(|s| s as Arc<dyn StandBy>),
-        )
-        .await;
+            shutdown: shutdown.clone(),
+            standby: standbys.map(|s| s as Arc<dyn StandBy>),
+        };
+        let result = run_owned(owned, move |p| Engine::new(parts.clone(), p)).await;
         shutdown.cancel();
         svc.drain().await;
         if let Some(h) = http {
@@ -300,24 +299,6 @@ pub fn register_partitions(health: &Health, board: &PartitionBoard, expected: Op
     );
 }
 
-/// Runs one processor per partition this instance owns, with static ownership or leases as
-/// `settings` says, until `shutdown`.
-pub async fn run_owned<P, F>(
-    js: jetstream::Context,
-    service: &str,
-    settings: &Settings,
-    driver: DriverConfig,
-    board: PartitionBoard,
-    shutdown: CancellationToken,
-    make: F,
-) -> Result<(), RuntimeError>
-where
-    P: Processor,
-    F: Fn(u32) -> P + Send + Sync + 'static,
-{
-    run_owned_standing_by(js, service, settings, driver, board, shutdown, make, None).await
-}
-
 /// How often a standby moves its copies on (reads each owner's committed position and the
 /// partition's last change; the copies follow the change log continuously in between).
 const STANDBY_EVERY: Duration = Duration::from_secs(1);
@@ -333,23 +314,42 @@ pub trait StandBy: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'a, Result<(), RuntimeError>>;
 }
 
-/// [`run_owned`], and with leases and `KAPPA_STANDBYS` > 0 keeps, through `standby`, warm
-/// copies of the partitions this instance stands by for ([`StandBy::stand_by`]).
-#[allow(clippy::too_many_arguments)]
-pub async fn run_owned_standing_by<P, F>(
-    js: jetstream::Context,
-    service: &str,
-    settings: &Settings,
-    driver: DriverConfig,
-    board: PartitionBoard,
-    shutdown: CancellationToken,
-    make: F,
-    standby: Option<Arc<dyn StandBy>>,
-) -> Result<(), RuntimeError>
+/// The partitions of one service instance and how they are owned: what [`run_owned`] runs.
+pub struct Owned<'a> {
+    /// JetStream of the instance's connection.
+    pub js: jetstream::Context,
+    /// The service's name (its lease bucket and consumers are named after it).
+    pub service: &'a str,
+    /// Ownership (static or leases), lease TTL, standbys.
+    pub settings: &'a Settings,
+    /// The partitioned input and batching.
+    pub driver: DriverConfig,
+    /// Where each partition's status is shown (`/healthz`, `/status`).
+    pub board: PartitionBoard,
+    /// Stops every partition (each finishes its batch and closes).
+    pub shutdown: CancellationToken,
+    /// With leases and `KAPPA_STANDBYS` > 0: what keeps warm copies of the partitions this
+    /// instance stands by for ([`StandBy::stand_by`]); `None` keeps none.
+    pub standby: Option<Arc<dyn StandBy>>,
+}
+
+/// Runs one processor per partition this instance owns (made by `make`), with static ownership
+/// or leases as its settings say, until its shutdown; with a standby, keeps the partitions it
+/// stands by for warm.
+pub async fn run_owned<P, F>(owned: Owned<'_>, make: F) -> Result<(), RuntimeError>
 where
     P: Processor,
     F: Fn(u32) -> P + Send + Sync + 'static,
 {
+    let Owned {
+        js,
+        service,
+        settings,
+        driver,
+        board,
+        shutdown,
+        standby,
+    } = owned;
     let make = Arc::new(make);
     match settings.ownership {
         Ownership::Static => {
@@ -386,15 +386,10 @@ where
                 standby_for: Arc::new(RwLock::new(BTreeSet::new())),
             };
             if let Some(w) = standby.filter(|_| settings.standbys > 0) {
-                let (set, stop) = (lease.standby_for.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(STANDBY_EVERY);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tick.tick() => {}
-                        }
+                let set = lease.standby_for.clone();
+                crate::shutdown::every(STANDBY_EVERY, shutdown.clone(), move || {
+                    let (w, set) = (w.clone(), set.clone());
+                    async move {
                         let partitions = set.read().map(|s| s.clone()).unwrap_or_default();
                         metrics::gauge!("kappa_standby_partitions").set(partitions.len() as f64);
                         if let Err(e) = w.stand_by(&partitions).await {

@@ -80,7 +80,7 @@ use crate::partition::{
     DriverConfig, Input, PartitionedStream, ProcessError, Processor, entity_of, original_subject,
     partition_of,
 };
-use crate::service::{register_partitions, run_owned};
+use crate::service::{Owned, register_partitions, run_owned};
 use crate::shutdown::CancellationToken;
 
 /// Which copy (generation) of a view a store call is about.
@@ -492,14 +492,21 @@ impl<V: View> ViewService<V> {
             batch: s.batch,
             linger: s.linger,
         };
-        let result = run_owned(js, &name, s, driver, board, shutdown.clone(), move |p| {
-            ViewProcessor {
-                shared: shared.clone(),
-                partition: p,
-                epoch: 0,
-                position: 0,
-                source: 0,
-            }
+        let owned = Owned {
+            js,
+            service: &name,
+            settings: s,
+            driver,
+            board,
+            shutdown: shutdown.clone(),
+            standby: None,
+        };
+        let result = run_owned(owned, move |p| ViewProcessor {
+            shared: shared.clone(),
+            partition: p,
+            epoch: 0,
+            position: 0,
+            source: 0,
         })
         .await;
         let requested = shutdown.is_cancelled();

@@ -759,14 +759,9 @@ impl Snapshotter {
         shutdown: crate::shutdown::CancellationToken,
     ) {
         let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
+        crate::shutdown::every(every, shutdown, move || {
+            let me = me.clone();
+            async move {
                 if let Err(e) = me.flush(None).await {
                     tracing::warn!(error = %e, "snapshot flush failed; will retry");
                 }
