@@ -328,6 +328,44 @@ impl<C: Compute> Engine<C> {
         keys.into_iter().zip(found).collect()
     }
 
+    /// Awaits the ack of one appended outcome of `key` and records where it was stored; a
+    /// conflict (another writer) or a duplicate (already stored under this input's id) fails
+    /// the batch, which is then retried from what the logs hold.
+    async fn settle(
+        &mut self,
+        key: &str,
+        is_change: bool,
+        ack: async_nats::jetstream::context::PublishAckFuture,
+    ) -> Result<(), ProcessError> {
+        let ack = match ack.await {
+            Ok(a) => a,
+            Err(e) if crate::changelog::is_conflict(&e) => {
+                metrics::counter!("kappa_fenced_publishes_total").increment(1);
+                self.learn_log_identity().await;
+                return Err(ProcessError::Transient(format!(
+                    "the log of {key} moved on since it was read (another writer?)"
+                )));
+            }
+            Err(e) => return Err(ProcessError::Transient(format!("publish ack: {e}"))),
+        };
+        if ack.duplicate {
+            // Stored before, under this input's id: what is in the log may not be what was
+            // decided now, so read the entity back.
+            return Err(ProcessError::Transient(format!(
+                "an outcome of {key} was already in the log; reloading"
+            )));
+        }
+        if let Some(e) = self.entities.get_mut(key) {
+            if is_change {
+                e.change_seq = ack.sequence;
+                metrics::counter!("kappa_changes_total").increment(1);
+            } else {
+                e.dlq_seq = ack.sequence;
+            }
+        }
+        Ok(())
+    }
+
     async fn process_batch(&mut self, batch: &[Input]) -> Result<(), ProcessError> {
         let parts = self.parts.clone();
         let compute = &*parts.compute;
@@ -429,8 +467,17 @@ impl<C: Compute> Engine<C> {
         }
         drop(depth);
         for wave in waves {
-            let mut pending = Vec::with_capacity(wave.len());
+            // An entity appears once per wave, so its acks may be awaited in any order; at most
+            // PUBLISH_WINDOW stay outstanding (see `crate::nats::MAX_ACKS_IN_FLIGHT`).
+            let mut pending = std::collections::VecDeque::with_capacity(
+                wave.len().min(crate::nats::PUBLISH_WINDOW),
+            );
             for (i, o) in wave {
+                if pending.len() >= crate::nats::PUBLISH_WINDOW
+                    && let Some((key, is_change, ack)) = pending.pop_front()
+                {
+                    self.settle(key, is_change, ack).await?;
+                }
                 let key = batch[i].entity();
                 let entity = self.entities.get(key);
                 let (change_seq, dlq_seq) = entity.map_or((0, 0), |e| (e.change_seq, e.dlq_seq));
@@ -456,35 +503,10 @@ impl<C: Compute> Engine<C> {
                             .await?,
                     ),
                 };
-                pending.push((key, is_change, ack));
+                pending.push_back((key, is_change, ack));
             }
             for (key, is_change, ack) in pending {
-                let ack = match ack.await {
-                    Ok(a) => a,
-                    Err(e) if crate::changelog::is_conflict(&e) => {
-                        metrics::counter!("kappa_fenced_publishes_total").increment(1);
-                        self.learn_log_identity().await;
-                        return Err(ProcessError::Transient(format!(
-                            "the log of {key} moved on since it was read (another writer?)"
-                        )));
-                    }
-                    Err(e) => return Err(ProcessError::Transient(format!("publish ack: {e}"))),
-                };
-                if ack.duplicate {
-                    // Stored before, under this input's id: what is in the log may not be what
-                    // was decided now, so read the entity back.
-                    return Err(ProcessError::Transient(format!(
-                        "an outcome of {key} was already in the log; reloading"
-                    )));
-                }
-                if let Some(e) = self.entities.get_mut(key) {
-                    if is_change {
-                        e.change_seq = ack.sequence;
-                        metrics::counter!("kappa_changes_total").increment(1);
-                    } else {
-                        e.dlq_seq = ack.sequence;
-                    }
-                }
+                self.settle(key, is_change, ack).await?;
             }
         }
 

@@ -22,13 +22,38 @@ pub struct Nats {
     reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
+/// Publish acks a connection's JetStream context lets be outstanding at once (async-nats's
+/// default is 5,000, after which a publish *waits* for a permit).
+///
+/// Why more, and why the runtime still bounds its own: a permit is given back only when its ack
+/// is awaited (or dropped), so a task that publishes many messages before awaiting any, or many
+/// tasks doing so at once, can hold every permit and wait for one more: the whole process stops
+/// publishing, for good. It happened: temperature-delta `local` with 10^5 sensors stalled after
+/// its first snapshot (12,500 changed keys in one partition's flush), using no CPU and ignoring
+/// SIGTERM (the final flush waited too). Every bulk publish of the runtime therefore keeps at
+/// most [`PUBLISH_WINDOW`] acks outstanding per task, and the context's capacity leaves room for
+/// `MAX_ACKS_IN_FLIGHT / PUBLISH_WINDOW` (256) such tasks at once: more partitions per instance
+/// than any deployment runs.
+pub const MAX_ACKS_IN_FLIGHT: usize = 65_536;
+
+/// Most publish acks one task of the runtime leaves outstanding before it awaits the oldest
+/// (see [`MAX_ACKS_IN_FLIGHT`]). A full default batch (256) still goes out as one pipeline.
+pub const PUBLISH_WINDOW: usize = 256;
+
+/// The JetStream context of `client`, with [`MAX_ACKS_IN_FLIGHT`].
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+        .build(client)
+}
+
 impl Nats {
     /// Wraps a client connected elsewhere (a tool, a test). Its reconnections are not
     /// watched, so a [`crate::feed::Feed`] on it detects gaps by sequence and stream state only.
     pub fn from_client(client: async_nats::Client) -> Self {
         let (_, reconnects) = tokio::sync::watch::channel(0);
         Self {
-            js: jetstream::new(client.clone()),
+            js: context(client.clone()),
             client,
             connected: Arc::new(AtomicBool::new(true)),
             reconnects,
@@ -250,7 +275,7 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<Nats, RuntimeError> 
             }
         })?;
     connected.store(true, Ordering::Relaxed);
-    let js = jetstream::new(client.clone());
+    let js = context(client.clone());
     Ok(Nats {
         client,
         js,

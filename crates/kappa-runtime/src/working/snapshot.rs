@@ -485,13 +485,23 @@ impl Snapshotter {
     ) -> Result<(), RuntimeError> {
         let prefix = self.entry_prefix(p);
         let epoch = snap.epoch.to_string();
-        let mut acks = Vec::with_capacity(snap.writes.len());
+        // At most PUBLISH_WINDOW acks outstanding: a flush of more keys than the context's
+        // permits used to wait for a permit only its own awaits could give back (see
+        // `crate::nats::MAX_ACKS_IN_FLIGHT`).
+        let mut acks = std::collections::VecDeque::with_capacity(crate::nats::PUBLISH_WINDOW);
+        let mut stored = Vec::with_capacity(snap.writes.len());
         let mut large = Vec::new();
         for (k, v) in &snap.writes {
             let token = key_token(k);
             if v.len() > self.chunk_size {
                 large.push((token, v));
                 continue;
+            }
+            if acks.len() >= crate::nats::PUBLISH_WINDOW
+                && let Some((t, a)) = acks.pop_front()
+            {
+                let a: async_nats::jetstream::context::PublishAckFuture = a;
+                stored.push((t, a.await.map_err(RuntimeError::js)?.sequence));
             }
             let msg = PublishMessage::build()
                 .payload(v.clone())
@@ -501,9 +511,8 @@ impl Snapshotter {
                 .send_publish(format!("{prefix}.{token}"), msg)
                 .await
                 .map_err(RuntimeError::js)?;
-            acks.push((token, ack));
+            acks.push_back((token, ack));
         }
-        let mut stored = Vec::with_capacity(acks.len());
         for (token, a) in acks {
             stored.push((token, a.await.map_err(RuntimeError::js)?.sequence));
         }
@@ -540,20 +549,26 @@ impl Snapshotter {
         let gen_ = generation(epoch);
         let base = format!("{}.{token}.{gen_}", self.chunk_prefix(p));
         let epoch_s = epoch.to_string();
-        let mut acks = Vec::new();
+        let mut acks = std::collections::VecDeque::new();
+        let mut seqs = Vec::new();
         for (i, start) in (0..value.len()).step_by(self.chunk_size).enumerate() {
+            if acks.len() >= crate::nats::PUBLISH_WINDOW
+                && let Some(a) = acks.pop_front()
+            {
+                let a: async_nats::jetstream::context::PublishAckFuture = a;
+                seqs.push(a.await.map_err(RuntimeError::js)?.sequence);
+            }
             let part = value.slice(start..(start + self.chunk_size).min(value.len()));
             let msg = PublishMessage::build()
                 .payload(part)
                 .header(EPOCH_HEADER, epoch_s.as_str());
-            acks.push(
+            acks.push_back(
                 self.js
                     .send_publish(format!("{base}.{i}"), msg)
                     .await
                     .map_err(RuntimeError::js)?,
             );
         }
-        let mut seqs = Vec::with_capacity(acks.len());
         for a in acks {
             seqs.push(a.await.map_err(RuntimeError::js)?.sequence);
         }
