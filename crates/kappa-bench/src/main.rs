@@ -8,8 +8,10 @@
 //! ```
 
 mod baseline;
+mod chart;
 mod cost;
 mod durability;
+mod growth;
 mod infra;
 mod latency;
 mod report;
@@ -60,6 +62,9 @@ struct Cli {
     /// the services in two runs of the same mode.
     #[arg(long = "service-env", global = true, value_parser = parse_env_pair)]
     service_env: Vec<(String, String)>,
+    /// `growth`: the largest sensor count of the sweep (10^3, 10^4, .. up to it; default 10^6).
+    #[arg(long, global = true)]
+    max_sensors: Option<u64>,
 }
 
 fn parse_env_pair(s: &str) -> Result<(String, String), String> {
@@ -94,6 +99,10 @@ enum Mode {
     /// delta in one Redis pipeline per batch), in alternated rounds; its own section of
     /// BENCHMARKS.md.
     Views,
+    /// Only growth: temperature-delta per working option across 10^3 .. 10^6 sensors, window
+    /// lengths and partition counts (throughput, memory per sensor, recovery); its own section
+    /// of BENCHMARKS.md and the chart growth.svg beside it.
+    Growth,
 }
 
 impl Mode {
@@ -108,6 +117,7 @@ impl Mode {
             Mode::Cost => Some("cost"),
             Mode::Views => Some("views"),
             Mode::Latency => Some("latency"),
+            Mode::Growth => Some("growth"),
         }
     }
 }
@@ -171,7 +181,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("{name} starts its own servers (one set per mode): no --reuse");
         }
         let command = format!(
-            "cargo run --release -p kappa-bench -- {name}{}{}",
+            "cargo run --release -p kappa-bench -- {name}{}{}{}",
+            cli.max_sensors
+                .map(|n| format!(" --max-sensors {n}"))
+                .unwrap_or_default(),
             cli.readings
                 .map(|n| format!(" --readings {n}"))
                 .unwrap_or_default(),
@@ -188,6 +201,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Latency => latency::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
+            Mode::Growth => {
+                growth::run(&root, bin_dir, out, cli.readings, cli.max_sensors, command).await
+            }
             Mode::All | Mode::Smoke => anyhow::bail!("{name}: not a section mode"),
         };
     }
