@@ -280,8 +280,18 @@ fn td_env(ctx: &Ctx, c: &TdCase) -> Vec<(&'static str, String)> {
 /// Polls `/healthz` until every partition's position reaches `lasts` (one per partition);
 /// returns the max `recovery_secs` over partitions.
 pub async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f64> {
+    wait_caught_up_within(ctx, q, lasts, Duration::from_secs(300)).await
+}
+
+/// [`wait_caught_up`], giving up after `timeout`.
+pub async fn wait_caught_up_within(
+    ctx: &Ctx,
+    q: &Proc,
+    lasts: &[u64],
+    timeout: Duration,
+) -> anyhow::Result<f64> {
     let partitions = lasts.len() as u32;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + timeout;
     loop {
         let Some((_, h)) = ctx.healthz(q).await else {
             bail!("temperature-delta stopped answering after restart")
