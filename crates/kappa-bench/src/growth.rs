@@ -728,7 +728,7 @@ fn section(
     b.push_str(
         "Reproduce: `cargo build --release --bins && cargo run --release -p kappa-bench -- growth` \
          (`--max-sensors N` for a smaller sweep, e.g. `--max-sensors 10000 --readings 5000` runs \
-         in about a minute; `--readings` is the least readings of a run; writes only this \
+         in about two minutes on 2 loaded cores; `--readings` is the least readings of a run; writes only this \
          section of BENCHMARKS.md, the key `growth` of benchmarks.json and growth.svg).\n\n",
     );
     b
