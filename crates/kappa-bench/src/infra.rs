@@ -556,20 +556,25 @@ impl Servers {
     /// Deletes the DAG's streams (except the registry's `SENSORS`) and the benchmark's own, and
     /// empties both Redis servers: every scenario starts from nothing but registered sensors.
     pub async fn wipe(&self, js: &jetstream::Context) -> anyhow::Result<()> {
-        streams::delete(
-            js,
-            &[
-                thermo_domain::streams::READINGS,
-                thermo_domain::streams::DELTAS,
-                kappa_runtime::dlq::STREAM,
-                kappa_runtime::working::snapshot::STREAM,
-                thermo_domain::streams::VIEWS,
-                "BENCH_READINGS",
-                "BENCH_DELTAS",
-                "BENCH_HOP",
-            ],
-        )
-        .await;
+        self.wipe_except(js, &[]).await
+    }
+
+    /// [`Servers::wipe`], keeping the streams named in `keep` (e.g. a pre-filled `READINGS`
+    /// that several scenarios drain in turn: the services start from their working state's
+    /// position, which the wipe resets).
+    pub async fn wipe_except(&self, js: &jetstream::Context, keep: &[&str]) -> anyhow::Result<()> {
+        let all = [
+            thermo_domain::streams::READINGS,
+            thermo_domain::streams::DELTAS,
+            kappa_runtime::dlq::STREAM,
+            kappa_runtime::working::snapshot::STREAM,
+            thermo_domain::streams::VIEWS,
+            "BENCH_READINGS",
+            "BENCH_DELTAS",
+            "BENCH_HOP",
+        ];
+        let gone: Vec<&str> = all.into_iter().filter(|s| !keep.contains(s)).collect();
+        streams::delete(js, &gone).await;
         // Partition leases (KV buckets) of earlier scenarios: a killed instance's membership and
         // leases would otherwise linger for their TTL and halve the next instance's share.
         let mut names = js.stream_names();

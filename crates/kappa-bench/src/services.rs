@@ -137,11 +137,22 @@ impl Ctx {
         Ok(rate)
     }
 
-    /// Partition -> last sequence of `prefix.<p>.*` in `stream`.
+    /// Partition -> last sequence of `prefix.<p>.*` in `stream` (8 partitions, the default).
     pub async fn partition_lasts(&self, stream: &str, prefix: &str) -> anyhow::Result<Vec<u64>> {
+        self.partition_lasts_of(stream, prefix, crate::baseline::PARTITIONS)
+            .await
+    }
+
+    /// Partition -> last sequence of `prefix.<p>.*` in `stream`, for `partitions` partitions.
+    pub async fn partition_lasts_of(
+        &self,
+        stream: &str,
+        prefix: &str,
+        partitions: u32,
+    ) -> anyhow::Result<Vec<u64>> {
         let s = self.js.get_stream_no_info(stream).await?;
         let mut out = Vec::new();
-        for p in 0..crate::baseline::PARTITIONS {
+        for p in 0..partitions {
             let last = match s
                 .direct_get_last_for_subject(format!("{prefix}.{p}.*"))
                 .await
@@ -266,10 +277,21 @@ fn td_env(ctx: &Ctx, c: &TdCase) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Polls `/healthz` until every partition's position reaches `lasts`; returns the max
-/// `recovery_secs` over partitions.
-async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(300);
+/// Polls `/healthz` until every partition's position reaches `lasts` (one per partition);
+/// returns the max `recovery_secs` over partitions.
+pub async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f64> {
+    wait_caught_up_within(ctx, q, lasts, Duration::from_secs(300)).await
+}
+
+/// [`wait_caught_up`], giving up after `timeout`.
+pub async fn wait_caught_up_within(
+    ctx: &Ctx,
+    q: &Proc,
+    lasts: &[u64],
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let partitions = lasts.len() as u32;
+    let deadline = Instant::now() + timeout;
     loop {
         let Some((_, h)) = ctx.healthz(q).await else {
             bail!("temperature-delta stopped answering after restart")
@@ -278,7 +300,7 @@ async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f6
             .pointer("/checks/partitions/detail")
             .cloned()
             .unwrap_or_default();
-        let caught = (0..crate::baseline::PARTITIONS).all(|p| {
+        let caught = (0..partitions).all(|p| {
             parts
                 .get(p.to_string())
                 .and_then(|s| s.get("position"))
@@ -286,7 +308,7 @@ async fn wait_caught_up(ctx: &Ctx, q: &Proc, lasts: &[u64]) -> anyhow::Result<f6
                 .is_some_and(|pos| pos >= lasts[p as usize])
         });
         if caught {
-            return Ok((0..crate::baseline::PARTITIONS)
+            return Ok((0..partitions)
                 .filter_map(|p| parts.get(p.to_string())?.get("recovery_secs")?.as_f64())
                 .fold(0.0, f64::max));
         }
