@@ -54,6 +54,11 @@ struct Cli {
     /// runs keep the harness working (CI), the defaults measure.
     #[arg(long, global = true)]
     secs: Option<f64>,
+    /// `latency`: take this as the DAG's sustained maximum (readings/s) instead of measuring
+    /// it, so that two runs (say, two settings through `--service-env`) load it at the same
+    /// rates. The drain still runs, for the CPU and batch figures.
+    #[arg(long, global = true)]
+    dag_max: Option<f64>,
     /// Where the service binaries are (default: the directory of this executable).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
@@ -185,7 +190,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Cost => cost::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Views => views::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Latency => {
-                latency::run(&root, bin_dir, out, cli.readings, cli.secs, command).await
+                latency::run(
+                    &root,
+                    bin_dir,
+                    out,
+                    cli.readings,
+                    (cli.secs, cli.dag_max),
+                    command,
+                )
+                .await
             }
             Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Growth => {
