@@ -13,6 +13,22 @@ use integration_tests::{Dag, metric, ready, verify_exactly_once, wait_drained};
 
 const SENSORS: &str = "8000";
 
+/// Publishes `count` readings over the sensors and waits until `td` has processed them all.
+async fn publish_and_drain(rig: &Dag, td: &integration_tests::Proc, count: &str, seed: &str) {
+    let mut t = thermometer(rig, count, seed);
+    assert!(
+        t.wait_exit(Duration::from_secs(120))
+            .await
+            .expect("thermometer finished")
+            .success()
+    );
+    assert!(
+        wait_drained(&rig.js, Duration::from_secs(180)).await,
+        "{count} readings over {SENSORS} sensors did not drain:\n{}",
+        td.log_tail(20)
+    );
+}
+
 fn thermometer(rig: &Dag, count: &str, seed: &str) -> integration_tests::Proc {
     rig.spawn(
         "thermometer",
@@ -46,18 +62,7 @@ async fn a_snapshot_of_more_keys_than_acks_in_flight_is_written_and_read_back() 
     .await;
     let mut td = rig.spawn("temperature-delta", &[]);
     ready(&mut td).await;
-    let mut t = thermometer(&rig, "16000", "11");
-    assert!(
-        t.wait_exit(Duration::from_secs(120))
-            .await
-            .expect("thermometer finished")
-            .success()
-    );
-    assert!(
-        wait_drained(&rig.js, Duration::from_secs(180)).await,
-        "{test}: 16,000 readings over {SENSORS} sensors did not drain:\n{}",
-        td.log_tail(20)
-    );
+    publish_and_drain(&rig, &td, "16000", "11").await;
     // The only snapshot: every sensor's key in one flush, on the way out.
     let status = td.terminate(Duration::from_secs(60));
     assert!(
@@ -69,18 +74,7 @@ async fn a_snapshot_of_more_keys_than_acks_in_flight_is_written_and_read_back() 
     // A restart opens from that snapshot: nothing before it is decided again.
     let mut td = rig.spawn("temperature-delta", &[]);
     ready(&mut td).await;
-    let mut t = thermometer(&rig, "8000", "12");
-    assert!(
-        t.wait_exit(Duration::from_secs(120))
-            .await
-            .expect("thermometer finished")
-            .success()
-    );
-    assert!(
-        wait_drained(&rig.js, Duration::from_secs(180)).await,
-        "{test}: the readings after the restart did not drain:\n{}",
-        td.log_tail(20)
-    );
+    publish_and_drain(&rig, &td, "8000", "12").await;
     let replayed = metric(&td.http, "kappa_replayed_inputs_total").await;
     let v = verify_exactly_once(&rig.js).await;
     assert_eq!(v.readings, 24_000);
