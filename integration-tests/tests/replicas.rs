@@ -83,7 +83,7 @@ async fn every_stream_and_bucket_takes_the_replica_count_on_a_cluster() {
     .await;
     let delta = dag.ready("temperature-delta").await;
     let _views = dag.ready("view-builder").await;
-    let _thermo = dag.spawn(
+    let mut thermo = dag.spawn(
         "thermometer",
         &["--sensors", "3", "--count", "30", "--rate", "30"],
     );
@@ -126,6 +126,14 @@ async fn every_stream_and_bucket_takes_the_replica_count_on_a_cluster() {
         });
         assert_eq!(placed, 3, "{name} is not placed on 3 servers");
     }
+    // Judged once every reading is published: judging while the thermometer still publishes
+    // read a delta whose reading came after READINGS was read (the "unknown reading" of
+    // stops 19 and 20).
+    let status = thermo
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("thermometer finished");
+    assert!(status.success(), "thermometer:\n{}", thermo.log_tail(20));
     assert!(
         integration_tests::wait_drained(&dag.js, Duration::from_secs(60)).await,
         "the readings were not processed on R3 streams:\n{}",

@@ -41,12 +41,11 @@ pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
 /// Every message of a stream, in order (empty if the stream does not exist).
 ///
 /// Reads with an ordered consumer up to the stream's last sequence as its leader reported it
-/// when asked (each message may take 10 s), keeping one copy per sequence. An ordered consumer
-/// on a replicated stream can skip a sequence while it resets across a leader change (seen
-/// once in CI on an R3 stream: the oracle then judged a delta "for an unknown reading"); so
-/// when fewer distinct sequences arrived than the stream holds, each missing one is fetched
+/// when asked (each message may take 10 s), keeping one copy per sequence; a sequence the
+/// consumer did not deliver (an ordered consumer resetting across a leader change) is fetched
 /// from the leader with a message get, and one the leader does not have either (deleted) is
-/// left out. The result is therefore what the leader stores, not what one replica delivered.
+/// left out. The result is therefore what the leader stored when asked: a stream still being
+/// written is read up to that point only.
 pub async fn read(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<Stored>> {
     let Ok(mut s) = js.get_stream(stream).await else {
         return Ok(Vec::new());
