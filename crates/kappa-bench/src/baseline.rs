@@ -60,25 +60,23 @@ pub async fn raw_publish(js: &jetstream::Context, n: u64, sensors: u64) -> anyho
     let mut ps = bench_readings();
     ps.declare(js).await?;
     let t0 = Instant::now();
-    let mut acks: std::collections::VecDeque<PublishAckFuture> =
-        std::collections::VecDeque::with_capacity(WINDOW);
+    let mut acks = kappa_runtime::nats::AckWindow::new(WINDOW);
     for i in 0..n {
         let id = sensor_id(i, sensors);
         let msg = PublishMessage::build()
             .payload(reading_json(&id, i))
             .message_id(format!("bench:{i}"));
-        acks.push_back(
+        if let Some(((), a)) = acks.make_room() {
+            a.await.context("ack")?;
+        }
+        acks.push(
+            (),
             js.send_publish(format!("{}.{id}", ps.prefix), msg)
                 .await
                 .context("publish")?,
         );
-        while acks.len() >= WINDOW {
-            if let Some(a) = acks.pop_front() {
-                a.await.context("ack")?;
-            }
-        }
     }
-    for a in acks {
+    for ((), a) in acks.rest() {
         a.await.context("ack")?;
     }
     Ok(n as f64 / t0.elapsed().as_secs_f64())
@@ -89,6 +87,13 @@ pub async fn raw_publish(js: &jetstream::Context, n: u64, sensors: u64) -> anyho
 pub enum Sink {
     /// Publish every message to this partitioned stream, await all acks of the batch.
     Stream(PartitionedStream),
+    /// As `Stream`, but each message published as temperature-delta publishes a change: its
+    /// headers (`Kappa-Source-Seq`, `Kappa-Source-Stream`, `Kappa-Service`, `Kappa-Schema`),
+    /// `Nats-Msg-Id` from the input, and `Nats-Expected-Last-Subject-Sequence` from the
+    /// previous ack of the same sensor, so a batch's messages of one sensor go out in waves
+    /// (each after the previous one's ack), as the engine's do. What the broker charges for
+    /// fenced, deduplicated appends, without any of the runtime.
+    Fenced(PartitionedStream),
     /// One Redis pipeline per batch: HSET per message plus the partition position.
     Redis(redis::aio::MultiplexedConnection),
 }
@@ -121,6 +126,8 @@ async fn relay_partition(
         .messages()
         .await?;
     let mut chunks = msgs.ready_chunks(BATCH);
+    // `Fenced`: the stream sequence of each sensor's last message in the output.
+    let mut last_of: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     while let Some(chunk) = chunks.next().await {
         let msgs: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
         if msgs.is_empty() {
@@ -139,6 +146,47 @@ async fn relay_partition(
                 }
                 for a in acks {
                     a.await?;
+                }
+            }
+            Sink::Fenced(out) => {
+                // Waves: the k-th message of a sensor in this batch goes in wave k.
+                let mut waves: Vec<Vec<&async_nats::jetstream::Message>> = Vec::new();
+                let mut depth: std::collections::HashMap<&str, usize> =
+                    std::collections::HashMap::new();
+                for m in &msgs {
+                    let d = depth
+                        .entry(kappa_runtime::partition::entity_of(m.subject.as_str()))
+                        .or_insert(0);
+                    if waves.len() <= *d {
+                        waves.resize_with(*d + 1, Vec::new);
+                    }
+                    waves[*d].push(m);
+                    *d += 1;
+                }
+                for wave in waves {
+                    let mut acks = Vec::with_capacity(wave.len());
+                    for m in wave {
+                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let id = kappa_runtime::partition::entity_of(m.subject.as_str());
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Kappa-Schema", "thermo.delta.v1");
+                        headers.insert("Kappa-Source-Seq", seq.to_string().as_str());
+                        headers.insert("Kappa-Source-Stream", "1764633600000000000");
+                        headers.insert("Kappa-Service", "bench-relay");
+                        let msg = PublishMessage::build()
+                            .payload(delta_json(id, seq))
+                            .headers(headers)
+                            .message_id(format!("bench-relay:1764633600000000000:{seq}"))
+                            .expected_last_subject_sequence(last_of.get(id).copied().unwrap_or(0));
+                        acks.push((
+                            id,
+                            js.send_publish(format!("{}.{id}", out.prefix), msg).await?,
+                        ));
+                    }
+                    for (id, a) in acks {
+                        let ack = a.await?;
+                        last_of.insert(id.to_string(), ack.sequence);
+                    }
                 }
             }
             Sink::Redis(conn) => {
@@ -178,7 +226,7 @@ pub async fn relay(
     sink: Sink,
     n: u64,
 ) -> anyhow::Result<f64> {
-    if let Sink::Stream(out) = &sink {
+    if let Sink::Stream(out) | Sink::Fenced(out) = &sink {
         out.clone().declare(js).await?;
     }
     let done = Arc::new(AtomicU64::new(0));

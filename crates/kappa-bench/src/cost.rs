@@ -27,6 +27,9 @@ pub const SECTION: &str = "cost";
 enum Scenario {
     /// The relay: one pull consumer per partition, each batch published to a second stream.
     Relay,
+    /// The relay publishing as temperature-delta does (its headers, dedupe id, and the
+    /// expected last sequence per sensor, in waves): the broker's price of fenced appends.
+    FencedRelay,
     /// temperature-delta with a working and an observed option.
     Td {
         working: &'static str,
@@ -36,8 +39,9 @@ enum Scenario {
     },
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario::Relay,
+    Scenario::FencedRelay,
     Scenario::Td {
         working: "local",
         observed: "semi-stateless",
@@ -58,6 +62,9 @@ const SCENARIOS: [Scenario; 4] = [
 fn label(s: Scenario) -> String {
     match s {
         Scenario::Relay => "relay (baseline): JetStream in -> JetStream out, in kappa-bench".into(),
+        Scenario::FencedRelay => {
+            "fenced relay: the relay publishing as temperature-delta does (headers, dedupe id, expected last sequence per sensor)".into()
+        }
         Scenario::Td {
             working, observed, ..
         } => format!("temperature-delta `{working}`, observed `{observed}`"),
@@ -81,19 +88,17 @@ impl Run {
 async fn run_one(ctx: &Ctx, s: Scenario, n: u64, sensors: u64) -> Run {
     let r: anyhow::Result<Run> = async {
         match s {
-            Scenario::Relay => {
+            Scenario::Relay | Scenario::FencedRelay => {
                 ctx.servers.wipe(&ctx.js).await?;
                 let _ = ctx.js.delete_stream("BENCH_READINGS").await;
                 let _ = ctx.js.delete_stream("BENCH_DELTAS").await;
                 baseline::raw_publish(&ctx.js, n, sensors).await?;
                 let meter = ctx.cpu_meter("relay (kappa-bench)", None);
-                let rate = baseline::relay(
-                    &ctx.js,
-                    &baseline::bench_readings(),
-                    Sink::Stream(baseline::bench_deltas()),
-                    n,
-                )
-                .await?;
+                let sink = match s {
+                    Scenario::FencedRelay => Sink::Fenced(baseline::bench_deltas()),
+                    _ => Sink::Stream(baseline::bench_deltas()),
+                };
+                let rate = baseline::relay(&ctx.js, &baseline::bench_readings(), sink, n).await?;
                 Ok(Run {
                     rate: Some(rate),
                     cpu_us: meter.per_msg(n),
@@ -158,6 +163,11 @@ pub async fn run(
     let cpu = |s: Scenario| rounds.median(s, Run::cpu_total);
     let runs = &rounds.runs;
     let (base_rate, base_cpu) = (rate(Scenario::Relay), cpu(Scenario::Relay));
+    let (fenced_rate, fenced_cpu) = (rate(Scenario::FencedRelay), cpu(Scenario::FencedRelay));
+    let of_ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
+        (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+        _ => None,
+    };
     let (date, nproc) = crate::report::stamp();
     let mut body = String::new();
     body.push_str("## Per-message cost: temperature-delta against the relay\n\n");
@@ -168,26 +178,26 @@ pub async fn run(
          each figure is the median of its rounds. CPU is what every process used (the \
          service or kappa-bench for the relay, nats-server, redis-server) over the run, per \
          reading. Goals (issue 14): `local` ≥ 0.85 of the relay's throughput, `stateless` ≥ \
-         0.5, CPU per reading ≤ 1.25x the relay's. This run took {:.0} s.\n\n",
+         0.5, CPU per reading ≤ 1.25x the relay's. The *fenced relay* columns split the gap: \
+         the fenced relay over the relay is what the broker charges for appends that are \
+         deduplicated and fenced per entity (and carry the runtime's headers); a service over \
+         the fenced relay is what the runtime itself adds. This run took {:.0} s.\n\n",
         version_of("nats-server", "--version"),
         started.elapsed().as_secs_f64()
     ));
     body.push_str(
-        "| scenario | readings/s | / relay | goal | CPU µs per reading (all processes) | / relay | CPU goal (≤ 1.25x) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | readings/s | / relay | / fenced relay | goal | CPU µs per reading (all processes) | / relay | / fenced relay | CPU goal (≤ 1.25x) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut rows = Vec::new();
     for s in SCENARIOS {
         let (r, c) = (rate(s), cpu(s));
-        let rr = match (r, base_rate) {
-            (Some(r), Some(b)) if b > 0.0 => Some(r / b),
-            _ => None,
-        };
-        let cr = match (c, base_cpu) {
-            (Some(c), Some(b)) if b > 0.0 => Some(c / b),
-            _ => None,
+        let (rr, cr) = (of_ratio(r, base_rate), of_ratio(c, base_cpu));
+        let (rf, cf) = match s {
+            Scenario::Relay => (None, None),
+            _ => (of_ratio(r, fenced_rate), of_ratio(c, fenced_cpu)),
         };
         let goal = match s {
-            Scenario::Relay => "-".to_string(),
+            Scenario::Relay | Scenario::FencedRelay => "-".to_string(),
             Scenario::Td { goal: None, .. } => "none".to_string(),
             Scenario::Td { goal: Some(g), .. } => match rr {
                 Some(x) if x >= g => format!("≥ {g}: met"),
@@ -196,7 +206,7 @@ pub async fn run(
             },
         };
         let cpu_goal = match (s, cr) {
-            (Scenario::Relay, _) => "-".to_string(),
+            (Scenario::Relay | Scenario::FencedRelay, _) => "-".to_string(),
             (_, Some(x)) if x <= 1.25 => "met".to_string(),
             (_, Some(_)) => "missed".to_string(),
             (_, None) => "not measured".to_string(),
@@ -211,17 +221,20 @@ pub async fn run(
                     .join(", ")
             })
             .unwrap_or_default();
+        let two = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
         body.push_str(&format!(
-            "| {} | {} | {} | {goal} | {} ({split}) | {} | {cpu_goal} |\n",
+            "| {} | {} | {} | {} | {goal} | {} ({split}) | {} | {} | {cpu_goal} |\n",
             label(s),
             r.map(fmt_rate).unwrap_or_else(|| "not measured".into()),
-            rr.map_or("-".into(), |x| format!("{x:.2}")),
+            two(rr),
+            two(rf),
             c.map_or("not measured".into(), |x| format!("{x:.1}")),
-            cr.map_or("-".into(), |x| format!("{x:.2}")),
+            two(cr),
+            two(cf),
         ));
         rows.push(
             json!({"scenario": s, "label": label(s), "per_s": r, "ratio": rr,
-            "cpu_us": c, "cpu_ratio": cr}),
+            "ratio_fenced": rf, "cpu_us": c, "cpu_ratio": cr, "cpu_ratio_fenced": cf}),
         );
     }
     body.push('\n');

@@ -225,7 +225,7 @@ async fn prefill(ctx: &Ctx, c: &Config) -> anyhow::Result<f64> {
     let base = now - time::Duration::milliseconds((per * c.step_ms.max(1)) as i64);
     let run = format!("g:{:x}", now.unix_timestamp_nanos());
     let t0 = Instant::now();
-    let mut inflight = std::collections::VecDeque::with_capacity(1024);
+    let mut inflight = kappa_runtime::nats::AckWindow::new(1024);
     for i in 0..c.readings {
         let (k, j) = (i % c.sensors.max(1), i / c.sensors.max(1));
         let at = (base + time::Duration::milliseconds((j * c.step_ms) as i64))
@@ -239,18 +239,17 @@ async fn prefill(ctx: &Ctx, c: &Config) -> anyhow::Result<f64> {
         let msg = PublishMessage::build()
             .payload(Bytes::from(body))
             .message_id(format!("{run}:{i}"));
-        inflight.push_back(
+        if let Some(((), a)) = inflight.make_room() {
+            a.await?;
+        }
+        inflight.push(
+            (),
             ctx.js
                 .send_publish(thermo_domain::subjects::reading(&id), msg)
                 .await?,
         );
-        if inflight.len() >= 1024
-            && let Some(a) = inflight.pop_front()
-        {
-            a.await?;
-        }
     }
-    for a in inflight {
+    for ((), a) in inflight.rest() {
         a.await?;
     }
     let rate = c.readings as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -398,21 +397,27 @@ async fn drain_into(ctx: &Ctx, pt: &mut Point, c: &Config) -> anyhow::Result<()>
 }
 
 /// Pre-fills `c` and drains it with every option.
-async fn configuration(ctx: &Ctx, part: Part, c: &Config, points: &mut Vec<Point>) {
+async fn configuration(
+    ctx: &Ctx,
+    options: &[&'static str],
+    part: Part,
+    c: &Config,
+    points: &mut Vec<Point>,
+) {
     eprintln!(
         "[growth] {part:?}: {} sensors, {} readings, {} partitions, window {} s",
         c.sensors, c.readings, c.partitions, c.window_secs
     );
     if let Err(e) = prefill(ctx, c).await {
         eprintln!("  pre-fill failed: {e:#}");
-        for w in OPTIONS {
+        for &w in options {
             let mut pt = Point::new(part, w, c);
             pt.error = Some(format!("pre-fill: {}", crate::short(&e)));
             points.push(pt);
         }
         return;
     }
-    for w in OPTIONS {
+    for &w in options {
         eprintln!("  temperature-delta `{w}`");
         points.push(drain(ctx, part, w, c).await);
     }
@@ -505,17 +510,41 @@ fn chart(points: &[Point]) -> String {
 }
 
 /// Runs the mode and writes its section and chart.
+/// What the command line asks of the mode.
+pub struct Sweep {
+    /// The least readings of a run (default 50000).
+    pub readings: Option<u64>,
+    /// The largest sensor count (default 10^6).
+    pub max_sensors: Option<u64>,
+    /// Only these working options (empty: all).
+    pub working: Vec<String>,
+}
+
 pub async fn run(
     root: &Path,
     bin_dir: PathBuf,
     out: PathBuf,
-    readings: Option<u64>,
-    max_sensors: Option<u64>,
+    sweep: Sweep,
     command: String,
 ) -> anyhow::Result<()> {
-    let plan = Plan::new(max_sensors.unwrap_or(1_000_000), readings.unwrap_or(50_000));
+    let plan = Plan::new(
+        sweep.max_sensors.unwrap_or(1_000_000),
+        sweep.readings.unwrap_or(50_000),
+    );
+    if let Some(w) = sweep
+        .working
+        .iter()
+        .find(|w| !OPTIONS.contains(&w.as_str()))
+    {
+        anyhow::bail!("--working {w}: not one of {}", OPTIONS.join(", "));
+    }
+    let options: Vec<&'static str> = OPTIONS
+        .into_iter()
+        .filter(|o| sweep.working.is_empty() || sweep.working.iter().any(|w| w == o))
+        .collect();
     let dir = root.join(format!("target/bench-tmp/growth-{}", std::process::id()));
     let started = Instant::now();
+    let load_at_start = crate::report::load_average();
     let servers = Servers::start(&dir, false).await?;
     let mut ctx = Ctx::new(servers, bin_dir).await?;
     ctx.start_registry().await?;
@@ -536,7 +565,7 @@ pub async fn run(
             step_ms: 1000,
             recovery: true,
         };
-        configuration(&ctx, Part::Window, &c, &mut points).await;
+        configuration(&ctx, &options, Part::Window, &c, &mut points).await;
     }
     for &s in &plan.sizes {
         let secs = register(&ctx, "s", s, thermo_domain::sensor::DEFAULT_WINDOW_SECS).await?;
@@ -551,7 +580,7 @@ pub async fn run(
             step_ms: 1000,
             recovery: true,
         };
-        configuration(&ctx, Part::Sensors, &c, &mut points).await;
+        configuration(&ctx, &options, Part::Sensors, &c, &mut points).await;
         if s == plan.partition_sensors {
             for &p in &plan.partitions {
                 let c = Config {
@@ -560,7 +589,7 @@ pub async fn run(
                     recovery: false,
                     ..c.clone()
                 };
-                configuration(&ctx, Part::Partitions, &c, &mut points).await;
+                configuration(&ctx, &options, Part::Partitions, &c, &mut points).await;
             }
         }
     }
@@ -568,7 +597,16 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&dir);
 
     let (date, nproc) = crate::report::stamp();
-    let body = section(&plan, &points, &command, &date, nproc, started.elapsed());
+    let loads = (load_at_start, crate::report::load_average());
+    let body = section(
+        &plan,
+        &points,
+        &command,
+        &date,
+        nproc,
+        started.elapsed(),
+        loads,
+    );
     std::fs::create_dir_all(&out)?;
     let svg_path = out.join("growth.svg");
     std::fs::write(&svg_path, chart(&points))?;
@@ -594,13 +632,16 @@ fn section(
     date: &str,
     nproc: usize,
     took: Duration,
+    loads: (Option<f64>, Option<f64>),
 ) -> String {
+    let load = |l: Option<f64>| opt(l, |l| format!("{l:.2}"));
     let mut b = String::new();
     b.push_str("## Growth: sensors, window length, partitions\n\n");
     b.push_str(&format!(
-        "Generated by `{command}` on {date} ({nproc} CPUs, shared: **taken on a loaded \
-         machine**, two other builds running, so the absolute rates are noisy; the ratios \
-         within this run, memory per sensor and the growth of recovery are what to read; {}), \
+        "Generated by `{command}` on {date} ({nproc} CPUs; 1-minute load average {} at the \
+         start and {} at the end, the benchmark's own processes included; one run per figure, \
+         so the ratios within this run, memory per sensor and the growth of recovery are what \
+         to read; {}), \
          separately from the tables above. temperature-delta alone, `KAPPA_OBSERVED=stateful` \
          (the registry replicated in memory before ready: every lookup costs the same at every \
          size), `KAPPA_OWNERSHIP=static`. Each configuration's READINGS is pre-filled once \
@@ -615,6 +656,8 @@ fn section(
          = spawn -> `/healthz` 200 (includes bootstrapping the registry replica), *open* = the \
          runtime's `recovery_secs` (max over partitions), *caught up* = spawn -> every \
          partition's position at its last reading. This run took {:.0} s.\n\n",
+        load(loads.0),
+        load(loads.1),
         version_of("nats-server", "--version"),
         SNAPSHOT_SECS + 1,
         took.as_secs_f64()

@@ -69,6 +69,10 @@ struct Cli {
     /// `growth`: the largest sensor count of the sweep (10^3, 10^4, .. up to it; default 10^6).
     #[arg(long, global = true)]
     max_sensors: Option<u64>,
+    /// `growth`: only these working options (comma-separated; default all three), e.g. to
+    /// look at one option's largest size without the others' runs.
+    #[arg(long, global = true, value_delimiter = ',')]
+    working: Vec<String>,
 }
 
 fn parse_env_pair(s: &str) -> Result<(String, String), String> {
@@ -174,7 +178,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "cargo run --release -p kappa-bench -- {name}{}{}{}",
             cli.max_sensors
                 .map(|n| format!(" --max-sensors {n}"))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + &if cli.working.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --working {}", cli.working.join(","))
+                },
             cli.readings
                 .map(|n| format!(" --readings {n}"))
                 .unwrap_or_default(),
@@ -202,7 +211,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Mode::Topology => topology::run(&root, bin_dir, out, cli.readings, command).await,
             Mode::Growth => {
-                growth::run(&root, bin_dir, out, cli.readings, cli.max_sensors, command).await
+                let sweep = growth::Sweep {
+                    readings: cli.readings,
+                    max_sensors: cli.max_sensors,
+                    working: cli.working.clone(),
+                };
+                growth::run(&root, bin_dir, out, sweep, command).await
             }
             Mode::All | Mode::Smoke => anyhow::bail!("{name}: not a section mode"),
         };

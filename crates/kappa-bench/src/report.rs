@@ -60,6 +60,17 @@ fn esc(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
+/// The machine's 1-minute load average (`/proc/loadavg`), if it can be read: how busy the
+/// machine was while a section was measured (2 cores: above ~2, something else competed).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// When and on what a section was generated: the time (RFC 3339, UTC) and the CPUs.
 pub fn stamp() -> (String, usize) {
     let date = time::OffsetDateTime::now_utc()

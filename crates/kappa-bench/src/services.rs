@@ -651,21 +651,20 @@ pub async fn pipeline_max(ctx: &Ctx, vb_http: &str, n: u64, sensors: u64) -> any
         "max:{:x}",
         t0.elapsed().as_nanos() ^ u128::from(std::process::id())
     );
-    let mut inflight = VecDeque::with_capacity(1024);
+    let mut inflight = kappa_runtime::nats::AckWindow::new(1024);
     for i in 0..n {
         let (id, msg) = reading_message(i, sensors, &stamp, &run);
-        inflight.push_back(
+        if let Some(((), a)) = inflight.make_room() {
+            a.await?;
+        }
+        inflight.push(
+            (),
             ctx.js
                 .send_publish(thermo_domain::subjects::reading(&id), msg)
                 .await?,
         );
-        if inflight.len() >= 1024
-            && let Some(a) = inflight.pop_front()
-        {
-            a.await?;
-        }
     }
-    for a in inflight {
+    for ((), a) in inflight.rest() {
         a.await?;
     }
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -330,6 +330,22 @@ impl Settings {
                 "KAPPA_WORKING=affinity needs AFFINITY_REDIS_URL".into(),
             ));
         }
+        // A standby copies in-process state; `remote` and `affinity` keep it in Redis, which
+        // the successor reads anyway, and static ownership has no successor.
+        if self.standbys > 0
+            && (self.working != WorkingMode::Local || self.ownership != Ownership::Leases)
+        {
+            let name = |v: Option<clap::builder::PossibleValue>| {
+                v.map(|v| v.get_name().to_string()).unwrap_or_default()
+            };
+            return Err(crate::RuntimeError::Config(format!(
+                "KAPPA_STANDBYS={} needs KAPPA_WORKING=local and KAPPA_OWNERSHIP=leases, not \
+                 KAPPA_WORKING={} KAPPA_OWNERSHIP={}",
+                self.standbys,
+                name(self.working.to_possible_value()),
+                name(self.ownership.to_possible_value())
+            )));
+        }
         Ok(())
     }
 
@@ -382,6 +398,51 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut all = vec!["service"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parses").settings
+    }
+
+    #[test]
+    fn standbys_are_refused_where_there_is_no_in_process_state_to_copy() {
+        let ok = settings(&["--standbys", "1", "--working", "local"]);
+        assert!(ok.validate().is_ok());
+        assert!(settings(&["--standbys", "0"]).validate().is_ok());
+        for args in [
+            &["--standbys", "1"][..],
+            &[
+                "--standbys",
+                "1",
+                "--working",
+                "affinity",
+                "--affinity-redis-url",
+                "redis://a",
+            ],
+            &[
+                "--standbys",
+                "2",
+                "--working",
+                "local",
+                "--ownership",
+                "static",
+            ],
+        ] {
+            let e = settings(args).validate().expect_err("refused").to_string();
+            assert!(
+                e.contains("KAPPA_STANDBYS=") && e.contains("needs KAPPA_WORKING=local"),
+                "{args:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn inbox_prefixes_follow_the_user_then_the_service() {

@@ -88,6 +88,11 @@ impl DeadLetters {
         self.log.last(key).await
     }
 
+    /// The last dead letter of each of `keys` (see [`EntityLog::last_many`]).
+    pub async fn last_many(&self, keys: &[String]) -> Result<Vec<Option<Written>>, RuntimeError> {
+        self.log.last_many(keys).await
+    }
+
     /// Publishes the dead letter of input `source` (its subject, its stream's identity, its
     /// sequence) about `key`, that
     /// must follow the entity's dead letter at stream sequence `expected` (`Some(0)`: none yet;

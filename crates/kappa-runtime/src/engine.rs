@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::future::join_all;
+use futures::StreamExt;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::RuntimeError;
@@ -261,20 +261,17 @@ impl<C: Compute> Engine<C> {
         }
         let p = self.parts.clone();
         let stored = p.working.load(self.partition, &keys).await?;
-        let lasts = join_all(keys.iter().map(|k| {
-            let p = &p;
-            async move { tokio::try_join!(p.changes.log().last(k), p.dlq.last(k)) }
-        }))
-        .await;
+        let (changes, dead) =
+            tokio::try_join!(p.changes.log().last_many(&keys), p.dlq.last_many(&keys))?;
+        let lasts: Vec<_> = changes.into_iter().zip(dead).collect();
         // A logged outcome beyond the batch's inputs is legitimate only if a previous owner got
         // further; beyond the input stream's end it cannot be ours. Ask the stream only then.
         let source = self.source;
-        let beyond = lasts.iter().any(|l| match l {
-            Ok((c, d)) => [c, d].iter().any(|w| {
+        let beyond = lasts.iter().any(|(c, d)| {
+            [c, d].iter().any(|w| {
                 w.as_ref()
                     .is_some_and(|w| w.source_stream == source && w.source_seq > batch_last)
-            }),
-            Err(_) => false,
+            })
         });
         let input_last = if beyond {
             let mut s =
@@ -296,18 +293,24 @@ impl<C: Compute> Engine<C> {
             log: self.log,
             quiet: false,
         };
-        let loaded = join_all(keys.into_iter().zip(stored).zip(lasts).map(
-            |((key, value), last)| {
-                let (p, trust) = (&p, &trust);
-                async move {
-                    let (last_change, last_dlq) = last?;
-                    let entity =
-                        recover_entity::<C>(p, trust, &key, value, last_change, last_dlq).await?;
-                    Ok::<_, RuntimeError>((key, entity))
-                }
-            },
-        ))
-        .await;
+        // Most entities need no request here (their stored state is current); the others read
+        // their log's tail, a bounded number at a time.
+        let loaded: Vec<Result<_, RuntimeError>> =
+            futures::stream::iter(keys.into_iter().zip(stored).zip(lasts).map(
+                |((key, value), last)| {
+                    let (p, trust) = (&p, &trust);
+                    async move {
+                        let (last_change, last_dlq) = last;
+                        let entity =
+                            recover_entity::<C>(p, trust, &key, value, last_change, last_dlq)
+                                .await?;
+                        Ok::<_, RuntimeError>((key, entity))
+                    }
+                },
+            ))
+            .buffer_unordered(crate::nats::PUBLISH_WINDOW)
+            .collect()
+            .await;
         for r in loaded {
             let (key, entity) = r?;
             self.entities.insert(key, entity);
@@ -469,13 +472,9 @@ impl<C: Compute> Engine<C> {
         for wave in waves {
             // An entity appears once per wave, so its acks may be awaited in any order; at most
             // PUBLISH_WINDOW stay outstanding (see `crate::nats::MAX_ACKS_IN_FLIGHT`).
-            let mut pending = std::collections::VecDeque::with_capacity(
-                wave.len().min(crate::nats::PUBLISH_WINDOW),
-            );
+            let mut pending = crate::nats::AckWindow::new(crate::nats::PUBLISH_WINDOW);
             for (i, o) in wave {
-                if pending.len() >= crate::nats::PUBLISH_WINDOW
-                    && let Some((key, is_change, ack)) = pending.pop_front()
-                {
+                if let Some(((key, is_change), ack)) = pending.make_room() {
                     self.settle(key, is_change, ack).await?;
                 }
                 let key = batch[i].entity();
@@ -503,9 +502,9 @@ impl<C: Compute> Engine<C> {
                             .await?,
                     ),
                 };
-                pending.push_back((key, is_change, ack));
+                pending.push((key, is_change), ack);
             }
-            for (key, is_change, ack) in pending {
+            for ((key, is_change), ack) in pending.rest() {
                 self.settle(key, is_change, ack).await?;
             }
         }

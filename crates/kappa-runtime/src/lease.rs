@@ -22,7 +22,7 @@
 //! A crashed owner is found at once, not after its leases expire: every instance answers
 //! liveness probes on `kappa.alive.<service>.<instance>` (core NATS), and each listing probes
 //! the other members. A member for which the server has *no subscriber at all* (no responders,
-//! twice, [`GONE_CONFIRM`] apart) has lost its connection: its process died (kill -9 closes its
+//! twice, `GONE_CONFIRM` apart) has lost its connection: its process died (kill -9 closes its
 //! socket) or its server lost it. It is dropped from the plan at once, its membership key is
 //! deleted, and its leases are taken over against their last revision. A member that is stopped,
 //! slow or cut off but still connected keeps its subscription, so its probe times out instead and

@@ -40,6 +40,44 @@ pub const MAX_ACKS_IN_FLIGHT: usize = 65_536;
 /// (see [`MAX_ACKS_IN_FLIGHT`]). A full default batch (256) still goes out as one pipeline.
 pub const PUBLISH_WINDOW: usize = 256;
 
+/// The publish acks one task leaves outstanding, at most a fixed number (the runtime's bulk
+/// publishes use [`PUBLISH_WINDOW`]), each with a tag saying what it acknowledges: before each
+/// publish, [`AckWindow::make_room`] hands back the oldest ack to await once the window is
+/// full, and [`AckWindow::rest`] the ones left at the end, oldest first.
+pub struct AckWindow<T> {
+    acks: std::collections::VecDeque<(T, jetstream::context::PublishAckFuture)>,
+    size: usize,
+}
+
+impl<T> AckWindow<T> {
+    /// A window of at most `size` outstanding acks (at least one).
+    pub fn new(size: usize) -> Self {
+        Self {
+            acks: std::collections::VecDeque::with_capacity(size.min(4096)),
+            size: size.max(1),
+        }
+    }
+
+    /// The oldest ack, to await before publishing again, if the window is full.
+    pub fn make_room(&mut self) -> Option<(T, jetstream::context::PublishAckFuture)> {
+        if self.acks.len() >= self.size {
+            self.acks.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Records the ack of a publish just sent.
+    pub fn push(&mut self, tag: T, ack: jetstream::context::PublishAckFuture) {
+        self.acks.push_back((tag, ack));
+    }
+
+    /// The acks still outstanding, oldest first.
+    pub fn rest(self) -> impl Iterator<Item = (T, jetstream::context::PublishAckFuture)> {
+        self.acks.into_iter()
+    }
+}
+
 /// The JetStream context of `client`, with [`MAX_ACKS_IN_FLIGHT`].
 pub fn context(client: async_nats::Client) -> jetstream::Context {
     jetstream::context::ContextBuilder::new()
@@ -377,7 +415,7 @@ pub fn check_replicas(client: &async_nats::Client, replicas: usize) -> Result<()
 const DECLARE_ATTEMPTS: u32 = 3;
 
 /// Runs a declaration (a stream or bucket created if missing) again when it timed out, up to
-/// [`DECLARE_ATTEMPTS`] times. Two instances declaring the same replicated stream at once is
+/// `DECLARE_ATTEMPTS` times. Two instances declaring the same replicated stream at once is
 /// normal at start, and nats-server 2.15.1 answers neither the second create nor an update
 /// sent while the first create is in flight: both time out after 5 s (measured on a 3-node
 /// cluster with two concurrent requests); asked again, the stream exists and the answer comes

@@ -7,7 +7,7 @@
 //! with the partition's position and fencing epoch* ([`View::apply`]), plus the store's handful
 //! of generation operations (open, swap, abandon, drop). The runtime owns the rest:
 //! partitioned input and ownership (static or leases, through
-//! [`run_owned`](crate::service::run_owned) and the [driver](crate::partition)), opening each
+//! [`run_owned`] and the [driver](crate::partition)), opening each
 //! partition at the position the store holds, dead letters for undecodable changes, observed
 //! reference data (looked up once per key and batch, with a time-out), the view-change feed on
 //! core NATS, readiness, metrics, draining, and [rebuilding](Rebuild) from sequence 1 into a

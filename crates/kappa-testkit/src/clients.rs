@@ -56,8 +56,12 @@ pub async fn redis(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnectio
 }
 
 /// Empties every database of the Redis server at `url` (`FLUSHALL`): scratch servers only.
+///
+/// Given up to two minutes: the client's default response timeout is far shorter, and emptying
+/// 10^6 sensors' windows takes seconds (the growth benchmark's `affinity` run at 10^6 failed so).
 pub async fn flushall(url: &str) -> anyhow::Result<()> {
     let mut r = redis(url).await?;
+    r.set_response_timeout(std::time::Duration::from_secs(120));
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut r)
         .await

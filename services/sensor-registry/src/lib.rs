@@ -25,7 +25,7 @@
 //! # Reading: the runtime's change feed
 //!
 //! The registry's own state is recovered at start from `SENSORS` by a
-//! [`Feed`](kappa_runtime::feed::Feed) (last change per sensor; ready once caught up) that then
+//! [`Feed`] (last change per sensor; ready once caught up) that then
 //! keeps following it, so changes made by other instances are seen. If the feed has to replay
 //! (the stream was truncated or recreated), the state is rebuilt from what the stream holds.
 

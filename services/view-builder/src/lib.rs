@@ -4,7 +4,7 @@
 //! It is a [`kappa_runtime::view::View`], [`SensorViews`], run by
 //! [`kappa_runtime::view::ViewService`]: the runtime owns partitions and ownership, positions
 //! and fencing epochs (passed to the store), dead letters, registry lookups (`KAPPA_OBSERVED`),
-//! health, metrics, draining and the [rebuild](rebuild) from sequence 1. What is this
+//! health, metrics, draining and the [rebuild] from sequence 1. What is this
 //! service's: validating a delta and folding a batch ([`view`], pure), the Redis layout and its
 //! Lua scripts ([`store`]), the view-change subjects, and the registry feed that moves sensors
 //! between site views without waiting for their next delta.
@@ -14,7 +14,7 @@
 //! The Redis key layout, the view JSON and the read protocol are the wire contract between
 //! this service (their only writer) and query-api: [`thermo_domain::views`]. Every key of a
 //! *generation* `g` starts with `views:{g}:`; `views:active` names the generation queries read
-//! (absent means `0`); a [rebuild](rebuild) fills a fresh generation and swaps it in.
+//! (absent means `0`); a [rebuild] fills a fresh generation and swaps it in.
 //!
 //! # Consistency
 //!

@@ -13,7 +13,7 @@
 //! A commit goes through only if the store still holds both (or already holds the very commit,
 //! retried after its reply was lost); otherwise it fails with [`RuntimeError::StoreLost`] and
 //! the driver reopens the partition, which recovers from the streams (the change log is the
-//! truth, the store its cache; see [`crate::engine`]).
+//! truth, the store its cache; see the engine, `engine.rs`).
 //!
 //! A wipe also erases the fencing epoch, so a stale owner that reopens after it is accepted by
 //! the store again. That does not make it able to do harm: every outcome it appends is fenced

@@ -29,7 +29,7 @@
 //! that records which change-log message it folded last and which input it decided last: a
 //! stale entry is an older prefix of the entity's history, and the engine, seeing the change
 //! log ahead of the stored envelope, folds the missed changes back in
-//! ([`crate::engine`]). Every marker, stale or not, names a position whose inputs were all
+//! (the engine, `engine.rs`). Every marker, stale or not, names a position whose inputs were all
 //! decided by the owner that wrote it, with their outcomes in the logs. A stale write thus
 //! costs replay (a refold of the entity from its change log, inputs replayed from an older
 //! position), never correctness. That rests on the change log keeping every change (the
@@ -488,7 +488,7 @@ impl Snapshotter {
         // At most PUBLISH_WINDOW acks outstanding: a flush of more keys than the context's
         // permits used to wait for a permit only its own awaits could give back (see
         // `crate::nats::MAX_ACKS_IN_FLIGHT`).
-        let mut acks = std::collections::VecDeque::with_capacity(crate::nats::PUBLISH_WINDOW);
+        let mut acks = crate::nats::AckWindow::new(crate::nats::PUBLISH_WINDOW);
         let mut stored = Vec::with_capacity(snap.writes.len());
         let mut large = Vec::new();
         for (k, v) in &snap.writes {
@@ -497,10 +497,7 @@ impl Snapshotter {
                 large.push((token, v));
                 continue;
             }
-            if acks.len() >= crate::nats::PUBLISH_WINDOW
-                && let Some((t, a)) = acks.pop_front()
-            {
-                let a: async_nats::jetstream::context::PublishAckFuture = a;
+            if let Some((t, a)) = acks.make_room() {
                 stored.push((t, a.await.map_err(RuntimeError::js)?.sequence));
             }
             let msg = PublishMessage::build()
@@ -511,9 +508,9 @@ impl Snapshotter {
                 .send_publish(format!("{prefix}.{token}"), msg)
                 .await
                 .map_err(RuntimeError::js)?;
-            acks.push_back((token, ack));
+            acks.push(token, ack);
         }
-        for (token, a) in acks {
+        for (token, a) in acks.rest() {
             stored.push((token, a.await.map_err(RuntimeError::js)?.sequence));
         }
         // A plain value replaced a chunked one: its parts are garbage now.
@@ -549,27 +546,25 @@ impl Snapshotter {
         let gen_ = generation(epoch);
         let base = format!("{}.{token}.{gen_}", self.chunk_prefix(p));
         let epoch_s = epoch.to_string();
-        let mut acks = std::collections::VecDeque::new();
+        let mut acks = crate::nats::AckWindow::new(crate::nats::PUBLISH_WINDOW);
         let mut seqs = Vec::new();
         for (i, start) in (0..value.len()).step_by(self.chunk_size).enumerate() {
-            if acks.len() >= crate::nats::PUBLISH_WINDOW
-                && let Some(a) = acks.pop_front()
-            {
-                let a: async_nats::jetstream::context::PublishAckFuture = a;
+            if let Some(((), a)) = acks.make_room() {
                 seqs.push(a.await.map_err(RuntimeError::js)?.sequence);
             }
             let part = value.slice(start..(start + self.chunk_size).min(value.len()));
             let msg = PublishMessage::build()
                 .payload(part)
                 .header(EPOCH_HEADER, epoch_s.as_str());
-            acks.push_back(
+            acks.push(
+                (),
                 self.js
                     .send_publish(format!("{base}.{i}"), msg)
                     .await
                     .map_err(RuntimeError::js)?,
             );
         }
-        for a in acks {
+        for ((), a) in acks.rest() {
             seqs.push(a.await.map_err(RuntimeError::js)?.sequence);
         }
         let first = seqs.first().copied().unwrap_or(0);

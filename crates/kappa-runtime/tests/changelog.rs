@@ -1,0 +1,102 @@
+//! The outcome logs on a real NATS (`NATS_URL`): the last message of many entities, asked with
+//! multi-subject direct gets (several requests of [`MULTI_LAST_KEYS`] keys), equals what asking
+//! key by key gives, for both layouts, with keys that have several messages, one, or none.
+//! Skipped, with a line on stderr, when `NATS_URL` is not set (`.ci/run` sets it).
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use kappa_runtime::changelog::{EntityLog, Layout, MULTI_LAST_KEYS};
+
+async fn js() -> Option<jetstream::Context> {
+    let Ok(nats_url) = std::env::var("NATS_URL") else {
+        eprintln!("note: NATS_URL not set; skipping the change log test");
+        return None;
+    };
+    let client = async_nats::connect(&nats_url).await.expect("nats");
+    Some(jetstream::new(client))
+}
+
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{what}{nanos}")
+}
+
+async fn last_many_equals_key_by_key(layout: Layout) {
+    let Some(js) = js().await else { return };
+    let name = unique("CLTEST");
+    let prefix = unique("cltest.");
+    js.create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let log = EntityLog::new(js.clone(), &name, &prefix, layout, "cltest");
+    // More keys than two requests hold; every third has no message, every fifth has three.
+    let keys: Vec<String> = (0..2 * MULTI_LAST_KEYS + 7)
+        .map(|i| format!("k{i}"))
+        .collect();
+    let mut acks = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        if i % 3 == 0 {
+            continue;
+        }
+        let subject = match layout {
+            Layout::Flat => format!("{prefix}.{key}"),
+            Layout::Partitioned => format!("{prefix}.{}.{key}", i % 4),
+        };
+        for n in 0..if i % 5 == 0 { 3 } else { 1 } {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Kappa-Source-Seq", format!("{}", 10 * i + n).as_str());
+            headers.insert("Kappa-Service", "cltest");
+            acks.push(
+                js.publish_with_headers(subject.clone(), headers, Bytes::from(vec![b'x'; 300]))
+                    .await
+                    .expect("publish"),
+            );
+        }
+    }
+    for a in acks {
+        a.await.expect("ack");
+    }
+    let many = log.last_many(&keys).await.expect("last_many");
+    assert_eq!(many.len(), keys.len());
+    let mut found = 0;
+    for (key, got) in keys.iter().zip(&many) {
+        let one = log.last(key).await.expect("last");
+        assert_eq!(got, &one, "{key}");
+        found += usize::from(one.is_some());
+    }
+    assert_eq!(
+        found,
+        keys.len() - keys.len().div_ceil(3),
+        "keys with messages"
+    );
+    assert!(
+        many.iter()
+            .flatten()
+            .all(|w| w.writer.as_deref() == Some("cltest") && w.source_seq > 0),
+        "headers are read"
+    );
+    assert_eq!(
+        log.last_many(&[]).await.expect("no keys"),
+        Vec::new(),
+        "no keys, no request"
+    );
+    let _ = js.delete_stream(&name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_message_of_many_flat_entities_is_what_asking_each_gives() {
+    last_many_equals_key_by_key(Layout::Flat).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_message_of_many_partitioned_entities_is_what_asking_each_gives() {
+    last_many_equals_key_by_key(Layout::Partitioned).await;
+}
