@@ -81,6 +81,8 @@ pub struct EntityLog {
     prefix: String,
     layout: Layout,
     service: String,
+    /// The stream's partition count, if known ([`EntityLog::with_partitions`]).
+    partitions: Option<u32>,
 }
 
 impl std::fmt::Debug for EntityLog {
@@ -124,7 +126,19 @@ impl EntityLog {
             prefix: prefix.to_string(),
             layout,
             service: service.to_string(),
+            partitions: None,
         }
+    }
+
+    /// A [`Layout::Partitioned`] log whose stream has `partitions` partitions: an entity's
+    /// reads then name its one stored subject (`<prefix>.<partition>.<key>`, the partition as
+    /// the server's transform computes it) instead of the wildcard `<prefix>.*.<key>`, which
+    /// the server can only answer by scanning. Measured: at 10^6 sensors and 2 million
+    /// changes, a restart's reads of the entities' log tails with the wildcard kept
+    /// nats-server at 100% CPU and timed out without end.
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions.max(1));
+        self
     }
 
     /// The stream's name.
@@ -141,7 +155,14 @@ impl EntityLog {
     fn stored_filter(&self, key: &str) -> String {
         match self.layout {
             Layout::Flat => format!("{}.{key}", self.prefix),
-            Layout::Partitioned => format!("{}.*.{key}", self.prefix),
+            Layout::Partitioned => match self.partitions {
+                Some(n) => format!(
+                    "{}.{}.{key}",
+                    self.prefix,
+                    crate::partition::partition_for(key, n)
+                ),
+                None => format!("{}.*.{key}", self.prefix),
+            },
         }
     }
 

@@ -144,13 +144,12 @@ impl<C: Compute> DomainService<C> {
         };
         let options = s.nats.stream_options()?;
         input.declare_with(&js, options).await?;
-        PartitionedStream {
+        let mut out = PartitionedStream {
             stream: out_stream.clone(),
             prefix: out_prefix.clone(),
             partitions: input.partitions,
-        }
-        .declare_with(&js, options)
-        .await?;
+        };
+        out.declare_with(&js, options).await?;
         for c in &self.declare {
             let c = stream::Config {
                 num_replicas: options.replicas,
@@ -220,7 +219,8 @@ impl<C: Compute> DomainService<C> {
                 &out_prefix,
                 Layout::Partitioned,
                 &self.name,
-            ),
+            )
+            .with_partitions(out.partitions),
             &self.name,
             C::CHANGE_SCHEMA,
         );
