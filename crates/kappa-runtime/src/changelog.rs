@@ -204,12 +204,7 @@ impl EntityLog {
     pub async fn last(&self, key: &str) -> Result<Option<Written>, RuntimeError> {
         let s = self.handle().await?;
         match s.direct_get_last_for_subject(self.stored_filter(key)).await {
-            Ok(m) => Ok(Some(Written {
-                stream_seq: m.sequence,
-                source_seq: source_seq(&m.headers),
-                source_stream: number(&m.headers, SOURCE_STREAM_HEADER),
-                writer: writer(&m.headers),
-            })),
+            Ok(m) => Ok(Some(Written::from_headers(m.sequence, Some(&m.headers)))),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(RuntimeError::JetStream(format!(
                 "last message of {key} in {}: {e}",
@@ -224,9 +219,8 @@ impl EntityLog {
     /// Asked [`MULTI_LAST_KEYS`] keys at a time with one multi-subject direct get
     /// (`multi_last`, nats-server 2.11 and later), a few requests at a time: loading the
     /// entities of a batch then costs a round trip per few hundred keys instead of one per
-    /// key. After a restart at 10^6 sensors one request per key meant 2 million requests,
-    /// issued all at once per batch: they timed out and were retried without end (the growth
-    /// benchmark). A server that does not answer multi-subject gets is asked key by key.
+    /// key (a cold start at 10^6 sensors otherwise asks 2 million times). A server that does
+    /// not answer multi-subject gets is asked key by key.
     pub async fn last_many(&self, keys: &[String]) -> Result<Vec<Option<Written>>, RuntimeError> {
         use futures::StreamExt;
         let asks: Vec<_> = keys
@@ -337,15 +331,9 @@ impl EntityLog {
                 let Some(key) = self.key_of(&subject) else {
                     continue;
                 };
-                let headers = reply.headers.as_ref();
                 found.insert(
                     key.to_string(),
-                    Written {
-                        stream_seq: seq,
-                        source_seq: headers.map_or(0, source_seq),
-                        source_stream: headers.map_or(0, |h| number(h, SOURCE_STREAM_HEADER)),
-                        writer: headers.and_then(writer),
-                    },
+                    Written::from_headers(seq, reply.headers.as_ref()),
                 );
             }
             asking = if pending > 0 {
@@ -437,6 +425,18 @@ impl EntityLog {
             .send_publish(self.subject(key), msg)
             .await
             .map_err(|e| RuntimeError::JetStream(format!("append to {}: {e}", self.stream)))
+    }
+}
+
+impl Written {
+    /// What a stored message at `stream_seq` with `headers` says of its entity's log.
+    fn from_headers(stream_seq: u64, headers: Option<&HeaderMap>) -> Self {
+        Self {
+            stream_seq,
+            source_seq: headers.map_or(0, source_seq),
+            source_stream: headers.map_or(0, |h| number(h, SOURCE_STREAM_HEADER)),
+            writer: headers.and_then(writer),
+        }
     }
 }
 
