@@ -97,7 +97,7 @@ impl Plan {
 }
 
 /// Which part of the mode a point belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Part {
     Sensors,
     Partitions,
@@ -105,7 +105,7 @@ enum Part {
 }
 
 /// Restart after `kill -9`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Recovery {
     /// Spawn -> `/healthz` 200.
     ready_secs: f64,
@@ -116,10 +116,10 @@ struct Recovery {
 }
 
 /// One drain of one configuration by one working option.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Point {
     part: Part,
-    working: &'static str,
+    working: std::borrow::Cow<'static, str>,
     sensors: u64,
     readings: u64,
     partitions: u32,
@@ -134,13 +134,48 @@ struct Point {
     dead_letters: u64,
     recovery: Option<Recovery>,
     error: Option<String>,
+    /// Set on a point this run did not measure (`--working` left its option out): the date
+    /// of the run that did, whose figure is carried over into the tables.
+    #[serde(default)]
+    carried_from: Option<String>,
+}
+
+/// The points of the options this run left out, from the growth run recorded in
+/// `out/benchmarks.json` (each marked with the date of the run that measured it).
+fn carried_points(out: &Path, measured: &[&str]) -> Vec<Point> {
+    let Some(growth) = std::fs::read_to_string(out.join("benchmarks.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|mut j| j.get_mut("growth").map(serde_json::Value::take))
+    else {
+        return Vec::new();
+    };
+    let date = growth["date"]
+        .as_str()
+        .unwrap_or("an earlier run")
+        .to_string();
+    let points: Vec<Point> = serde_json::from_value(growth["points"].clone()).unwrap_or_default();
+    points
+        .into_iter()
+        .filter(|p| !measured.contains(&p.working.as_ref()))
+        .map(|mut p| {
+            p.carried_from.get_or_insert_with(|| date.clone());
+            p
+        })
+        .collect()
+}
+
+/// A table's first cell: the option, marked † when the figure is carried over.
+fn who(p: &Point) -> String {
+    let mark = if p.carried_from.is_some() { " †" } else { "" };
+    format!("`{}`{mark}", p.working)
 }
 
 impl Point {
     fn new(part: Part, working: &'static str, c: &Config) -> Point {
         Point {
             part,
-            working,
+            working: working.into(),
             sensors: c.sensors,
             readings: c.readings,
             partitions: c.partitions,
@@ -153,6 +188,7 @@ impl Point {
             dead_letters: 0,
             recovery: None,
             error: None,
+            carried_from: None,
         }
     }
 
@@ -295,7 +331,7 @@ async fn drain(ctx: &Ctx, part: Part, working: &'static str, c: &Config) -> Poin
 }
 
 async fn drain_into(ctx: &Ctx, pt: &mut Point, c: &Config) -> anyhow::Result<()> {
-    let working = pt.working;
+    let working: &str = &pt.working.clone();
     ctx.servers
         .wipe_except(&ctx.js, &[thermo_domain::streams::READINGS])
         .await?;
@@ -595,6 +631,9 @@ pub async fn run(
     }
     drop(ctx);
     let _ = std::fs::remove_dir_all(&dir);
+    if !sweep.working.is_empty() {
+        points.extend(carried_points(&out, &options));
+    }
 
     let (date, nproc) = crate::report::stamp();
     let loads = (load_at_start, crate::report::load_average());
@@ -662,6 +701,19 @@ fn section(
         SNAPSHOT_SECS + 1,
         took.as_secs_f64()
     ));
+    let mut carried: Vec<&str> = points
+        .iter()
+        .filter_map(|p| p.carried_from.as_deref())
+        .collect();
+    carried.sort_unstable();
+    carried.dedup();
+    if !carried.is_empty() {
+        b.push_str(&format!(
+            "† not rerun by this command (its `--working` left the option out): carried over \
+             from the run of {}, on the machine as it was then.\n\n",
+            carried.join(", ")
+        ));
+    }
     b.push_str("![temperature-delta: throughput and memory per sensor against sensors, per working option](growth.svg)\n\n");
 
     // Sensors.
@@ -711,12 +763,14 @@ fn section(
         {
             b.push_str(&match &p.error {
                 Some(e) => format!(
-                    "| `{w}` | {} | - | not measured: {} | | | | | |\n",
+                    "| {} | {} | - | not measured: {} | | | | | |\n",
+                    who(p),
                     p.window_secs,
                     e.replace('|', "\\|")
                 ),
                 None => format!(
-                    "| `{w}` | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    who(p),
                     p.window_secs,
                     u64::from(p.window_secs).min(plan.window_per_sensor),
                     opt(p.rate, fmt_rate),
@@ -751,12 +805,14 @@ fn section(
         {
             b.push_str(&match &p.error {
                 Some(e) => format!(
-                    "| `{w}` | {} | not measured: {} | | | | |\n",
+                    "| {} | {} | not measured: {} | | | | |\n",
+                    who(p),
                     p.partitions,
                     e.replace('|', "\\|")
                 ),
                 None => format!(
-                    "| `{w}` | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} |\n",
+                    who(p),
                     p.partitions,
                     opt(p.rate, fmt_rate),
                     ratio(p.rate, base),
@@ -791,8 +847,8 @@ fn marginal(
 fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
     if let Some(e) = &p.error {
         return format!(
-            "| `{}` | {} | {} | not measured: {} | | | | | | | | | | |\n",
-            p.working,
+            "| {} | {} | {} | not measured: {} | | | | | | | | | | |\n",
+            who(p),
             p.sensors,
             p.readings,
             e.replace('|', "\\|")
@@ -802,8 +858,8 @@ fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
     let rss = |p: &Point| Some(p.rss_per_sensor()? * p.sensors as f64);
     let redis = |p: &Point| p.redis_bytes.map(|b| b as f64);
     format!(
-        "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-        p.working,
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        who(p),
         p.sensors,
         p.readings,
         opt(p.rate, fmt_rate),
@@ -823,6 +879,48 @@ fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filtered_run_carries_the_other_options_rows_over_with_their_date() {
+        let dir = std::env::temp_dir().join(format!("growth-carry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let c = Config {
+            prefix: "s".into(),
+            sensors: 1000,
+            readings: 2000,
+            partitions: 8,
+            window_secs: 600,
+            step_ms: 1000,
+            recovery: true,
+        };
+        let mut remote = Point::new(Part::Sensors, "remote", &c);
+        remote.rate = Some(1234.0);
+        let mut old_affinity = Point::new(Part::Window, "affinity", &c);
+        old_affinity.carried_from = Some("the first run".into());
+        let local = Point::new(Part::Sensors, "local", &c);
+        let stored = json!({"growth": {"date": "the second run",
+            "points": [remote, old_affinity, local]}});
+        std::fs::write(dir.join("benchmarks.json"), stored.to_string()).expect("write");
+
+        let carried = carried_points(&dir, &["local"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let seen: Vec<(&str, Option<&str>, Option<f64>)> = carried
+            .iter()
+            .map(|p| (p.working.as_ref(), p.carried_from.as_deref(), p.rate))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("remote", Some("the second run"), Some(1234.0)),
+                ("affinity", Some("the first run"), None)
+            ]
+        );
+        assert_eq!(who(&carried[0]), "`remote` †");
+        assert!(
+            carried_points(&dir, &["local"]).is_empty(),
+            "no file, nothing carried"
+        );
+    }
 
     #[test]
     fn plan_sizes_are_powers_of_ten_up_to_the_max() {

@@ -13,6 +13,9 @@
 //!   the changes it missed back into the state (see [`crate::compute`]).
 
 use async_nats::HeaderMap;
+use async_nats::header::{
+    HeaderName, HeaderValue, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID,
+};
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use bytes::Bytes;
 
@@ -27,6 +30,32 @@ pub const SOURCE_STREAM_HEADER: &str = "Kappa-Source-Stream";
 pub const SCHEMA_HEADER: &str = "Kappa-Schema";
 /// Header naming the service that wrote a message.
 pub const SERVICE_HEADER: &str = "Kappa-Service";
+
+// The names of the headers every append carries, built once: a name given as `&str` is
+// validated and copied into a new allocation on every insert (with the values' decimal
+// formatting, a fifth of temperature-delta's CPU per reading went to building headers).
+const SOURCE_SEQ_NAME: HeaderName = HeaderName::from_static(SOURCE_SEQ_HEADER);
+const SOURCE_STREAM_NAME: HeaderName = HeaderName::from_static(SOURCE_STREAM_HEADER);
+const SCHEMA_NAME: HeaderName = HeaderName::from_static(SCHEMA_HEADER);
+const SERVICE_NAME: HeaderName = HeaderName::from_static(SERVICE_HEADER);
+
+/// `n` in decimal as a header value (without `fmt`).
+pub(crate) fn decimal(n: u64) -> HeaderValue {
+    HeaderValue::from(itoa::Buffer::new().format(n).to_owned())
+}
+
+/// The dedupe id `<prefix>:<stream>:<seq>` of the outcome of input `(stream, seq)`.
+pub(crate) fn dedupe_id(prefix: &str, stream: u64, seq: u64) -> String {
+    let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (a, b) = (a.format(stream), b.format(seq));
+    let mut id = String::with_capacity(prefix.len() + a.len() + b.len() + 2);
+    id.push_str(prefix);
+    id.push(':');
+    id.push_str(a);
+    id.push(':');
+    id.push_str(b);
+    id
+}
 
 /// Keys per multi-subject direct get in [`EntityLog::last_many`] (the server refuses more
 /// than 1024 subjects; a change is ~300 bytes, so an answer stays near 80 KB).
@@ -148,7 +177,11 @@ impl EntityLog {
 
     /// The subject an entity's messages are published to.
     pub fn subject(&self, key: &str) -> String {
-        format!("{}.{key}", self.prefix)
+        let mut subject = String::with_capacity(self.prefix.len() + 1 + key.len());
+        subject.push_str(&self.prefix);
+        subject.push('.');
+        subject.push_str(key);
+        subject
     }
 
     /// A subject filter matching the entity's stored messages.
@@ -411,16 +444,14 @@ impl EntityLog {
         source: (u64, u64),
         expected: Option<u64>,
     ) -> Result<PublishAckFuture, RuntimeError> {
-        headers.insert(SOURCE_SEQ_HEADER, source.1.to_string().as_str());
-        headers.insert(SOURCE_STREAM_HEADER, source.0.to_string().as_str());
-        headers.insert(SERVICE_HEADER, self.service.as_str());
-        let mut msg = PublishMessage::build()
-            .payload(payload)
-            .headers(headers)
-            .message_id(msg_id);
+        headers.insert(SOURCE_SEQ_NAME, decimal(source.1));
+        headers.insert(SOURCE_STREAM_NAME, decimal(source.0));
+        headers.insert(SERVICE_NAME, self.service.as_str());
+        headers.insert(NATS_MESSAGE_ID, msg_id);
         if let Some(expected) = expected {
-            msg = msg.expected_last_subject_sequence(expected);
+            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, decimal(expected));
         }
+        let msg = PublishMessage::build().payload(payload).headers(headers);
         self.js
             .send_publish(self.subject(key), msg)
             .await
@@ -501,13 +532,13 @@ impl ChangeLog {
         expected: u64,
     ) -> Result<PublishAckFuture, RuntimeError> {
         let mut headers = HeaderMap::new();
-        headers.insert(SCHEMA_HEADER, self.schema);
+        headers.insert(SCHEMA_NAME, self.schema);
         self.log
             .append(
                 key,
                 payload,
                 headers,
-                format!("{}:{}:{}", self.service, source.0, source.1),
+                dedupe_id(&self.service, source.0, source.1),
                 source,
                 Some(expected),
             )

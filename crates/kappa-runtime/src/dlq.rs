@@ -65,7 +65,8 @@ pub async fn declare_with(
 #[derive(Clone, Debug)]
 pub struct DeadLetters {
     log: EntityLog,
-    service: String,
+    /// `dlq:<service>`, the start of every dead letter's `Nats-Msg-Id`.
+    dedupe_prefix: String,
 }
 
 impl DeadLetters {
@@ -79,7 +80,7 @@ impl DeadLetters {
                 Layout::Flat,
                 service,
             ),
-            service: service.to_string(),
+            dedupe_prefix: format!("dlq:{service}"),
         }
     }
 
@@ -127,7 +128,7 @@ impl DeadLetters {
                 key,
                 payload,
                 headers,
-                format!("dlq:{}:{source_stream}:{source_seq}", self.service),
+                crate::changelog::dedupe_id(&self.dedupe_prefix, source_stream, source_seq),
                 (source_stream, source_seq),
                 expected,
             )

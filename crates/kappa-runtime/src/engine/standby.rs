@@ -494,7 +494,7 @@ impl<C: Compute> Standbys<C> {
         for (k, e) in &copy.entities {
             match encode_entity(e) {
                 Ok(b) => {
-                    values.insert(k.clone(), Bytes::from(b));
+                    values.insert(k.clone(), b);
                     if e.dirty {
                         changed.push(k.clone());
                     }
