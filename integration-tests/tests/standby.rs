@@ -208,6 +208,11 @@ async fn kill_owner(standbys: &str, signal: &str, snapshot_secs: &str, late: boo
     );
     let v = verify_exactly_once(&dag.js).await;
     assert_eq!(v.readings as u64, READINGS);
+    assert_eq!(
+        metric(&b.http, "kappa_standby_position").await,
+        0.0,
+        "{test}: B owns every partition and keeps no copy, yet a standby position is left"
+    );
     let standby_opens = metric(&b.http, "kappa_standby_takeovers_total").await - before;
     let catchups = metric(&b.http, "kappa_standby_catchups_total").await;
     // The partitions B took from A: their takeover gauges are of this takeover.

@@ -207,7 +207,7 @@ impl<C: Compute> Standbys<C> {
         };
         for f in stale {
             f.stop.cancel();
-            metrics::gauge!("kappa_standby_lag", "partition" => f.partition.to_string()).set(0.0);
+            no_copy_gauges(f.partition);
         }
         let mut first_error = None;
         for &p in partitions {
@@ -514,7 +514,7 @@ impl<C: Compute> Standbys<C> {
             );
             changed.push(super::SOURCE_KEY.to_string());
         }
-        metrics::gauge!("kappa_standby_lag", "partition" => p.to_string()).set(0.0);
+        no_copy_gauges(p);
         Some(Taken {
             copy: WarmCopy {
                 position: copy.position,
@@ -532,6 +532,14 @@ impl<C: Compute> Standbys<C> {
             o.remove(&p);
         }
     }
+}
+
+/// Partition `p`'s standby gauges once no copy of it is kept here: position and lag 0, so a
+/// dashboard does not show the last position of a copy that is gone.
+fn no_copy_gauges(p: u32) {
+    let label = p.to_string();
+    metrics::gauge!("kappa_standby_position", "partition" => label.clone()).set(0.0);
+    metrics::gauge!("kappa_standby_lag", "partition" => label).set(0.0);
 }
 
 impl<C: Compute> crate::service::StandBy for Standbys<C> {
