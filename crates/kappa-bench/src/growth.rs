@@ -113,6 +113,11 @@ struct Recovery {
     open_secs: f64,
     /// Spawn -> every partition's position at its last reading.
     caught_up_secs: f64,
+    /// Inputs the restart processed again until caught up (the runtime's
+    /// `kappa_takeover_replayed_inputs`, summed over partitions): what the last snapshot
+    /// did not cover.
+    #[serde(default)]
+    replayed: Option<f64>,
 }
 
 /// One drain of one configuration by one working option.
@@ -415,21 +420,38 @@ async fn drain_into(ctx: &Ctx, pt: &mut Point, c: &Config) -> anyhow::Result<()>
     let ready = q.wait_ready(Duration::from_secs(600)).await?;
     let open = services::wait_caught_up_within(ctx, &q, &lasts, Duration::from_secs(120)).await;
     let caught_up = spawned.elapsed().as_secs_f64();
+    let replayed = match open {
+        Ok(_) => replayed_inputs(ctx, &q).await,
+        Err(_) => None,
+    };
     if open.is_err() {
         q.kill9();
     }
     q.terminate(Duration::from_secs(10));
     let open = open?;
     eprintln!(
-        "    restart: ready {:.2}s, open {open:.3}s, caught up {caught_up:.2}s",
+        "    restart: ready {:.2}s, open {open:.3}s, caught up {caught_up:.2}s, replayed {replayed:?}",
         ready.as_secs_f64()
     );
     pt.recovery = Some(Recovery {
         ready_secs: ready.as_secs_f64(),
         open_secs: open,
         caught_up_secs: caught_up,
+        replayed,
     });
     Ok(())
+}
+
+/// The inputs `q` replayed until caught up, summed over its partitions (`None` if its metrics
+/// do not answer). A partition that had nothing to replay reports no figure (it counts 0); one
+/// that did sets it as it catches up, which the wait of half a second leaves time for.
+async fn replayed_inputs(ctx: &Ctx, q: &Proc) -> Option<f64> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let page = kappa_testkit::metrics::scrape(&ctx.http, &q.http).await?;
+    Some(kappa_testkit::metrics::sum(
+        &page,
+        "kappa_takeover_replayed_inputs",
+    ))
 }
 
 /// Pre-fills `c` and drains it with every option.
@@ -691,7 +713,9 @@ fn section(
          state's growth, the registry replica already loaded at ready. *Redis B/sensor* = \
          `INFO memory` `used_memory` growth over the drain / sensors (the TCP Redis for \
          `remote`, the colocated one for `affinity`). *Recovery*: {}s after the drain (one \
-         snapshot interval, so `local`'s last snapshot covers it), `kill -9`, restart: *ready* \
+         snapshot interval: `local`'s last snapshot covers the drain if its flush of every \
+         changed entity took less; *replayed inputs* says what it did not cover), `kill -9`, \
+         restart: *ready* \
          = spawn -> `/healthz` 200 (includes bootstrapping the registry replica), *open* = the \
          runtime's `recovery_secs` (max over partitions), *caught up* = spawn -> every \
          partition's position at its last reading. This run took {:.0} s.\n\n",
@@ -726,7 +750,7 @@ fn section(
          batches) that dominates the plain quotient at small sizes.\n\n",
         plan.per_sensor, plan.min_readings
     ));
-    b.push_str("| working | sensors | readings | readings/s | / smallest | RSS at ready MiB | RSS B/sensor | marginal RSS B/sensor | Redis B/sensor | marginal Redis B/sensor | restart ready s | open s | caught up s | DLQ |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    b.push_str("| working | sensors | readings | readings/s | / smallest | RSS at ready MiB | RSS B/sensor | marginal RSS B/sensor | Redis B/sensor | marginal Redis B/sensor | restart ready s | open s | caught up s | replayed inputs | DLQ |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for w in OPTIONS {
         let base = find(points, |p| {
             p.part == Part::Sensors && p.working == w && p.sensors == smallest
@@ -847,7 +871,7 @@ fn marginal(
 fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
     if let Some(e) = &p.error {
         return format!(
-            "| {} | {} | {} | not measured: {} | | | | | | | | | | |\n",
+            "| {} | {} | {} | not measured: {} | | | | | | | | | | | |\n",
             who(p),
             p.sensors,
             p.readings,
@@ -858,7 +882,7 @@ fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
     let rss = |p: &Point| Some(p.rss_per_sensor()? * p.sensors as f64);
     let redis = |p: &Point| p.redis_bytes.map(|b| b as f64);
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         who(p),
         p.sensors,
         p.readings,
@@ -872,6 +896,7 @@ fn row_sensors(p: &Point, prev: Option<&Point>, base: Option<f64>) -> String {
         opt(rec, |r| format!("{:.2}", r.ready_secs)),
         opt(rec, |r| format!("{:.3}", r.open_secs)),
         opt(rec, |r| format!("{:.2}", r.caught_up_secs)),
+        opt(rec.and_then(|r| r.replayed), |n| format!("{n:.0}")),
         p.dead_letters
     )
 }
