@@ -99,29 +99,6 @@ thread_local! {
 /// A buffer above this size is not kept for the next encoding.
 const ENCODE_BUFFER_KEPT: usize = 1 << 20;
 
-/// A `postcard` output that appends to a `Vec` without going through `std::io::Write`.
-struct Append<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Append<'_> {
-    type Output = ();
-
-    #[inline]
-    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
-        self.0.push(byte);
-        Ok(())
-    }
-
-    #[inline]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
 fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Bytes, RuntimeError> {
     ENCODE_BUFFER.with_borrow_mut(|out| {
         out.clear();
@@ -131,7 +108,8 @@ fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Bytes, RuntimeError> {
         out.extend_from_slice(&e.dlq_seq.to_le_bytes());
         out.extend_from_slice(&e.source.to_le_bytes());
         out.extend_from_slice(&e.log.to_le_bytes());
-        let encoded = postcard::serialize_with_flavor(&e.state, Append(out))
+        let encoded = postcard::to_io(&e.state, &mut *out)
+            .map(|_| ())
             .map_err(|err| RuntimeError::Corrupt(format!("state not encodable: {err}")));
         let bytes = Bytes::copy_from_slice(out);
         if out.capacity() > ENCODE_BUFFER_KEPT {
