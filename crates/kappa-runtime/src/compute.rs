@@ -131,7 +131,9 @@ pub trait Compute: Send + Sync + 'static {
     type Input: Send;
     /// One entity's state. `Default` is the state of an entity never seen; it is stored by the
     /// chosen working-state option in a compact binary form of its serde representation.
-    type State: Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// `Clone`: the committed state is shared with the working state (`local` keeps it as it
+    /// is), and the engine copies it when a batch first changes it.
+    type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static;
     /// One state change: its JSON is the change-log message (the service's wire contract).
     type Change: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// Observed reference data, looked up by [`Compute::reference_key`] (or [`NoReference`]).

@@ -36,7 +36,7 @@ use crate::compute::{Compute, Decision, Lookup, Rejection};
 use crate::dlq::DeadLetters;
 use crate::observed::{ObservedError, ObservedState};
 use crate::partition::{Input, ProcessError, Processor};
-use crate::working::WorkingState;
+use crate::working::{HeldState, Value, WorkingState};
 
 mod standby;
 pub(crate) use standby::Standbys;
@@ -55,7 +55,7 @@ const STORED_HEADER_2: usize = 1 + 4 * 8;
 const SOURCE_KEY: &str = "kappa input";
 
 /// One entity as the engine holds it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entity<S> {
     state: S,
     /// Highest input sequence decided for this entity (in the store or in an outcome log).
@@ -117,6 +117,31 @@ fn encode_entity<S: Serialize>(e: &Entity<S>) -> Result<Bytes, RuntimeError> {
         }
         encoded.map(|()| bytes)
     })
+}
+
+/// A committed entity handed to the working state as it is ([`Value::Held`]): `local` keeps it
+/// and encodes it only when a snapshot writes it.
+impl<S: Serialize + Send + Sync + 'static> HeldState for Entity<S> {
+    fn encode(&self) -> Result<Bytes, RuntimeError> {
+        encode_entity(self)
+    }
+}
+
+/// The entity a working state's value holds: the engine's own committed one when it is held
+/// as such (shared until the engine changes it), otherwise decoded from its stored form
+/// (`None` if that is undecodable).
+fn entity_of<S>(value: Value) -> Option<Arc<Entity<S>>>
+where
+    S: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    match value {
+        Value::Held(held) => {
+            // Held by another type than this engine's: not this service's state (`None`).
+            let any: Arc<dyn std::any::Any + Send + Sync> = held;
+            any.downcast::<Entity<S>>().ok()
+        }
+        Value::Encoded(bytes) => decode_entity(&bytes).map(Arc::new),
+    }
 }
 
 fn decode_entity<S: DeserializeOwned>(bytes: &[u8]) -> Option<Entity<S>> {
@@ -247,7 +272,10 @@ pub(crate) struct Engine<C: Compute> {
     log: u64,
     /// The identity is not yet in the working state (written with the next commit).
     source_unrecorded: bool,
-    entities: HashMap<String, Entity<C::State>>,
+    /// The entities held, each shared with the working state once committed (`local`) and
+    /// copied when a batch first changes it (copy on write): what the store holds stays the
+    /// committed state whatever the batch in hand does.
+    entities: HashMap<String, Arc<Entity<C::State>>>,
 }
 
 enum Outcome {
@@ -377,6 +405,7 @@ impl<C: Compute> Engine<C> {
             )));
         }
         if let Some(e) = self.entities.get_mut(key) {
+            let e = Arc::make_mut(e);
             if is_change {
                 e.change_seq = ack.sequence;
                 metrics::counter!("kappa_changes_total").increment(1);
@@ -436,6 +465,8 @@ impl<C: Compute> Engine<C> {
                 replayed += 1;
                 continue;
             }
+            // The first change of the batch copies a state the working state still holds.
+            let entity = Arc::make_mut(entity);
             let decision = match input {
                 Err(rejection) => Decision::Reject(rejection),
                 Ok(input) => {
@@ -533,7 +564,7 @@ impl<C: Compute> Engine<C> {
         if self.source_unrecorded {
             writes.push((
                 SOURCE_KEY.to_string(),
-                Bytes::copy_from_slice(&self.source.to_le_bytes()),
+                Value::Encoded(Bytes::copy_from_slice(&self.source.to_le_bytes())),
             ));
         }
         for input in batch {
@@ -541,8 +572,9 @@ impl<C: Compute> Engine<C> {
             if let Some(e) = self.entities.get_mut(key)
                 && e.dirty
             {
-                e.dirty = false;
-                writes.push((key.to_string(), encode_entity(e)?));
+                Arc::make_mut(e).dirty = false;
+                let held: Arc<dyn HeldState> = e.clone();
+                writes.push((key.to_string(), Value::Held(held)));
             }
         }
         let position = batch.last().map_or(0, |i| i.seq);
@@ -563,22 +595,33 @@ async fn recover_entity<C: Compute>(
     p: &Parts<C>,
     trust: &Trust<'_>,
     key: &str,
-    stored: Option<Bytes>,
+    stored: Option<Value>,
     last_change: Option<Written>,
     last_dlq: Option<Written>,
-) -> Result<Entity<C::State>, RuntimeError> {
-    let mut entity = match stored {
-        None => Entity::default(),
-        Some(bytes) => decode_entity(&bytes).unwrap_or_else(|| {
+) -> Result<Arc<Entity<C::State>>, RuntimeError> {
+    let mut held = match stored {
+        None => Arc::new(Entity::default()),
+        Some(value) => entity_of(value).unwrap_or_else(|| {
             metrics::counter!("kappa_state_undecodable_total").increment(1);
             tracing::warn!(
                 key,
                 "stored state is undecodable; rebuilding it from the change log"
             );
-            Entity::default()
+            Arc::new(Entity::default())
         }),
     };
-    follow_identities(&mut entity, trust, key);
+    // Most entities are current: they stay shared with the working state, uncopied.
+    if held.source != trust.source || held.log != trust.log {
+        follow_identities(Arc::make_mut(&mut held), trust, key);
+    }
+    let behind = last_change
+        .as_ref()
+        .is_some_and(|l| l.stream_seq > held.change_seq);
+    if !behind && last_dlq.is_none() {
+        return Ok(held);
+    }
+    // (An entity with a dead letter is copied to be judged: rare, and cheap.)
+    let entity = Arc::make_mut(&mut held);
     if let Some(last) = last_change
         && last.stream_seq > entity.change_seq
     {
@@ -589,7 +632,7 @@ async fn recover_entity<C: Compute>(
             .await?;
         let n = missed.len();
         for m in missed {
-            fold_logged(&*p.compute, trust, key, &mut entity, &m);
+            fold_logged(&*p.compute, trust, key, entity, &m);
         }
         entity.dirty = true;
         metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
@@ -609,7 +652,7 @@ async fn recover_entity<C: Compute>(
             entity.dirty = true;
         }
     }
-    Ok(entity)
+    Ok(held)
 }
 
 /// Brings a stored entity's identities in line with the streams as they are now (`trust`):
@@ -760,6 +803,7 @@ impl<C: Compute> Processor for Engine<C> {
             .await?
             .pop()
             .flatten()
+            .and_then(|v| v.encoded().ok())
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_le_bytes);
         let replaced = recorded.is_some_and(|r| r != source);
@@ -840,6 +884,43 @@ mod tests {
         let mut wrong = bytes.to_vec();
         wrong[0] = 99;
         assert!(decode_entity::<Vec<i64>>(&wrong).is_none());
+    }
+
+    #[test]
+    fn a_held_value_is_the_committed_entity_itself_and_encodes_to_its_stored_form() {
+        let e = Arc::new(Entity {
+            state: vec![1i64, 2],
+            decided: 4,
+            change_seq: 3,
+            ..Entity::default()
+        });
+        let held: Arc<dyn HeldState> = e.clone();
+        let value = Value::Held(held);
+        let stored = value.encoded().expect("encodable");
+        assert_eq!(stored, encode_entity(&*e).expect("encodable"));
+        let back: Arc<Entity<Vec<i64>>> = entity_of(value.clone()).expect("this state's type");
+        assert!(
+            Arc::ptr_eq(&back, &e),
+            "taken back without a copy or a decode"
+        );
+        // The engine's copy on write leaves what the working state holds as committed.
+        let mut working = back;
+        Arc::make_mut(&mut working).state.push(3);
+        let again: Arc<Entity<Vec<i64>>> = entity_of(value).expect("this state's type");
+        assert_eq!(again.state, vec![1, 2]);
+        assert_eq!(working.state, vec![1, 2, 3]);
+        // Its stored form is read as any other.
+        let decoded: Arc<Entity<Vec<i64>>> = entity_of(Value::Encoded(stored)).expect("decodable");
+        assert_eq!((decoded.state.clone(), decoded.decided), (vec![1, 2], 4));
+    }
+
+    #[test]
+    fn a_state_held_by_another_type_is_not_taken_for_this_one() {
+        let other: Arc<dyn HeldState> = Arc::new(Entity {
+            state: String::from("not a window"),
+            ..Entity::default()
+        });
+        assert!(entity_of::<Vec<i64>>(Value::Held(other)).is_none());
     }
 
     #[test]

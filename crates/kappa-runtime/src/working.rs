@@ -14,16 +14,67 @@ pub mod local;
 pub mod remote;
 pub mod snapshot;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::RuntimeError;
 
+/// A key's value as a working state is handed it and holds it.
+///
+/// A commit hands over [`Value::Held`] states: the engine's own committed values, shared, not
+/// encoded. `local` keeps them as they are and encodes a key only when a snapshot writes it
+/// (once per flush interval, not once per commit; and one copy of each state in memory
+/// instead of a decoded one and an encoded one); `remote` and `affinity` encode at the commit,
+/// since their store holds bytes.
+#[derive(Clone)]
+pub enum Value {
+    /// The stored form (as read from a store or a snapshot).
+    Encoded(Bytes),
+    /// A committed state, encoded on demand ([`Value::encoded`]).
+    Held(Arc<dyn HeldState>),
+}
+
+/// A committed state held in memory that can produce its stored form.
+pub trait HeldState: std::any::Any + Send + Sync {
+    /// The stored form of this state.
+    fn encode(&self) -> Result<Bytes, RuntimeError>;
+}
+
+impl Value {
+    /// The stored form: the bytes as they are, or the held state encoded now.
+    pub fn encoded(&self) -> Result<Bytes, RuntimeError> {
+        match self {
+            Value::Encoded(b) => Ok(b.clone()),
+            Value::Held(h) => h.encode(),
+        }
+    }
+}
+
+impl From<Bytes> for Value {
+    fn from(b: Bytes) -> Self {
+        Value::Encoded(b)
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Encoded(b) => f.debug_tuple("Encoded").field(&b.len()).finish(),
+            Value::Held(_) => f.write_str("Held"),
+        }
+    }
+}
+
 /// One key's new value in a commit.
-pub type Write = (String, Bytes);
+pub type Write = (String, Value);
+
+/// One key's value in its stored form (as a snapshot holds it).
+pub type Stored = (String, Bytes);
 
 /// A partition's snapshot as read: its position and every key's value.
-pub type Snapshot = (u64, Vec<Write>);
+pub type Snapshot = (u64, Vec<Stored>);
 
 /// A copy of a partition kept by a standby (`KAPPA_STANDBYS`) while another instance owned it,
 /// offered to [`WorkingState::open_warm`] at a takeover. It was never written to the store and
@@ -33,9 +84,9 @@ pub struct WarmCopy {
     /// The input position it covers: every input at or below it was decided by an owner, with
     /// its outcome in the logs (a committed position the owner reported).
     pub position: u64,
-    /// Every key's value, in the stored form (each a committed state of its entity, or one
-    /// brought further by folding changes from the change log).
-    pub values: std::collections::HashMap<String, Bytes>,
+    /// Every key's value (each a committed state of its entity, or one brought further by
+    /// folding changes from the change log).
+    pub values: std::collections::HashMap<String, Value>,
     /// The keys whose values the standby changed since the snapshot it started from: the next
     /// snapshot writes them.
     pub changed: Vec<String>,
@@ -51,7 +102,7 @@ pub trait WorkingState: Send + Sync + 'static {
         &'a self,
         partition: u32,
         keys: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>>;
+    ) -> BoxFuture<'a, Result<Vec<Option<Value>>, RuntimeError>>;
     /// Atomically stores `writes` and moves the partition's position to `position`. Fails with
     /// [`RuntimeError::Fenced`] if a newer epoch took the partition over, and with
     /// [`RuntimeError::StoreLost`] if the store no longer holds what this owner opened and
@@ -119,9 +170,8 @@ pub async fn build(
     namespace: &str,
     js: &async_nats::jetstream::Context,
     shutdown: &crate::shutdown::CancellationToken,
-) -> Result<std::sync::Arc<dyn WorkingState>, RuntimeError> {
+) -> Result<Arc<dyn WorkingState>, RuntimeError> {
     use crate::config::WorkingMode;
-    use std::sync::Arc;
     let snapshots = || async {
         let s = Arc::new(
             snapshot::Snapshotter::with_replicas(js.clone(), namespace, settings.nats.replicas()?)

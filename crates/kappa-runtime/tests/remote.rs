@@ -24,8 +24,8 @@ async fn store() -> Option<(RedisState, redis::aio::ConnectionManager)> {
     Some((RedisState::new(conn.clone(), "remotetest", "remote"), conn))
 }
 
-fn writes(k: &str, v: &'static [u8]) -> Vec<(String, Bytes)> {
-    vec![(k.to_string(), Bytes::from_static(v))]
+fn writes(k: &str, v: &'static [u8]) -> Vec<kappa_runtime::working::Write> {
+    vec![(k.to_string(), Bytes::from_static(v).into())]
 }
 
 #[tokio::test]
@@ -77,5 +77,9 @@ async fn a_lost_store_is_found_out_by_commit_and_by_rebase_and_a_stale_epoch_is_
         .await
         .expect("commit of the new owner");
     let loaded = state.load(0, &["a".to_string()]).await.expect("load");
+    let loaded: Vec<Option<Bytes>> = loaded
+        .into_iter()
+        .map(|v| v.map(|v| v.encoded().expect("stored form")))
+        .collect();
     assert_eq!(loaded, vec![Some(Bytes::from_static(b"4"))]);
 }

@@ -17,6 +17,14 @@ async fn js() -> Option<async_nats::jetstream::Context> {
     Some(async_nats::jetstream::new(client))
 }
 
+/// Loaded values in their stored form (what a store holds, to compare).
+fn stored(values: Vec<Option<kappa_runtime::working::Value>>) -> Vec<Option<Bytes>> {
+    values
+        .into_iter()
+        .map(|v| v.map(|v| v.encoded().expect("encodable")))
+        .collect()
+}
+
 fn namespace(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -34,13 +42,23 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
     // Partition 0 flushes first and fails: its entry is larger than a snapshot may hold.
     let huge = Bytes::from(vec![b'x'; MAX_VALUE_BYTES + 1]);
     snaps
-        .record(0, 1, 10, &[("big".to_string(), huge)])
+        .record(0, 1, 10, &[("big".to_string(), huge.into())])
         .expect("record");
     snaps
-        .record(1, 1, 20, &[("k-1".to_string(), Bytes::from_static(b"v1"))])
+        .record(
+            1,
+            1,
+            20,
+            &[("k-1".to_string(), Bytes::from_static(b"v1").into())],
+        )
         .expect("record");
     snaps
-        .record(2, 1, 30, &[("k-2".to_string(), Bytes::from_static(b"v2"))])
+        .record(
+            2,
+            1,
+            30,
+            &[("k-2".to_string(), Bytes::from_static(b"v2").into())],
+        )
         .expect("record");
     assert!(
         snaps.flush(None).await.is_err(),
@@ -56,7 +74,7 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
             0,
             1,
             11,
-            &[("big".to_string(), Bytes::from_static(b"small"))],
+            &[("big".to_string(), Bytes::from_static(b"small").into())],
         )
         .expect("record");
     snaps.flush(None).await.expect("second flush");
@@ -92,7 +110,7 @@ async fn a_stale_epoch_cannot_write_a_snapshot() {
         0,
         5,
         100,
-        &[("s-1".to_string(), Bytes::from_static(b"old-100"))],
+        &[("s-1".to_string(), Bytes::from_static(b"old-100").into())],
     )
     .expect("record");
     old.flush(None).await.expect("old flushes while it owns");
@@ -102,8 +120,8 @@ async fn a_stale_epoch_cannot_write_a_snapshot() {
         5,
         150,
         &[
-            ("s-1".to_string(), Bytes::from_static(b"old-150")),
-            ("s-2".to_string(), Bytes::from_static(b"old-150")),
+            ("s-1".to_string(), Bytes::from_static(b"old-150").into()),
+            ("s-2".to_string(), Bytes::from_static(b"old-150").into()),
         ],
     )
     .expect("record");
@@ -120,7 +138,7 @@ async fn a_stale_epoch_cannot_write_a_snapshot() {
         0,
         9,
         120,
-        &[("s-1".to_string(), Bytes::from_static(b"new-120"))],
+        &[("s-1".to_string(), Bytes::from_static(b"new-120").into())],
     )
     .expect("record");
     new.flush(None).await.expect("new flushes");
@@ -134,7 +152,7 @@ async fn a_stale_epoch_cannot_write_a_snapshot() {
             0,
             5,
             160,
-            &[("s-1".to_string(), Bytes::from_static(b"old-160"))]
+            &[("s-1".to_string(), Bytes::from_static(b"old-160").into())]
         ),
         Err(RuntimeError::Fenced(_))
     ));
@@ -156,7 +174,12 @@ async fn a_stale_epoch_cannot_write_a_snapshot() {
         Err(RuntimeError::Fenced(_))
     ));
     assert!(matches!(
-        restarted.record(0, 5, 170, &[("s-9".to_string(), Bytes::from_static(b"x"))]),
+        restarted.record(
+            0,
+            5,
+            170,
+            &[("s-9".to_string(), Bytes::from_static(b"x").into())]
+        ),
         Err(RuntimeError::Fenced(_))
     ));
     restarted.flush(None).await.expect("nothing to flush");
@@ -181,8 +204,8 @@ async fn large_values_are_chunked_and_a_torn_set_is_detected() {
             1,
             7,
             &[
-                ("window".to_string(), big.clone()),
-                ("small".to_string(), Bytes::from_static(b"s")),
+                ("window".to_string(), big.clone().into()),
+                ("small".to_string(), Bytes::from_static(b"s").into()),
             ],
         )
         .expect("record");
@@ -212,7 +235,7 @@ async fn large_values_are_chunked_and_a_torn_set_is_detected() {
     };
     let before = parts().await;
     snaps
-        .record(3, 1, 8, &[("window".to_string(), big.clone())])
+        .record(3, 1, 8, &[("window".to_string(), big.clone().into())])
         .expect("record");
     snaps.flush(None).await.expect("flush");
     assert_eq!(parts().await, before, "old parts purged, new parts stored");
@@ -241,7 +264,12 @@ async fn large_values_are_chunked_and_a_torn_set_is_detected() {
     // A small value replaces the chunked one: its parts are purged.
     fresh.open(3, 2).await.expect("open");
     fresh
-        .record(3, 2, 9, &[("window".to_string(), Bytes::from_static(b"w"))])
+        .record(
+            3,
+            2,
+            9,
+            &[("window".to_string(), Bytes::from_static(b"w").into())],
+        )
         .expect("record");
     fresh.flush(None).await.expect("flush");
     assert_eq!(parts().await, 0, "parts of a small value purged");
@@ -275,7 +303,7 @@ async fn a_warm_copy_is_used_only_after_the_claim_and_only_at_or_past_its_marker
     };
     let copy = |position: u64, v: &'static [u8]| WarmCopy {
         position,
-        values: [("k".to_string(), Bytes::from_static(v))].into(),
+        values: [("k".to_string(), Bytes::from_static(v).into())].into(),
         changed: vec!["k".to_string()],
     };
     let k = ["k".to_string()];
@@ -287,7 +315,7 @@ async fn a_warm_copy_is_used_only_after_the_claim_and_only_at_or_past_its_marker
             0,
             5,
             100,
-            vec![("k".to_string(), Bytes::from_static(b"v100"))],
+            vec![("k".to_string(), Bytes::from_static(b"v100").into())],
         )
         .await
         .expect("commit");
@@ -300,7 +328,7 @@ async fn a_warm_copy_is_used_only_after_the_claim_and_only_at_or_past_its_marker
         .expect("opens");
     assert_eq!(at, 100);
     let v = behind.load(0, &k).await.expect("load");
-    assert_eq!(v, vec![Some(Bytes::from_static(b"v100"))]);
+    assert_eq!(stored(v), vec![Some(Bytes::from_static(b"v100"))]);
     // A stale epoch is fenced whatever copy it brings.
     let stale = instance().await;
     assert!(matches!(
@@ -315,7 +343,7 @@ async fn a_warm_copy_is_used_only_after_the_claim_and_only_at_or_past_its_marker
         .expect("opens");
     assert_eq!(at, 150);
     let v = ahead.load(0, &k).await.expect("load");
-    assert_eq!(v, vec![Some(Bytes::from_static(b"v150"))]);
+    assert_eq!(stored(v), vec![Some(Bytes::from_static(b"v150"))]);
     ahead.close(0).await.expect("flush");
     let (position, entries) = instance()
         .await

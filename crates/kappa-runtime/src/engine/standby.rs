@@ -55,7 +55,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use super::{Entity, Trust, decode_entity, encode_entity, fold_logged, follow_identities};
+use super::{Entity, Trust, decode_entity, fold_logged, follow_identities};
 use crate::RuntimeError;
 use crate::changelog::{ChangeLog, Entry};
 use crate::compute::Compute;
@@ -63,7 +63,7 @@ use crate::feed::{Change, Feed, FeedConfig, FeedHandler, Gap, GapCause, Start};
 use crate::nats::Nats;
 use crate::progress::ProgressReader;
 use crate::shutdown::CancellationToken;
-use crate::working::{WarmCopy, WorkingState};
+use crate::working::{HeldState, Value, WarmCopy, WorkingState};
 
 /// How long a takeover waits for the follower to deliver the partition's last change.
 const FINAL_SYNC: Duration = Duration::from_secs(2);
@@ -489,28 +489,25 @@ impl<C: Compute> Standbys<C> {
         if self.fold_queued(&f, &mut copy).await.is_err() {
             return None;
         }
-        let mut values = std::mem::take(&mut copy.raw);
+        // Handed over as they are: the engine takes the decoded entities without a round
+        // through their stored form.
+        let mut values: HashMap<String, Value> = std::mem::take(&mut copy.raw)
+            .into_iter()
+            .map(|(k, v)| (k, Value::Encoded(v)))
+            .collect();
         let mut changed = Vec::new();
-        for (k, e) in &copy.entities {
-            match encode_entity(e) {
-                Ok(b) => {
-                    values.insert(k.clone(), b);
-                    if e.dirty {
-                        changed.push(k.clone());
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(partition = p, key = %k, error = %err,
-                        "standby copy not used: a state is not encodable");
-                    return None;
-                }
+        for (k, e) in std::mem::take(&mut copy.entities) {
+            if e.dirty {
+                changed.push(k.clone());
             }
+            let held: Arc<dyn HeldState> = Arc::new(e);
+            values.insert(k, Value::Held(held));
         }
         if copy.marked {
             // The position is the owner's, of the input stream the copy was built against.
             values.insert(
                 super::SOURCE_KEY.to_string(),
-                Bytes::copy_from_slice(&copy.source.to_le_bytes()),
+                Value::Encoded(Bytes::copy_from_slice(&copy.source.to_le_bytes())),
             );
             changed.push(super::SOURCE_KEY.to_string());
         }

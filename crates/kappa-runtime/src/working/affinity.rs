@@ -12,12 +12,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::remote::RedisState;
 use super::snapshot::Snapshotter;
-use super::{WorkingState, Write};
+use super::{Value, WorkingState, Write};
 use crate::RuntimeError;
 
 /// Colocated Redis with stream snapshots as fallback.
@@ -77,7 +76,7 @@ impl WorkingState for AffinityState {
         &'a self,
         partition: u32,
         keys: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>> {
+    ) -> BoxFuture<'a, Result<Vec<Option<Value>>, RuntimeError>> {
         self.store.load(partition, keys)
     }
 
@@ -89,6 +88,11 @@ impl WorkingState for AffinityState {
         writes: Vec<Write>,
     ) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
+            // Encoded once, for the store and the snapshot both.
+            let writes = writes
+                .into_iter()
+                .map(|(k, v)| Ok((k, Value::Encoded(v.encoded()?))))
+                .collect::<Result<Vec<Write>, RuntimeError>>()?;
             self.snapshots.record(partition, epoch, position, &writes)?;
             self.store.commit(partition, epoch, position, writes).await
         })

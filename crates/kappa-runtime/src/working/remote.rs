@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 
-use super::{WorkingState, Write, observe};
+use super::{Stored, Value, WorkingState, Write, observe};
 use crate::RuntimeError;
 use crate::config::RedisTlsArgs;
 
@@ -342,7 +342,7 @@ impl WorkingState for RedisState {
         &'a self,
         partition: u32,
         keys: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, RuntimeError>> {
+    ) -> BoxFuture<'a, Result<Vec<Option<Value>>, RuntimeError>> {
         Box::pin(async move {
             if keys.is_empty() {
                 return Ok(Vec::new());
@@ -355,7 +355,10 @@ impl WorkingState for RedisState {
                 .query_async(&mut conn)
                 .await?;
             observe(self.kind, "load", t);
-            Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+            Ok(values
+                .into_iter()
+                .map(|v| v.map(|v| Value::Encoded(Bytes::from(v))))
+                .collect())
         })
     }
 
@@ -380,7 +383,7 @@ impl WorkingState for RedisState {
                 .arg(&expected.incarnation)
                 .arg(expected.position);
             for (k, v) in &writes {
-                inv.arg(k.as_str()).arg(v.as_ref());
+                inv.arg(k.as_str()).arg(v.encoded()?.as_ref());
             }
             let r: i64 = inv.invoke_async(&mut conn).await?;
             observe(self.kind, "commit", t);
@@ -469,7 +472,7 @@ impl RedisState {
         partition: u32,
         epoch: u64,
         position: u64,
-        entries: Vec<Write>,
+        entries: Vec<Stored>,
     ) -> Result<(), RuntimeError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();

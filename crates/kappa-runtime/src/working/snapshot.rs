@@ -54,7 +54,7 @@ use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::Write;
+use super::{Stored, Value, Write};
 use crate::RuntimeError;
 
 /// Name of the snapshot stream.
@@ -71,12 +71,15 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
 const HEADROOM: usize = 8 * 1024;
 /// Attempts of a flush whose marker is moved by another writer meanwhile.
 const MARKER_ATTEMPTS: usize = 3;
+/// Values encoded between two yields of a flush (encoding 10^5 states holds a worker thread
+/// for about 0.1 s otherwise).
+const ENCODED_PER_YIELD: usize = 1024;
 
 #[derive(Default)]
 struct Pending {
     epoch: u64,
     position: u64,
-    writes: HashMap<String, Bytes>,
+    writes: HashMap<String, Value>,
 }
 
 #[derive(Default)]
@@ -451,7 +454,15 @@ impl Snapshotter {
     }
 
     async fn flush_one(&self, p: u32, snap: &Pending) -> Result<Flushed, RuntimeError> {
-        if let Some((k, v)) = snap.writes.iter().find(|(_, v)| v.len() > MAX_VALUE_BYTES) {
+        // Held states are encoded here, once per flush (not per commit).
+        let mut encoded = Vec::with_capacity(snap.writes.len());
+        for (i, (k, v)) in snap.writes.iter().enumerate() {
+            if i % ENCODED_PER_YIELD == ENCODED_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
+            encoded.push((k.as_str(), v.encoded()?));
+        }
+        if let Some((k, v)) = encoded.iter().find(|(_, v)| v.len() > MAX_VALUE_BYTES) {
             return Err(RuntimeError::JetStream(format!(
                 "snapshot of partition {p}: the value of {k} is {} bytes, more than the {MAX_VALUE_BYTES} a snapshot holds",
                 v.len()
@@ -463,7 +474,8 @@ impl Snapshotter {
             if m.epoch > snap.epoch {
                 return Ok(Flushed::Fenced(m.epoch));
             }
-            self.publish_entries(&stream, p, snap).await?;
+            self.publish_entries(&stream, p, snap.epoch, &encoded)
+                .await?;
             if self
                 .publish_marker(p, snap.epoch, snap.position, m.seq)
                 .await?
@@ -481,17 +493,18 @@ impl Snapshotter {
         &self,
         stream: &stream::Stream<()>,
         p: u32,
-        snap: &Pending,
+        epoch: u64,
+        entries: &[(&str, Bytes)],
     ) -> Result<(), RuntimeError> {
         let prefix = self.entry_prefix(p);
-        let epoch = snap.epoch.to_string();
+        let epoch_s = epoch.to_string();
         // At most PUBLISH_WINDOW acks outstanding: a flush of more keys than the context's
         // permits used to wait for a permit only its own awaits could give back (see
         // `crate::nats::MAX_ACKS_IN_FLIGHT`).
         let mut acks = crate::nats::AckWindow::new(crate::nats::PUBLISH_WINDOW);
-        let mut stored = Vec::with_capacity(snap.writes.len());
+        let mut stored = Vec::with_capacity(entries.len());
         let mut large = Vec::new();
-        for (k, v) in &snap.writes {
+        for (k, v) in entries {
             let token = key_token(k);
             if v.len() > self.chunk_size {
                 large.push((token, v));
@@ -502,7 +515,7 @@ impl Snapshotter {
             }
             let msg = PublishMessage::build()
                 .payload(v.clone())
-                .header(EPOCH_HEADER, epoch.as_str());
+                .header(EPOCH_HEADER, epoch_s.as_str());
             let ack = self
                 .js
                 .send_publish(format!("{prefix}.{token}"), msg)
@@ -527,8 +540,7 @@ impl Snapshotter {
             }
         }
         for (token, v) in large {
-            self.publish_chunked(stream, p, snap.epoch, &token, v)
-                .await?;
+            self.publish_chunked(stream, p, epoch, &token, v).await?;
         }
         Ok(())
     }
@@ -692,7 +704,7 @@ impl Snapshotter {
 
     /// Reads the latest snapshot of `partition`: its position and every key's last value. A
     /// chunked value whose parts do not match its manifest is left out (the key is missing).
-    pub async fn recover(&self, partition: u32) -> Result<(u64, Vec<Write>), RuntimeError> {
+    pub async fn recover(&self, partition: u32) -> Result<(u64, Vec<Stored>), RuntimeError> {
         let stream = self.stream().await?;
         let position = self.read_marker(&stream, partition).await?.position;
         let prefix = self.entry_prefix(partition);
