@@ -33,76 +33,10 @@ impl AclRedis {
     }
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// In `dir`: a CA (`ca.pem`), a server certificate for 127.0.0.1 and a client certificate it
 /// signed, and another CA that signed nothing (`other-ca.pem`).
 fn certificates(dir: &std::path::Path) {
-    for ca in ["ca", "other-ca"] {
-        let (key, pem, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.pem"),
-            format!("/CN={ca}"),
-        );
-        openssl(
-            dir,
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
-                "-subj", &subj, "-days", "2",
-            ],
-        );
-    }
-    for (name, ext) in [
-        ("server", "subjectAltName=IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        let (key, csr, pem, extfile) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        std::fs::write(dir.join(&extfile), ext).expect("ext file");
-        let subj = format!("/CN=kappa {name}");
-        openssl(
-            dir,
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                &subj,
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-extfile",
-                &extfile,
-                "-days",
-                "2",
-            ],
-        );
-    }
+    kappa_testkit::tls::certificates(dir).expect("certificates");
 }
 
 async fn acl_redis(test: &str) -> AclRedis {

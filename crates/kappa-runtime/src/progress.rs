@@ -51,6 +51,7 @@ pub fn bucket(service: &str) -> String {
 }
 
 /// Writes a service's marks in the background (see the module docs). Cheap to clone.
+/// `Default` is a reporter whose marks nobody writes (tests, a service without the bucket).
 #[derive(Clone, Debug, Default)]
 pub struct Reporter {
     pending: Arc<Mutex<BTreeMap<u32, Mark>>>,
@@ -58,11 +59,6 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter that writes nothing (tests, or a service without the bucket).
-    pub fn disabled() -> Self {
-        Self::default()
-    }
-
     /// Declares `service`'s bucket with `replicas` and starts the task writing the marks, until
     /// `shutdown` (the last marks are written before it ends).
     pub async fn start(

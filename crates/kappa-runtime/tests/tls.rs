@@ -24,85 +24,8 @@ fn have(cmd: &str) -> bool {
             .is_ok()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a server (for 127.0.0.1) and a client certificate it signed, in `dir`.
 fn certificates(dir: &Path) {
-    let days = ["-days", "2"];
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=kappa test CA",
-            days[0],
-            days[1],
-        ],
-    );
-    for (name, ext) in [
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        let pem = format!("{name}.pem");
-        let extfile = format!("{name}.ext");
-        std::fs::write(dir.join(&extfile), ext).expect("ext file");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN=kappa test {name}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-extfile",
-                &extfile,
-                days[0],
-                days[1],
-            ],
-        );
-    }
+    kappa_testkit::tls::certificates(dir).expect("certificates");
 }
 
 struct Server(Child);
@@ -226,28 +149,6 @@ async fn nats_over_mutual_tls_connects_with_its_certificates_and_says_what_is_wr
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A self-signed CA of its own in `dir` (`other-ca.pem`), which signed nothing the servers use.
-fn other_ca(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.pem",
-            "-subj",
-            "/CN=another CA",
-            "-days",
-            "2",
-        ],
-    );
-}
-
 fn redis_tls(
     ca: Option<PathBuf>,
     client: Option<(PathBuf, PathBuf)>,
@@ -270,7 +171,6 @@ async fn redis_over_mutual_tls_reads_and_writes_and_says_what_is_wrong_without()
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     certificates(&dir);
-    other_ca(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -9,6 +9,7 @@
 //! - [`metrics`]: reading Prometheus metrics from a service's `/metrics`.
 //! - [`clients`]: NATS (with JetStream) and Redis connections.
 //! - [`streams`]: counting, reading back and deleting JetStream streams.
+//! - [`tls`]: a CA and certificates made with `openssl`, for TLS tests.
 //!
 //! What differs between the two users stays with them: the integration tests' servers
 //! (testcontainers or `NATS_URL`/`REDIS_URL`) and DAG oracle, the benchmark's host servers and
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod ports;
 pub mod procs;
 pub mod streams;
+pub mod tls;
 pub mod wait;
 
 pub use procs::Proc;
