@@ -10,20 +10,11 @@ use kappa_runtime::changelog::{EntityLog, Layout, MULTI_LAST_KEYS};
 use kappa_runtime::partition::partition_for;
 
 async fn js() -> Option<jetstream::Context> {
-    let Ok(nats_url) = std::env::var("NATS_URL") else {
-        eprintln!("note: NATS_URL not set; skipping the change log test");
-        return None;
-    };
-    let client = async_nats::connect(&nats_url).await.expect("nats");
-    Some(jetstream::new(client))
+    Some(kappa_testkit::clients::nats_from_env("change log").await?.1)
 }
 
 fn unique(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{what}{nanos}")
+    kappa_testkit::clients::unique(what)
 }
 
 async fn last_many_equals_key_by_key(layout: Layout, partitions: Option<u32>) {

@@ -90,11 +90,9 @@ fn source(prefix: &str) -> ObservedSource {
 
 #[tokio::test]
 async fn a_batch_is_one_request_per_chunk_and_an_old_owner_is_asked_key_by_key() {
-    let Ok(url) = std::env::var("NATS_URL") else {
-        eprintln!("note: NATS_URL not set; skipping the observed test");
+    let Some((client, _)) = kappa_testkit::clients::nats_from_env("observed").await else {
         return;
     };
-    let client = async_nats::connect(&url).await.expect("connect");
     let tag = format!("obs{}", std::process::id());
     let keys: Vec<String> = (0..(MAX_BATCH_KEYS as u64 + 44))
         .map(|i| format!("k{i}"))

@@ -9,12 +9,7 @@ use kappa_runtime::RuntimeError;
 use kappa_runtime::working::snapshot::{MAX_VALUE_BYTES, STREAM, Snapshotter};
 
 async fn js() -> Option<async_nats::jetstream::Context> {
-    let Ok(nats_url) = std::env::var("NATS_URL") else {
-        eprintln!("note: NATS_URL not set; skipping the snapshot test");
-        return None;
-    };
-    let client = async_nats::connect(&nats_url).await.expect("nats");
-    Some(async_nats::jetstream::new(client))
+    Some(kappa_testkit::clients::nats_from_env("snapshot").await?.1)
 }
 
 /// Loaded values in their stored form (what a store holds, to compare).
@@ -26,11 +21,7 @@ fn stored(values: Vec<Option<kappa_runtime::working::Value>>) -> Vec<Option<Byte
 }
 
 fn namespace(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("snaptest-{what}-{nanos}")
+    kappa_testkit::clients::unique(&format!("snaptest-{what}-"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -245,12 +245,10 @@ async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_keeps_its_position_dead_letters_and_rebuilds() {
-    let Ok(nats_url) = std::env::var("NATS_URL") else {
-        eprintln!("note: NATS_URL not set; skipping the view test");
+    let Some((client, js)) = kappa_testkit::clients::nats_from_env("view").await else {
         return;
     };
-    let client = async_nats::connect(&nats_url).await.expect("nats");
-    let js = jetstream::new(client.clone());
+    let nats_url = std::env::var("NATS_URL").expect("set, or the test was skipped");
     let _ = js.delete_stream(STREAM).await;
     let mut input = PartitionedStream {
         stream: STREAM.into(),

@@ -68,3 +68,28 @@ pub async fn flushall(url: &str) -> anyhow::Result<()> {
         .with_context(|| format!("FLUSHALL on {url}"))?;
     Ok(())
 }
+
+/// The NATS of `NATS_URL` (client and JetStream context), or `None` with a note on stderr that
+/// `test` is skipped when `NATS_URL` is not set (`.ci/run` sets it). Panics if it is set but
+/// not reachable: a test must not pass by not running.
+pub async fn nats_from_env(test: &str) -> Option<(async_nats::Client, jetstream::Context)> {
+    let Ok(url) = std::env::var("NATS_URL") else {
+        eprintln!("note: NATS_URL not set; skipping the {test} test");
+        return None;
+    };
+    let client = async_nats::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("NATS_URL {url}: {e}"));
+    let js = jetstream::new(client.clone());
+    Some((client, js))
+}
+
+/// `prefix` followed by the current time in nanoseconds: a name (stream, namespace) no other
+/// run of a test used.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{nanos}")
+}
