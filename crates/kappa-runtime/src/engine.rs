@@ -138,7 +138,14 @@ where
         Value::Held(held) => {
             // Held by another type than this engine's: not this service's state (`None`).
             let any: Arc<dyn std::any::Any + Send + Sync> = held;
-            any.downcast::<Entity<S>>().ok()
+            let entity = any.downcast::<Entity<S>>().ok();
+            // What is held was committed (or handed over) clean: a dirty one would be written
+            // again by the next batch that holds it for no change of its own.
+            debug_assert!(
+                entity.as_ref().is_none_or(|e| !e.dirty),
+                "a held entity came back marked dirty"
+            );
+            entity
         }
         Value::Encoded(bytes) => decode_entity(&bytes).map(Arc::new),
     }
@@ -617,14 +624,10 @@ async fn recover_entity<C: Compute>(
     let behind = last_change
         .as_ref()
         .is_some_and(|l| l.stream_seq > held.change_seq);
-    if !behind && last_dlq.is_none() {
-        return Ok(held);
-    }
-    // (An entity with a dead letter is copied to be judged: rare, and cheap.)
-    let entity = Arc::make_mut(&mut held);
     if let Some(last) = last_change
-        && last.stream_seq > entity.change_seq
+        && behind
     {
+        let entity = Arc::make_mut(&mut held);
         let missed = p
             .changes
             .log()
@@ -638,18 +641,26 @@ async fn recover_entity<C: Compute>(
         metrics::counter!("kappa_changes_refolded_total").increment(n as u64);
     }
     if let Some(last) = last_dlq {
+        // Judged on the shared entity: it is copied only if the dead letter changes it (an
+        // entity whose last dead letter it already knows stays shared).
         let belief = trust.weigh(
             key,
             last.stream_seq,
             last.writer.as_deref(),
             (last.source_stream, last.source_seq),
         );
-        if belief == Belief::Decided {
-            entity.decided = entity.decided.max(last.source_seq);
-        }
-        if last.stream_seq != entity.dlq_seq {
-            entity.dlq_seq = last.stream_seq;
-            entity.dirty = true;
+        let decided = if belief == Belief::Decided {
+            held.decided.max(last.source_seq)
+        } else {
+            held.decided
+        };
+        if decided != held.decided || last.stream_seq != held.dlq_seq {
+            let entity = Arc::make_mut(&mut held);
+            entity.decided = decided;
+            if last.stream_seq != entity.dlq_seq {
+                entity.dlq_seq = last.stream_seq;
+                entity.dirty = true;
+            }
         }
     }
     Ok(held)

@@ -496,8 +496,10 @@ impl<C: Compute> Standbys<C> {
             .map(|(k, v)| (k, Value::Encoded(v)))
             .collect();
         let mut changed = Vec::new();
-        for (k, e) in std::mem::take(&mut copy.entities) {
-            if e.dirty {
+        for (k, mut e) in std::mem::take(&mut copy.entities) {
+            // The standby's own bookkeeping: `changed` carries the key to the store, and the
+            // engine must not take the entity for one its batch changed (a redundant write).
+            if std::mem::take(&mut e.dirty) {
                 changed.push(k.clone());
             }
             let held: Arc<dyn HeldState> = Arc::new(e);
