@@ -87,6 +87,81 @@ async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
     );
 }
 
+/// A held state that cannot be encoded until `encodable` is set (a state serde refuses).
+struct Unencodable {
+    encodable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl kappa_runtime::working::HeldState for Unencodable {
+    fn encode(&self) -> Result<Bytes, RuntimeError> {
+        if self.encodable.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(Bytes::from_static(b"encoded at last"))
+        } else {
+            Err(RuntimeError::Corrupt(
+                "this state cannot be encoded".to_string(),
+            ))
+        }
+    }
+}
+
+/// `local` encodes held states only when a snapshot flushes them: a state that fails to encode
+/// there fails the flush (reported), and the pending changes, its own and the other
+/// partitions', stay for the next flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_state_that_fails_to_encode_fails_the_flush_and_loses_nothing() {
+    use kappa_runtime::working::Value;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(js) = js().await else { return };
+    let snaps = Snapshotter::new(js, &namespace("encode"))
+        .await
+        .expect("snapshot stream");
+    let encodable = Arc::new(AtomicBool::new(false));
+    let held: Arc<dyn kappa_runtime::working::HeldState> = Arc::new(Unencodable {
+        encodable: encodable.clone(),
+    });
+    snaps
+        .record(0, 1, 10, &[("held".to_string(), Value::Held(held))])
+        .expect("record");
+    snaps
+        .record(
+            1,
+            1,
+            20,
+            &[("k-1".to_string(), Bytes::from_static(b"v1").into())],
+        )
+        .expect("record");
+    let err = snaps
+        .flush(None)
+        .await
+        .expect_err("the held state cannot be encoded");
+    assert!(err.to_string().contains("cannot be encoded"), "{err}");
+    assert!(
+        snaps.failing().is_some_and(|why| why.contains("[0]")),
+        "the failure is reported (health): {:?}",
+        snaps.failing()
+    );
+    assert_eq!(
+        snaps.position(0).await.expect("position 0"),
+        0,
+        "nothing of partition 0 was stored"
+    );
+    encodable.store(true, Ordering::SeqCst);
+    snaps.flush(None).await.expect("second flush");
+    assert_eq!(snaps.failing(), None);
+    assert_eq!(
+        snaps.recover(0).await.expect("recover 0"),
+        (
+            10,
+            vec![("held".to_string(), Bytes::from_static(b"encoded at last"))]
+        )
+    );
+    assert_eq!(
+        snaps.recover(1).await.expect("recover 1"),
+        (20, vec![("k-1".to_string(), Bytes::from_static(b"v1"))])
+    );
+}
+
 /// Two instances of one service (two snapshotters on one namespace): the old owner (epoch 5)
 /// resumes after the new one (epoch 9) took partition 0 over. Its flush (a zombie's `close`)
 /// stores nothing, its later records are refused, and the new owner's snapshot stays.
