@@ -62,6 +62,12 @@ pub(crate) fn dedupe_id(prefix: &str, stream: u64, seq: u64) -> String {
 pub const MULTI_LAST_KEYS: usize = 256;
 /// Multi-subject direct gets in flight per [`EntityLog::last_many`] call.
 const MULTI_LAST_IN_FLIGHT: usize = 4;
+/// Most bytes one answer of a multi-subject direct get may carry (`max_bytes`): the server
+/// stops an answer past it and says how many messages it left (`Nats-Num-Pending`), which are
+/// then asked for again. Without it an answer holds every message in full (the server sent
+/// 60 of 512 KiB, 30 MiB, in one answer), and [`MULTI_LAST_IN_FLIGHT`] of them at once. Changes
+/// of ordinary size never reach it (256 × ~300 bytes).
+pub const MULTI_LAST_MAX_BYTES: usize = 4 << 20;
 /// How long one answer of a multi-subject direct get may take to arrive.
 const MULTI_LAST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -304,6 +310,7 @@ impl EntityLog {
             let body = serde_json::to_vec(&serde_json::json!({
                 "multi_last": filters,
                 "batch": filters.len(),
+                "max_bytes": MULTI_LAST_MAX_BYTES,
             }))
             .map_err(|e| err("request", &e))?;
             let inbox = client.new_inbox();

@@ -1,12 +1,14 @@
 //! The outcome logs on a real NATS (`NATS_URL`): the last message of many entities, asked with
 //! multi-subject direct gets (several requests of [`MULTI_LAST_KEYS`] keys), equals what asking
 //! key by key gives, for both layouts (and a partitioned log whose partition count is known,
-//! read by literal subjects), with keys that have several messages, one, or none.
+//! read by literal subjects), with keys that have several messages, one, or none; and when
+//! the messages are large enough that the server cuts its answers short
+//! ([`MULTI_LAST_MAX_BYTES`]) and the rest is asked for again.
 //! Skipped, with a line on stderr, when `NATS_URL` is not set (`.ci/run` sets it).
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use kappa_runtime::changelog::{EntityLog, Layout, MULTI_LAST_KEYS};
+use kappa_runtime::changelog::{EntityLog, Layout, MULTI_LAST_KEYS, MULTI_LAST_MAX_BYTES};
 use kappa_runtime::partition::partition_for;
 
 async fn js() -> Option<jetstream::Context> {
@@ -17,7 +19,12 @@ fn unique(what: &str) -> String {
     kappa_testkit::clients::unique(what)
 }
 
-async fn last_many_equals_key_by_key(layout: Layout, partitions: Option<u32>) {
+async fn last_many_equals_key_by_key(
+    layout: Layout,
+    partitions: Option<u32>,
+    keys: usize,
+    bytes: usize,
+) {
     let Some(js) = js().await else { return };
     let name = unique("CLTEST");
     let prefix = unique("cltest.");
@@ -33,10 +40,8 @@ async fn last_many_equals_key_by_key(layout: Layout, partitions: Option<u32>) {
     if let Some(n) = partitions {
         log = log.with_partitions(n);
     }
-    // More keys than two requests hold; every third has no message, every fifth has three.
-    let keys: Vec<String> = (0..2 * MULTI_LAST_KEYS + 7)
-        .map(|i| format!("k{i}"))
-        .collect();
+    // Every third key has no message, every fifth has three.
+    let keys: Vec<String> = (0..keys).map(|i| format!("k{i}")).collect();
     // The independent oracle: the stream sequence of each key's last message, from the acks.
     let mut expected: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for (i, key) in keys.iter().enumerate() {
@@ -57,7 +62,7 @@ async fn last_many_equals_key_by_key(layout: Layout, partitions: Option<u32>) {
             headers.insert("Kappa-Source-Seq", format!("{}", 10 * i + n).as_str());
             headers.insert("Kappa-Service", "cltest");
             let ack = js
-                .publish_with_headers(subject.clone(), headers, Bytes::from(vec![b'x'; 300]))
+                .publish_with_headers(subject.clone(), headers, Bytes::from(vec![b'x'; bytes]))
                 .await
                 .expect("publish")
                 .await
@@ -114,15 +119,33 @@ async fn last_many_equals_key_by_key(layout: Layout, partitions: Option<u32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_message_of_many_flat_entities_is_what_asking_each_gives() {
-    last_many_equals_key_by_key(Layout::Flat, None).await;
+    // More keys than two requests hold.
+    last_many_equals_key_by_key(Layout::Flat, None, 2 * MULTI_LAST_KEYS + 7, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_message_of_many_partitioned_entities_is_what_asking_each_gives() {
-    last_many_equals_key_by_key(Layout::Partitioned, None).await;
+    // More keys than two requests hold.
+    last_many_equals_key_by_key(Layout::Partitioned, None, 2 * MULTI_LAST_KEYS + 7, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entities_of_a_log_with_a_known_partition_count_are_read_by_their_own_subject() {
-    last_many_equals_key_by_key(Layout::Partitioned, Some(4)).await;
+    // More keys than two requests hold.
+    last_many_equals_key_by_key(Layout::Partitioned, Some(4), 2 * MULTI_LAST_KEYS + 7, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_cut_short_by_their_size_are_completed_by_asking_again() {
+    // 40 keys with messages of 600 KB (the server's payload limit is 1 MiB): one request, whose
+    // answers hold about 4 MiB each, so it is asked for again several times.
+    const BYTES: usize = 600_000;
+    // 26 of the 40 keys have messages (every third has none).
+    const {
+        assert!(
+            26 * BYTES > 3 * MULTI_LAST_MAX_BYTES,
+            "the keys with messages fill 3 answers"
+        )
+    };
+    last_many_equals_key_by_key(Layout::Flat, None, 40, BYTES).await;
 }
