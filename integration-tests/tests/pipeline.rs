@@ -1,5 +1,7 @@
 //! The reference DAG end to end, for every observed x working state option: thermometer ->
 //! temperature-delta (with sensor-registry), checked reading by reading against the oracle.
+//! One combination runs every service with a fixed batch linger (`KAPPA_LINGER_MS=5`), the
+//! others with the default adaptive one.
 
 use std::time::Duration;
 
@@ -126,7 +128,7 @@ async fn check_query_api(
     assert_eq!(bad.status().as_u16(), 400);
 }
 
-async fn end_to_end(test: &str, observed: &str, working: &str) {
+async fn end_to_end(test: &str, observed: &str, working: &str, linger: &str) {
     let s = servers(test).await;
     let affinity = format!("{}/1", s.redis_url);
     let dag = Dag::on(
@@ -136,6 +138,7 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
             ("KAPPA_OBSERVED", observed),
             ("KAPPA_WORKING", working),
             ("AFFINITY_REDIS_URL", &affinity),
+            ("KAPPA_LINGER_MS", linger),
         ],
     )
     .await;
@@ -201,22 +204,22 @@ async fn end_to_end(test: &str, observed: &str, working: &str) {
 }
 
 macro_rules! combos {
-    ($($name:ident: $o:literal, $w:literal;)*) => {$(
+    ($($name:ident: $o:literal, $w:literal, $l:literal;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            end_to_end(stringify!($name), $o, $w).await;
+            end_to_end(stringify!($name), $o, $w, $l).await;
         }
     )*};
 }
 
 combos! {
-    e2e_semi_stateless_remote: "semi-stateless", "remote";
-    e2e_semi_stateless_local: "semi-stateless", "local";
-    e2e_semi_stateless_affinity: "semi-stateless", "affinity";
-    e2e_stateful_remote: "stateful", "remote";
-    e2e_stateful_local: "stateful", "local";
-    e2e_stateful_affinity: "stateful", "affinity";
-    e2e_stateless_remote: "stateless", "remote";
-    e2e_stateless_local: "stateless", "local";
-    e2e_stateless_affinity: "stateless", "affinity";
+    e2e_semi_stateless_remote: "semi-stateless", "remote", "auto";
+    e2e_semi_stateless_local: "semi-stateless", "local", "auto";
+    e2e_semi_stateless_affinity: "semi-stateless", "affinity", "auto";
+    e2e_stateful_remote: "stateful", "remote", "auto";
+    e2e_stateful_local: "stateful", "local", "auto";
+    e2e_stateful_affinity: "stateful", "affinity", "auto";
+    e2e_stateless_remote: "stateless", "remote", "auto";
+    e2e_stateless_local: "stateless", "local", "auto";
+    e2e_stateless_affinity: "stateless", "affinity", "5";
 }
