@@ -144,6 +144,15 @@ async fn end_to_end(test: &str, observed: &str, working: &str, linger: &str) {
     .await;
     let js = &dag.js;
     let mut delta = dag.ready("temperature-delta").await;
+    let settled = match linger {
+        "auto" => "linger=Auto".to_string(),
+        ms => format!("linger=Fixed({ms}ms)"),
+    };
+    assert!(
+        delta.log_text().contains(&settled),
+        "temperature-delta runs with {settled}:\n{}",
+        delta.log_text()
+    );
     let _views = dag.ready("view-builder").await;
     let api = dag.ready("query-api").await;
     let mut thermo = dag.spawn(

@@ -207,7 +207,8 @@ impl<C: Compute> DomainService<C> {
             None => None,
         };
         tracing::info!(service = %self.name, observed = %s.observed, working = %s.working,
-            partitions = input.partitions, ownership = ?s.ownership, "starting");
+            partitions = input.partitions, ownership = ?s.ownership, batch = s.batch,
+            linger = ?s.linger, "starting");
         let progress =
             crate::progress::Reporter::start(&js, &self.name, options.replicas, shutdown.clone())
                 .await?;
