@@ -8,6 +8,9 @@
 //! `Nats-Expected-Last-Subject-Sequence` (nats-server 2.15.1; a single server checks the fence
 //! first), so the loser of a race that reuses the winner's message id gets a *duplicate* ack,
 //! not a conflict.
+//!
+//! Also: commands for many sensors sent at once (the registry runs them concurrently) are all
+//! applied, and each sensor's commands apply in the order they were sent.
 
 use std::time::Duration;
 
@@ -57,4 +60,81 @@ async fn race(dag: Dag) {
         o.wrong, 0,
         "an instance serves a sensor the stream does not hold: {o:?}"
     );
+}
+
+/// 300 sensors, 3 commands each, all sent before any answer is read: command `n` of a sensor
+/// names `expected_version: n`, so it succeeds only if the ones before it were applied first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_for_many_sensors_at_once_apply_in_order_per_sensor() {
+    use futures::StreamExt;
+    const SENSORS: usize = 300;
+    const VERSIONS: u64 = 3;
+    let dag = Dag::start("registry_many", &[]).await;
+    let inbox = "_INBOX.registry_many";
+    let mut replies = dag
+        .client
+        .subscribe(format!("{inbox}.>"))
+        .await
+        .expect("reply inbox");
+    // Published one after another on one connection: the registry receives them in this order.
+    for v in 0..VERSIONS {
+        for i in 0..SENSORS {
+            let body = serde_json::json!({
+                "sensor_id": format!("many-{i}"),
+                "site": format!("site-{v}"),
+                "calibration_offset": 0.0,
+                "window_secs": 60,
+                "expected_version": v,
+            });
+            dag.client
+                .publish_with_reply(
+                    "registry.cmd.upsert",
+                    format!("{inbox}.{i}.{v}"),
+                    body.to_string().into(),
+                )
+                .await
+                .expect("publish command");
+        }
+    }
+    dag.client.flush().await.expect("flush");
+    let mut answered = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answered.len() < SENSORS * VERSIONS as usize {
+        let m = tokio::time::timeout_at(deadline, replies.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of the commands answered", answered.len()))
+            .expect("inbox open");
+        let reply: serde_json::Value = serde_json::from_slice(&m.payload).expect("reply json");
+        answered.insert(m.subject.to_string(), reply);
+    }
+    for v in 0..VERSIONS {
+        for i in 0..SENSORS {
+            let reply = &answered[&format!("{inbox}.{i}.{v}")];
+            assert_eq!(reply["ok"], true, "sensor many-{i}, command {v}: {reply}");
+            assert_eq!(
+                reply["version"],
+                v + 1,
+                "sensor many-{i}, command {v}: {reply}"
+            );
+        }
+    }
+    // The stream holds each sensor's changes in the order of its commands.
+    let mut seen: std::collections::HashMap<String, Vec<(u64, String)>> =
+        std::collections::HashMap::new();
+    for m in integration_tests::read_stream(&dag.js, "SENSORS").await {
+        let s: serde_json::Value = serde_json::from_slice(&m.payload).expect("sensor json");
+        seen.entry(s["sensor_id"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push((
+                s["version"].as_u64().unwrap_or_default(),
+                s["site"].as_str().unwrap_or_default().to_string(),
+            ));
+    }
+    assert_eq!(seen.len(), SENSORS);
+    for (id, changes) in &seen {
+        let expected: Vec<(u64, String)> = (0..VERSIONS)
+            .map(|v| (v + 1, format!("site-{v}")))
+            .collect();
+        assert_eq!(changes, &expected, "changes of {id}");
+    }
 }

@@ -22,6 +22,12 @@
 //!   ack, answered `ok` and served a change that was never stored (a lost update). A duplicate
 //!   ack is still verified against the stored message before it counts as success.
 //!
+//! # Commands in flight
+//!
+//! Up to [`UPSERTS_IN_FLIGHT`] commands run at once: commands for different sensors
+//! concurrently, those for one sensor one after the other in the order they arrived (so a
+//! client's `expected_version` 1, 2, 3 applies as sent).
+//!
 //! # Reading: the runtime's change feed
 //!
 //! The registry's own state is recovered at start from `SENSORS` by a
@@ -29,7 +35,7 @@
 //! keeps following it, so changes made by other instances are seen. If the feed has to replay
 //! (the stream was truncated or recreated), the state is rebuilt from what the stream holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -37,6 +43,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use kappa_runtime::app::Service;
 use kappa_runtime::changelog::{EntityLog, Layout, SCHEMA_HEADER, is_conflict};
 use kappa_runtime::config::NatsArgs;
@@ -339,6 +347,93 @@ pub fn lookup_many(registry: &Registry, payload: &[u8]) -> serde_json::Value {
     }
 }
 
+/// Most upsert commands accepted and not yet answered; past it, the registry reads no more
+/// commands until one is answered (they wait in the NATS subscription).
+pub const UPSERTS_IN_FLIGHT: usize = 256;
+
+/// What answering one upsert needs.
+#[derive(Clone)]
+struct Answer {
+    js: jetstream::Context,
+    log: EntityLog,
+    registry: Registry,
+    client: async_nats::Client,
+}
+
+impl Answer {
+    /// Applies the command and replies; returns the sensor it was for (if it named one).
+    async fn run(self, sensor: Option<String>, m: async_nats::Message) -> Option<String> {
+        let reply = upsert(&self.js, &self.log, &self.registry, &m.payload).await;
+        if let Some(to) = m.reply {
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            let _ = self.client.publish(to, body.into()).await;
+        }
+        sensor
+    }
+}
+
+/// Upsert commands in flight. Commands for different sensors run concurrently (each waits for
+/// its own append to be acknowledged, so one at a time made registration one round trip per
+/// sensor); commands for one sensor run one after the other, in the order they arrived, so a
+/// client's sequence of `expected_version`s applies as sent. Two instances still race only
+/// through the change log's fence (see the crate docs).
+struct Upserts {
+    answer: Answer,
+    running: FuturesUnordered<BoxFuture<'static, Option<String>>>,
+    /// Sensors with a command running, and the commands waiting behind it.
+    waiting: HashMap<String, VecDeque<async_nats::Message>>,
+    /// Commands accepted and not answered (running or waiting).
+    pending: usize,
+}
+
+impl Upserts {
+    fn has_room(&self) -> bool {
+        self.pending < UPSERTS_IN_FLIGHT
+    }
+
+    fn accept(&mut self, m: async_nats::Message) {
+        self.pending += 1;
+        // Only the sensor id is read here: a malformed command runs at once and is refused.
+        let sensor = serde_json::from_slice::<SensorId>(&m.payload)
+            .ok()
+            .map(|c| c.sensor_id);
+        match sensor {
+            Some(id) => match self.waiting.get_mut(&id) {
+                Some(behind) => behind.push_back(m),
+                None => {
+                    self.waiting.insert(id.clone(), VecDeque::new());
+                    self.start(Some(id), m);
+                }
+            },
+            None => self.start(None, m),
+        }
+    }
+
+    fn start(&mut self, sensor: Option<String>, m: async_nats::Message) {
+        self.running
+            .push(Box::pin(self.answer.clone().run(sensor, m)));
+    }
+
+    /// A command was answered: the next one for its sensor, if any, runs.
+    fn finished(&mut self, sensor: Option<String>) {
+        self.pending = self.pending.saturating_sub(1);
+        let Some(id) = sensor else { return };
+        let next = self.waiting.get_mut(&id).and_then(VecDeque::pop_front);
+        match next {
+            Some(m) => self.start(Some(id), m),
+            None => {
+                self.waiting.remove(&id);
+            }
+        }
+    }
+}
+
+/// The one field of a command read before it runs.
+#[derive(serde::Deserialize)]
+struct SensorId {
+    sensor_id: String,
+}
+
 /// Runs the registry until shutdown.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let svc = Service::start(SERVICE, &cfg.nats).await?;
@@ -373,6 +468,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(sensors = registry.len(), "registry recovered");
 
     let client = svc.nats.client.clone();
+    let mut upserts = Upserts {
+        answer: Answer {
+            js: svc.nats.js.clone(),
+            log,
+            registry: registry.clone(),
+            client: client.clone(),
+        },
+        running: FuturesUnordered::new(),
+        waiting: HashMap::new(),
+        pending: 0,
+    };
     let mut cmds = client
         .queue_subscribe(subjects::REGISTRY_UPSERT, SERVICE.into())
         .await?;
@@ -396,14 +502,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     let _ = client.publish(to, body.into()).await;
                 }
             }
-            Some(m) = cmds.next() => {
-                // Commands are applied one at a time: the registry is their only writer here.
-                let reply = upsert(&svc.nats.js, &log, &registry, &m.payload).await;
-                if let Some(to) = m.reply {
-                    let body = serde_json::to_vec(&reply).unwrap_or_default();
-                    let _ = client.publish(to, body.into()).await;
-                }
+            Some(m) = cmds.next(), if upserts.has_room() => {
+                upserts.accept(m);
             }
+            Some(done) = upserts.running.next() => upserts.finished(done),
             Some(m) = gets.next() => {
                 metrics::counter!("registry_lookups_total").increment(1);
                 let id = kappa_runtime::partition::entity_of(m.subject.as_str());
@@ -417,6 +519,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = cmds.unsubscribe().await;
     let _ = gets.unsubscribe().await;
     let _ = batches.unsubscribe().await;
+    // Every accepted command is answered before the registry stops.
+    while let Some(done) = upserts.running.next().await {
+        upserts.finished(done);
+    }
     svc.drain().await;
     feed.stopped().await;
     let _ = http.await;
