@@ -20,16 +20,25 @@ fn stored(values: Vec<Option<kappa_runtime::working::Value>>) -> Vec<Option<Byte
         .collect()
 }
 
+/// A snapshotter on a namespace of its own (`None` without NATS_URL).
+async fn snapshotter(what: &str) -> Option<Snapshotter> {
+    let js = js().await?;
+    Some(
+        Snapshotter::new(js, &namespace(what))
+            .await
+            .expect("snapshot stream"),
+    )
+}
+
 fn namespace(what: &str) -> String {
     kappa_testkit::clients::unique(&format!("snaptest-{what}-"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_flush_of_one_partition_loses_nothing_of_the_others() {
-    let Some(js) = js().await else { return };
-    let snaps = Snapshotter::new(js, &namespace("fail"))
-        .await
-        .expect("snapshot stream");
+    let Some(snaps) = snapshotter("fail").await else {
+        return;
+    };
     // Partition 0 flushes first and fails: its entry is larger than a snapshot may hold.
     let huge = Bytes::from(vec![b'x'; MAX_VALUE_BYTES + 1]);
     snaps
@@ -112,10 +121,9 @@ async fn a_held_state_that_fails_to_encode_fails_the_flush_and_loses_nothing() {
     use kappa_runtime::working::Value;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let Some(js) = js().await else { return };
-    let snaps = Snapshotter::new(js, &namespace("encode"))
-        .await
-        .expect("snapshot stream");
+    let Some(snaps) = snapshotter("encode").await else {
+        return;
+    };
     let encodable = Arc::new(AtomicBool::new(false));
     let held: Arc<dyn kappa_runtime::working::HeldState> = Arc::new(Unencodable {
         encodable: encodable.clone(),

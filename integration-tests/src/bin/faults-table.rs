@@ -6,7 +6,9 @@
 //! ```
 //!
 //! `--rows` defaults to `$KAPPA_FAULTS_OUT` or `faults/` in the cargo target folder (where the
-//! tests write them), `--out` to `docs/faults.md` of the workspace.
+//! tests write them), `--out` to `docs/faults.md` of the workspace. A long run of the matrix
+//! (`KAPPA_FAULTS_LONG=1`) overwrites the short rows of the same tests, so its table is kept
+//! apart: `--rows <its rows> --out docs/faults-long.md`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -80,7 +82,7 @@ fn markdown(rows: &[Row]) -> String {
         rows.iter().cloned().partition(|r| r.version != "long");
     md.push_str("## Short version (CI: `cargo test --workspace`)\n\n");
     if short.is_empty() {
-        md.push_str("No rows recorded.\n\n");
+        md.push_str("Not run for this table (docs/faults.md has the last CI-sized run).\n\n");
     } else {
         md.push_str(&table(&short));
         md.push('\n');
@@ -89,7 +91,10 @@ fn markdown(rows: &[Row]) -> String {
         "## Long version (on demand: `KAPPA_FAULTS_LONG=1 cargo test -p integration-tests --test matrix`)\n\n",
     );
     if long.is_empty() {
-        md.push_str("Not run for this table.\n\n");
+        md.push_str(
+            "Not run for this table (docs/faults-long.md has the last long run, written with \
+             `--rows` naming its rows only).\n\n",
+        );
     } else {
         md.push_str(&table(&long));
         md.push('\n');
