@@ -88,7 +88,7 @@ fn markdown(rows: &[Row]) -> String {
         md.push('\n');
     }
     md.push_str(
-        "## Long version (on demand: `KAPPA_FAULTS_LONG=1 cargo test -p integration-tests --test matrix`)\n\n",
+        "## Long version (on demand: `KAPPA_FAULTS_LONG=1 cargo test -p integration-tests --test matrix --test failover --test cluster -- --test-threads 1`; the cluster rows need Docker)\n\n",
     );
     if long.is_empty() {
         md.push_str(
