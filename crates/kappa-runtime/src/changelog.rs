@@ -65,7 +65,7 @@ const MULTI_LAST_IN_FLIGHT: usize = 4;
 /// Most bytes one answer of a multi-subject direct get may carry (`max_bytes`): the server
 /// stops an answer past it and says how many messages it left (`Nats-Num-Pending`), which are
 /// then asked for again. Without it an answer holds every message in full (the server sent
-/// 60 of 512 KiB, 30 MiB, in one answer), and [`MULTI_LAST_IN_FLIGHT`] of them at once. Changes
+/// 60 of 512 KiB, 30 MiB, in one answer), and `MULTI_LAST_IN_FLIGHT` (4) of them at once. Changes
 /// of ordinary size never reach it (256 × ~300 bytes).
 pub const MULTI_LAST_MAX_BYTES: usize = 4 << 20;
 /// How long one answer of a multi-subject direct get may take to arrive.
